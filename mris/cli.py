@@ -21,6 +21,11 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
+
+@app.callback()
+def _root() -> None:
+    """MRIS: synthesize MR cartilage thickness maps from knee radiographs by retrieval."""
+
 # Each module exposes ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = [
     "mris.commands",
