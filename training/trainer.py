@@ -1,0 +1,358 @@
+"""The encoder trainer: one encoder pair (f for radiographs, g for thickness maps) per region.
+
+Exactly DESIGN.md's method: ResNet-18 pair, triplet loss with margin 0.1 (``losses``), one visit
+per knee per epoch (``sampler``), AdamW with lr 1e-4 (f) / 1e-5 (g) and weight decay 1e-3 (one
+optimiser, two parameter groups: per-parameter AdamW updates make this identical to the
+reference code's two optimisers), gradient-norm clip 1.0 applied to each encoder separately (as
+the reference code does), StepLR(step, gamma) stepped once per epoch.
+
+Per epoch: mean training loss (the batch sum of eq. 3, averaged over batches) and recall@1/5/10/20
+on the validation part of ``database`` (subjects held out by ``val_fraction``; one query per
+knee, its first visit; a query counts as found at k when fewer than k validation maps score
+strictly higher than its own map). The best epoch by the sum of the four recalls is kept in
+``best.pt``. ``last.pt`` is written atomically after every epoch (and once before the first),
+with model, optimiser, scheduler, sampler and RNG state, so ``--resume`` continues exactly and a
+Ctrl-C loses at most the epoch in progress.
+
+Determinism: seeds for python/numpy/torch, ``torch.use_deterministic_algorithms`` (warn only),
+cuDNN benchmark off; the sampler's and the augmentation's random draws are pure functions of
+(seed, epoch, batch). On CUDA, forward passes run under bf16 autocast (no loss scaling needed);
+on the CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from mris.fsutil import atomic_write, atomic_write_json, atomic_write_text
+from mris.training.augment import augment_radiographs
+from mris.training.losses import similarity_matrix, triplet_loss
+from mris.training.models import ModelConfig, build_model
+from mris.training.profiles import TrainProfile
+from mris.training.sampler import KneeVisitSampler
+
+RECALL_AT = (1, 5, 10, 20)
+CHECKPOINT_FORMAT = "mris-train-checkpoint/1"
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def set_determinism(seed: int, threads: int | None = None) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint64)[0] >> 1))
+    return generator
+
+
+def recall_at_k(similarity: np.ndarray | torch.Tensor, ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
+    """``similarity[q, g]`` with the true match of query q at gallery position q."""
+    similarity = torch.as_tensor(np.asarray(similarity, dtype=np.float32))
+    own = similarity.diagonal().unsqueeze(1)
+    rank = (similarity > own).sum(dim=1)  # maps scoring strictly higher than the true one
+    return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
+
+
+@dataclass
+class RegionData:
+    """Cached inputs of one region: radiograph ROIs and thickness inputs, train and validation."""
+
+    radiographs: np.ndarray  # [N, S, S] memory-mapped, all database rows
+    thickness: np.ndarray  # [N, S, S] or [N, 2S, S]
+    train_rows: list[int]  # positions into the arrays
+    train_knees: list[str]  # knee id per train row
+    val_rows: list[int]  # first visit of each validation knee
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    seconds: float
+    images_per_second: float
+    init: str
+
+
+@dataclass
+class RegionTrainer:
+    """Trains one region's encoder pair in ``work_dir``."""
+
+    name: str  # e.g. "separate-fc"
+    data: RegionData
+    profile: TrainProfile
+    work_dir: Path
+    device: torch.device
+    seed: int
+    init_weights: str | None = None
+    log: Callable[[str], None] = print
+    on_batch: Callable[[int, int], None] | None = None  # (batch done, batches per epoch)
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.work_dir = Path(self.work_dir)
+        torch.manual_seed(self.seed)
+        self.f = build_model(ModelConfig("encoder", init_weights=self.init_weights)).to(self.device)
+        # the thickness encoder gets the same (ImageNet) initialisation when given, as in the paper
+        self.g = build_model(ModelConfig("encoder", init_weights=self.init_weights)).to(self.device)
+        p = self.profile
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.f.parameters(), "lr": p.lr_radiograph},
+             {"params": self.g.parameters(), "lr": p.lr_thickness}],
+            weight_decay=p.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.step_size, gamma=p.gamma)
+        self.sampler = KneeVisitSampler(self.data.train_knees, p.batch_size, self.seed)
+        self.epoch = 0
+        self.best_score = -1.0
+        self.best_epoch = -1
+        self.best_metrics: dict[str, float] = {}
+        self.train_seconds = 0.0
+        self.train_images = 0
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.work_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.work_dir / "best.pt"
+
+    def _config_blob(self) -> dict[str, Any]:
+        return {"profile": self.profile.to_dict(), "seed": self.seed, "name": self.name,
+                "train_rows": len(self.data.train_rows), "val_rows": len(self.data.val_rows)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self._config_blob(),
+            "epoch": self.epoch,
+            "f": self.f.state_dict(),
+            "g": self.g.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "best": {"score": self.best_score, "epoch": self.best_epoch, "metrics": self.best_metrics},
+            "history": self.history,
+            "timing": {"seconds": self.train_seconds, "images": self.train_images},
+        }
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def load(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a bad file
+            raise ValueError(f"cannot resume from {path}: not a readable checkpoint ({exc})") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"cannot resume from {path}: not an MRIS training checkpoint")
+        mine, theirs = self._config_blob(), state["config"]
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"cannot resume from {path}: it was made with a different setting ({', '.join(diff)})")
+        self.f.load_state_dict(state["f"])
+        self.g.load_state_dict(state["g"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.epoch = state["epoch"]
+        self.best_score, self.best_epoch = state["best"]["score"], state["best"]["epoch"]
+        self.best_metrics = state["best"]["metrics"]
+        self.history = state["history"]
+        self.train_seconds = state["timing"]["seconds"]
+        self.train_images = state["timing"]["images"]
+
+    # -- steps -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _tensor(self, array: np.ndarray, rows: Sequence[int]) -> torch.Tensor:
+        # sorted gather from the memory map, then back to the batch order
+        order = np.argsort(rows)
+        sorted_rows = np.asarray(rows)[order]
+        block = np.empty((len(rows),) + array.shape[1:], np.float32)
+        block[order] = array[sorted_rows]
+        return torch.from_numpy(block).unsqueeze(1).to(self.device, non_blocking=True)
+
+    def train_epoch(self) -> float:
+        self.f.train()
+        self.g.train()
+        self.sampler.set_epoch(self.epoch)
+        losses = []
+        batches = len(self.sampler)
+        start = time.perf_counter()
+        for index, rows in enumerate(self.sampler):
+            rows = [self.data.train_rows[r] for r in rows]
+            x = self._tensor(self.data.radiographs, rows)
+            y = self._tensor(self.data.thickness, rows)
+            if self.profile.augment:
+                x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index))
+            with self._autocast():
+                fx, gy = self.f(x), self.g(y)
+            loss = triplet_loss(fx.float(), gy.float(), self.profile.margin)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.f.parameters(), self.profile.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.g.parameters(), self.profile.grad_clip)
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            self.train_images += len(rows)
+            if self.on_batch is not None:
+                self.on_batch(index + 1, batches)
+        self.train_seconds += time.perf_counter() - start
+        self.scheduler.step()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    @torch.no_grad()
+    def embed(self, model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], batch: int = 128) -> np.ndarray:
+        model.eval()
+        out = []
+        for start in range(0, len(rows), batch):
+            with self._autocast():
+                out.append(model(self._tensor(array, rows[start : start + batch])).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 512), np.float32)
+
+    def validate(self) -> dict[str, float]:
+        rows = self.data.val_rows
+        queries = self.embed(self.f, self.data.radiographs, rows)
+        keys = self.embed(self.g, self.data.thickness, rows)
+        similarity = similarity_matrix(torch.from_numpy(queries), torch.from_numpy(keys))
+        return recall_at_k(similarity)
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> TrainResult:
+        """Train to ``profile.epochs``; ``stop_after_epoch`` (tests) returns early after that
+        many epochs in total, leaving ``last.pt`` as a Ctrl-C would."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            if not self.last_path.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint {self.last_path}")
+            self.load(self.last_path)
+            self.log(f"{self.name}: resumed at epoch {self.epoch} of {self.profile.epochs}")
+        else:
+            self.save(self.last_path, self.state_dict())
+        try:
+            while self.epoch < self.profile.epochs:
+                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                    break
+                lrs = [group["lr"] for group in self.optimizer.param_groups]
+                loss = self.train_epoch()
+                metrics = self.validate()
+                score = sum(metrics.values())
+                record = {"region": self.name, "epoch": self.epoch + 1, "loss": loss,
+                          "lr_radiograph": lrs[0], "lr_thickness": lrs[1], **metrics,
+                          "seconds": round(self.train_seconds, 2)}
+                self.history.append(record)
+                self.epoch += 1
+                if score > self.best_score:
+                    self.best_score, self.best_epoch, self.best_metrics = score, self.epoch, metrics
+                    self.save(self.best_path, {"format": CHECKPOINT_FORMAT, "epoch": self.epoch,
+                                               "f": self.f.state_dict(), "g": self.g.state_dict(),
+                                               "metrics": metrics})
+                self.save(self.last_path, self.state_dict())
+                write_logs(self.work_dir, self.history)
+                if self.on_epoch is not None:
+                    self.on_epoch(record)
+        except KeyboardInterrupt:
+            self.log(f"{self.name}: interrupted; {self.last_path} holds epoch {self.epoch}: rerun with --resume")
+            raise
+        return TrainResult(
+            best_epoch=self.best_epoch,
+            best_metrics=self.best_metrics,
+            history=self.history,
+            seconds=self.train_seconds,
+            images_per_second=self.train_images / self.train_seconds if self.train_seconds else 0.0,
+            init="weights " + str(self.init_weights) if self.init_weights else "random",
+        )
+
+    def load_best(self) -> None:
+        state = torch.load(self.best_path, map_location=self.device, weights_only=False)
+        self.f.load_state_dict(state["f"])
+        self.g.load_state_dict(state["g"])
+        self.f.eval()
+        self.g.eval()
+
+
+def write_logs(folder: Path, history: list[dict[str, Any]]) -> None:
+    """``log.csv``, ``log.json`` and ``curves.png`` (loss and recall@k per epoch) in ``folder``."""
+    if not history:
+        return
+    columns = list(history[0])
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(folder / "log.csv", buffer.getvalue())
+    atomic_write_json(folder / "log.json", history)
+    plot_curves(folder / "curves.png", history)
+
+
+def plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regions = list(dict.fromkeys(record["region"] for record in history))
+    fig, axes = plt.subplots(len(regions), 2, figsize=(10, 3.2 * len(regions)), squeeze=False)
+    for row, region in enumerate(regions):
+        records = [r for r in history if r["region"] == region]
+        epochs = [r["epoch"] for r in records]
+        axes[row, 0].plot(epochs, [r["loss"] for r in records], marker=".")
+        axes[row, 0].set_title(f"{region}: training loss (eq. 3, batch sum)")
+        axes[row, 0].set_xlabel("epoch")
+        for k in RECALL_AT:
+            axes[row, 1].plot(epochs, [r[f"R@{k}"] for r in records], marker=".", label=f"R@{k}")
+        axes[row, 1].set_title(f"{region}: validation recall")
+        axes[row, 1].set_xlabel("epoch")
+        axes[row, 1].set_ylim(0, 1)
+        axes[row, 1].legend(loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
