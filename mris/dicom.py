@@ -573,7 +573,7 @@ def read_radiograph(
         raise
     except _PASS_THROUGH:
         raise
-    except BaseException as exc:  # noqa: BLE001 - decoders raise pyo3 PanicException too
+    except BaseException as exc:
         raise UnreadableDicom(
             f"the DICOM could not be read: {type(exc).__name__} while {stage} "
             "(truncated, corrupt or non-conforming file?)"

@@ -75,3 +75,9 @@ class BundleMismatch(MrisError):
 
     http_status = 503
     title = "Bundle mismatch"
+
+
+class InvalidThicknessMap(MrisError):
+    """A thickness map that is missing, unreadable, not 2-D float, has infinities or is all NaN."""
+
+    title = "Invalid thickness map"

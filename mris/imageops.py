@@ -10,7 +10,7 @@ function, so the encoder sees identically resampled inputs everywhere.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -1,0 +1,188 @@
+"""Knee ROI: ``Radiograph`` + joint centre -> the encoder's radiograph input.
+
+Decisions (docs/PREPROCESSING.md):
+
+- The ROI is a ``roi_size_mm`` square (140 mm) centred on the joint centre (col, row) in pixel
+  coordinates, pixel centres at integer positions: pixel (c, r) spans [c, c+1] x [r, r+1] in the
+  edge coordinates used for the crop, so the box is ``centre + 0.5 -/+ size_px / 2``. The crop is
+  resampled with sub-pixel precision by ``mris.imageops.resize`` (anti-aliased).
+- Where the box leaves the image it is padded with the radiograph's minimum (the darkest value:
+  direct exposure, "nothing there"), never with reflected anatomy.
+- Intensity: the ROI is multiplied by ``intensity_target / p`` where ``p`` is the
+  ``intensity_percentile`` (99th) percentile of the ROI's in-image pixels (padding excluded, so
+  a knee near the border is scaled like one in the middle). No minimum is subtracted: the
+  reference MRIS code divides by the percentile only. A ROI whose percentile is not positive
+  (blank or negative-valued) raises ``KneeNotFound``.
+- RIGHT knees are flipped left-right after resampling (``flip_right``).
+- A centre outside the image (or not finite) raises ``KneeNotFound``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mris.constants import SIDES, PreprocessConfig
+from mris.dicom import Radiograph
+from mris.errors import BadParameter, KneeNotFound
+from mris.imageops import resize
+
+
+@dataclass(frozen=True)
+class KneeRoi:
+    """One knee's encoder input and where it came from.
+
+    - ``image``: float32 (encoder_px, encoder_px), flipped for RIGHT, percentile -> target.
+    - ``centre_xy``: joint centre (col, row) in source pixels; ``size_px``: ROI side in source
+      pixels (``roi_size_mm / spacing_mm``); ``spacing_mm``: mm per source pixel.
+    - ``side``: LEFT | RIGHT (the patient's); ``source``: where the centre came from
+      (``caller``, ``manifest``, ``localiser``...).
+    - ``scale``: the factor applied to intensities (``target / percentile``).
+    """
+
+    image: np.ndarray
+    centre_xy: tuple[float, float]
+    size_px: float
+    spacing_mm: float
+    side: str
+    source: str
+    scale: float = 1.0
+
+    @property
+    def box_xyxy(self) -> tuple[float, float, float, float]:
+        """The ROI in pixel-edge coordinates of the radiograph: (x0, y0, x1, y1)."""
+        half = self.size_px / 2
+        cx, cy = self.centre_xy[0] + 0.5, self.centre_xy[1] + 0.5
+        return (cx - half, cy - half, cx + half, cy + half)
+
+
+def _check_side(side: str) -> str:
+    name = str(side).strip().upper()
+    if name not in SIDES:
+        raise BadParameter(f"side must be LEFT or RIGHT, got {side!r}")
+    return name
+
+
+def _check_centre(radiograph: Radiograph, side: str, centre_xy: Sequence[float]) -> tuple[float, float]:
+    try:
+        col, row = (float(centre_xy[0]), float(centre_xy[1]))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise BadParameter(f"the {side} knee centre must be two numbers (column, row)") from exc
+    rows, cols = radiograph.shape
+    if not (math.isfinite(col) and math.isfinite(row)) or not (0 <= col < cols and 0 <= row < rows):
+        raise KneeNotFound(
+            f"the {side} knee centre ({col:g}, {row:g}) lies outside the {cols} x {rows} image"
+        )
+    return col, row
+
+
+def _crop_resample(
+    pixels: np.ndarray, box: tuple[float, float, float, float], out_px: int, pad_value: float
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Resample ``box`` (edge coordinates) of ``pixels`` to out_px x out_px, padding outside.
+
+    Returns the image and the output-pixel rectangle (r0, r1, c0, c1) that lies fully inside the
+    source image (for the intensity percentile).
+    """
+    rows, cols = pixels.shape
+    x0, y0, x1, y1 = box
+    scale = (x1 - x0) / out_px  # source pixels per output pixel
+    margin = int(math.ceil(scale)) + 2  # the anti-aliasing filter reaches this far out
+    ix0, iy0 = int(math.floor(x0)) - margin, int(math.floor(y0)) - margin
+    ix1, iy1 = int(math.ceil(x1)) + margin, int(math.ceil(y1)) + margin
+    inside = ix0 >= 0 and iy0 >= 0 and ix1 <= cols and iy1 <= rows
+    if inside:
+        canvas = pixels[iy0:iy1, ix0:ix1]
+    else:
+        canvas = np.full((iy1 - iy0, ix1 - ix0), pad_value, dtype=np.float32)
+        sx0, sy0, sx1, sy1 = max(ix0, 0), max(iy0, 0), min(ix1, cols), min(iy1, rows)
+        if sx1 > sx0 and sy1 > sy0:
+            canvas[sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = pixels[sy0:sy1, sx0:sx1]
+    image = resize(canvas, (out_px, out_px), box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
+    # Output pixels whose footprint lies wholly inside the image.
+    c0 = min(out_px, max(0, math.ceil((0 - x0) / scale)))
+    c1 = max(0, min(out_px, math.floor((cols - x0) / scale)))
+    r0 = min(out_px, max(0, math.ceil((0 - y0) / scale)))
+    r1 = max(0, min(out_px, math.floor((rows - y0) / scale)))
+    return image, (r0, r1, c0, c1)
+
+
+def _normalise(image: np.ndarray, valid: tuple[int, int, int, int], config: PreprocessConfig, side: str) -> tuple[np.ndarray, float]:
+    r0, r1, c0, c1 = valid
+    region = image[r0:r1, c0:c1] if (r1 > r0 and c1 > c0) else image
+    level = float(np.percentile(region, config.intensity_percentile))
+    if not math.isfinite(level) or level <= 0:
+        raise KneeNotFound(
+            f"the {side} knee ROI is blank: its {config.intensity_percentile:g}th percentile is "
+            f"{level:g}, so it cannot be normalised"
+        )
+    scale = config.intensity_target / level
+    image *= np.float32(scale)
+    return image, scale
+
+
+def _extract(
+    radiograph: Radiograph,
+    side: str,
+    centre_xy: Sequence[float],
+    config: PreprocessConfig,
+    source: str,
+    pad_value: float,
+) -> KneeRoi:
+    side = _check_side(side)
+    col, row = _check_centre(radiograph, side, centre_xy)
+    size_px = config.roi_size_mm / radiograph.spacing_mm
+    half = size_px / 2
+    box = (col + 0.5 - half, row + 0.5 - half, col + 0.5 + half, row + 0.5 + half)
+    image, valid = _crop_resample(radiograph.pixels, box, config.encoder_px, pad_value)
+    image, scale = _normalise(image, valid, config, side)
+    if side == "RIGHT" and config.flip_right:
+        image = np.ascontiguousarray(image[:, ::-1])
+    return KneeRoi(
+        image=image,
+        centre_xy=(col, row),
+        size_px=size_px,
+        spacing_mm=radiograph.spacing_mm,
+        side=side,
+        source=source,
+        scale=scale,
+    )
+
+
+def extract_roi(
+    radiograph: Radiograph,
+    side: str,
+    centre_xy: Sequence[float],
+    config: PreprocessConfig,
+    source: str = "caller",
+) -> KneeRoi:
+    """One knee's ROI: ``centre_xy`` = (col, row) in pixels of ``radiograph``.
+
+    Raises ``KneeNotFound`` (centre outside the image, blank ROI) or ``BadParameter``.
+    """
+    return _extract(radiograph, side, centre_xy, config, source, float(radiograph.pixels.min()))
+
+
+def extract_rois(
+    radiograph: Radiograph,
+    centres: Mapping[str, Sequence[float]],
+    config: PreprocessConfig,
+    source: str = "caller",
+) -> list[KneeRoi]:
+    """The ROIs of several knees of one radiograph, in the order of ``centres`` (side -> (col,
+    row)); the padding value is computed once for all."""
+    pad_value = float(radiograph.pixels.min())
+    return [
+        _extract(radiograph, side, centre, config, source, pad_value)
+        for side, centre in centres.items()
+    ]
+
+
+def stack_rois(rois: Sequence[KneeRoi]) -> np.ndarray:
+    """The encoder batch of ROIs: float32 [N, 1, encoder_px, encoder_px]."""
+    if not rois:
+        raise ValueError("no ROIs to stack")
+    return np.stack([roi.image for roi in rois])[:, None, :, :].astype(np.float32, copy=False)
