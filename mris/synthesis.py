@@ -1,0 +1,104 @@
+"""Synthesis (paper eq. 4): the similarity-weighted average of the k neighbours' maps.
+
+    y_hat = sum_i w_i y_i,   w_i = s_i / sum_j s_j
+
+with s_i the cosine similarity of neighbour i, plus a per-pixel weighted standard deviation
+(how much the neighbours disagree there). Everything is vectorised over a batch of queries.
+
+Rules (the paper is silent on both; these are ours):
+
+- **Non-positive similarities.** Eq. 4 assumes s_i > 0. A neighbour with s_i <= 0 (or NaN, or
+  a FAISS "no result" slot) gets weight 0, i.e. similarities are clipped at 0 before
+  normalising. If every neighbour of a query has s_i <= 0, all valid neighbours weigh the same
+  (1/k): the answer is still the neighbours' plain average rather than NaN. With trained
+  encoders and k = 20 this never happens in practice; it only keeps the arithmetic defined.
+- **NaN (outside cartilage).** A pixel is cartilage in the answer when the neighbours that have
+  cartilage there carry at least ``min_cartilage_share`` (default 0.5) of the total weight; a
+  weighted majority vote on the cartilage mask. Its value is the weighted average renormalised
+  over those neighbours only (their weights divided by their share), so a thin rim where few
+  neighbours have cartilage is not pulled towards 0. Elsewhere the answer is NaN, and so is the
+  standard deviation. With every neighbour valid everywhere this is exactly eq. 4.
+- **Standard deviation.** sqrt(sum_i w_i m_i (y_i - y_hat)^2 / sum_i w_i m_i) with m_i the
+  cartilage mask of neighbour i: the weighted population standard deviation (no bias
+  correction), in mm.
+
+Shapes: similarities ``[N, k]``; neighbour maps ``[N, k, H, W]`` (float16 or float32, mm, NaN
+outside cartilage); outputs float32 ``[N, H, W]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_MIN_CARTILAGE_SHARE = 0.5
+
+
+@dataclass
+class Synthesis:
+    """The answer for N queries.
+
+    - ``thickness_mm``: float32 [N, H, W], NaN outside cartilage.
+    - ``std_mm``: float32 [N, H, W], the neighbours' weighted standard deviation, NaN outside.
+    - ``weights``: float32 [N, k], the w_i of eq. 4 (sum to 1 per query).
+    - ``cartilage_share``: float32 [N, H, W], weight share of neighbours with cartilage per pixel.
+    """
+
+    thickness_mm: np.ndarray
+    std_mm: np.ndarray
+    weights: np.ndarray
+    cartilage_share: np.ndarray
+
+
+def similarity_weights(similarities: np.ndarray) -> np.ndarray:
+    """w_i = s_i / sum_j s_j over [N, k] similarities, with the rules in the module docstring.
+
+    Non-finite similarities (FAISS pads missing results with -inf / -3.4e38) weigh 0 and do not
+    count in the equal-weights fallback.
+    """
+    similarities = np.atleast_2d(np.asarray(similarities, dtype=np.float64))
+    finite = np.isfinite(similarities) & (similarities > -1e30)
+    clipped = np.where(finite, np.clip(similarities, 0.0, None), 0.0)
+    total = clipped.sum(axis=1, keepdims=True)
+    equal = finite / np.maximum(finite.sum(axis=1, keepdims=True), 1)
+    weights = np.where(total > 0, clipped / np.where(total > 0, total, 1.0), equal)
+    return weights.astype(np.float32)
+
+
+def synthesize(
+    neighbour_maps: np.ndarray,
+    similarities: np.ndarray,
+    min_cartilage_share: float = DEFAULT_MIN_CARTILAGE_SHARE,
+) -> Synthesis:
+    """Eq. 4 for a batch: neighbour_maps [N, k, H, W] (or [k, H, W] for one query), similarities
+    [N, k] (or [k]) -> ``Synthesis`` with [N, H, W] maps (N = 1 for the unbatched form)."""
+    maps = np.asarray(neighbour_maps)
+    if maps.ndim == 3:
+        maps = maps[None]
+    if maps.ndim != 4:
+        raise ValueError(f"neighbour maps must be [N, k, H, W], got shape {maps.shape}")
+    weights = similarity_weights(similarities)
+    if weights.shape != maps.shape[:2]:
+        raise ValueError(f"similarities {weights.shape} do not match neighbour maps {maps.shape[:2]}")
+    if not 0.0 < min_cartilage_share <= 1.0:
+        raise ValueError(f"min_cartilage_share must be in (0, 1], got {min_cartilage_share}")
+
+    values = maps.astype(np.float32, copy=False)
+    valid = np.isfinite(values)
+    filled = np.where(valid, values, np.float32(0))
+    mask = valid.astype(np.float32)
+    # Sums over neighbours as one contraction each (k is small, H*W large).
+    share = np.einsum("nk,nkhw->nhw", weights, mask, optimize=True)
+    weighted_sum = np.einsum("nk,nkhw->nhw", weights, filled, optimize=True)
+
+    cartilage = share >= np.float32(min_cartilage_share) - np.float32(1e-6)
+    safe_share = np.where(share > 0, share, np.float32(1))
+    mean = weighted_sum / safe_share
+    # Two passes (not E[y^2] - E[y]^2) so a near-zero spread is not float32 cancellation noise.
+    deviation = np.where(valid, filled - mean[:, None], np.float32(0))
+    variance = np.einsum("nk,nkhw->nhw", weights, deviation * deviation, optimize=True) / safe_share
+    nan = np.float32(np.nan)
+    thickness = np.where(cartilage, mean, nan).astype(np.float32)
+    std = np.where(cartilage, np.sqrt(variance), nan).astype(np.float32)
+    return Synthesis(thickness_mm=thickness, std_mm=std, weights=weights, cartilage_share=share.astype(np.float32))
