@@ -30,6 +30,7 @@ def _root() -> None:
 COMMAND_MODULES = [
     "mris.commands",
     "mris.index.commands",
+    "mris.training.commands",
 ]
 
 
