@@ -361,7 +361,7 @@ def _check_native_length(pixel_data: bytes, geometry: _Geometry) -> None:
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode(ds: Any, geometry: _Geometry, limits: DecodeLimits) -> np.ndarray:
+def _decode(ds: Any, geometry: _Geometry, limits: DecodeLimits, data: bytes) -> np.ndarray:
     from pydicom import uid
     from pydicom.pixels import get_decoder, pixel_array
 
@@ -370,6 +370,9 @@ def _decode(ds: Any, geometry: _Geometry, limits: DecodeLimits) -> np.ndarray:
         raise UnreadableDicom("the file meta information has no transfer syntax")
     ts = uid.UID(str(ts))
     if "PixelData" not in ds:
+        if b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data:
+            # The tag is there but pydicom could not read its value: a file cut short.
+            raise UnreadableDicom("the pixel data is cut short (truncated file?)")
         raise UnsupportedDicom("the file has no pixel data (PixelData tag missing)")
     pixel_data = ds.PixelData
     if ts.is_compressed:
@@ -566,7 +569,7 @@ def read_radiograph(
             ts = ds.file_meta.get("TransferSyntaxUID")
             ts = pydicom.uid.UID(str(ts)) if ts is not None else None
             stage = "decoding the pixel data"
-            array = _decode(ds, geometry, limits)
+            array = _decode(ds, geometry, limits, data)
             stage = "applying the modality LUT"
             pixels, lut_info = _to_float(ds, array, geometry)
     except MrisError:

@@ -20,8 +20,8 @@ Decisions (docs/PREPROCESSING.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -90,9 +90,9 @@ def _crop_resample(
     rows, cols = pixels.shape
     x0, y0, x1, y1 = box
     scale = (x1 - x0) / out_px  # source pixels per output pixel
-    margin = int(math.ceil(scale)) + 2  # the anti-aliasing filter reaches this far out
-    ix0, iy0 = int(math.floor(x0)) - margin, int(math.floor(y0)) - margin
-    ix1, iy1 = int(math.ceil(x1)) + margin, int(math.ceil(y1)) + margin
+    margin = math.ceil(scale) + 2  # the anti-aliasing filter reaches this far out
+    ix0, iy0 = math.floor(x0) - margin, math.floor(y0) - margin
+    ix1, iy1 = math.ceil(x1) + margin, math.ceil(y1) + margin
     inside = ix0 >= 0 and iy0 >= 0 and ix1 <= cols and iy1 <= rows
     if inside:
         canvas = pixels[iy0:iy1, ix0:ix1]
