@@ -363,9 +363,11 @@ def _prepend_maps(base_file: Path, new_file: Path) -> tuple[int, int, int]:
     tmp = new_file.with_name(new_file.name + ".append.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=base.dtype, shape=(len(base) + len(new), *base.shape[1:]))
     for start in range(0, len(base), 1024):
-        out[start : start + 1024] = base[start : start + 1024]
+        chunk = base[start : start + 1024]
+        out[start : start + len(chunk)] = chunk
     for start in range(0, len(new), 1024):
-        out[len(base) + start : len(base) + start + 1024] = new[start : start + 1024]
+        chunk = new[start : start + 1024]
+        out[len(base) + start : len(base) + start + len(chunk)] = chunk
     out.flush()
     shape = tuple(int(s) for s in out.shape)
     del out, base, new
