@@ -133,7 +133,7 @@ def build_dataset(pixels: np.ndarray, spacing_mm: float, choices: DicomChoices, 
 def write_dicom(path: Path, ds: FileDataset, transfer_syntax: str) -> None:
     """Compress (if asked) and write atomically."""
     if transfer_syntax == str(RLELossless):
-        ds.compress(RLELossless, encoding_plugin="pydicom")
+        ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
     elif transfer_syntax == str(JPEG2000Lossless):
-        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))

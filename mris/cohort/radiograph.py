@@ -205,8 +205,8 @@ def render_radiograph(knees: dict[str, KneeLatent], states: dict[str, KneeState]
                       spacing_mm: float, rng: np.random.Generator,
                       bmi: float = 28.6) -> RenderedRadiograph:
     """Render one bilateral PA radiograph; ``jsw`` is side -> (medial, lateral) mm."""
-    cols = int(round(FIELD_WIDTH_MM / spacing_mm))
-    rows = int(round(FIELD_HEIGHT_MM / spacing_mm))
+    cols = round(FIELD_WIDTH_MM / spacing_mm)
+    rows = round(FIELD_HEIGHT_MM / spacing_mm)
     y_mm = (np.arange(rows) * spacing_mm)[:, None]
     # Cancellous texture: band-pass noise, features about 1.5-4 mm.
     noise = rng.standard_normal((rows, cols)).astype(np.float32)
