@@ -29,6 +29,7 @@ def _root() -> None:
 # Each module exposes ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = [
     "mris.commands",
+    "mris.ingest_commands",
     "mris.cohort.commands",
     "mris.index.commands",
     "mris.training.commands",
