@@ -12,6 +12,12 @@ import typer
 
 from mris.errors import BadParameter
 
+# No square brackets in messages: the CLI prints them through rich, which reads [...] as markup.
+_KEYPOINT_FORM = (
+    'an object with "right" and/or "left", each a list of two numbers: the pixel column and row '
+    "of that knee's joint centre (the patient's right knee is on the image's left)"
+)
+
 
 def parse_keypoints(text: str) -> dict[str, tuple[float, float]]:
     """``{"left": [x, y], "right": [x, y]}`` (inline JSON or a .json file) -> {SIDE: (col, row)}.
@@ -25,16 +31,16 @@ def parse_keypoints(text: str) -> dict[str, tuple[float, float]]:
     try:
         data = json.loads(source)
     except json.JSONDecodeError as exc:
-        raise BadParameter(f"keypoints must be JSON like {{\"left\": [x, y], \"right\": [x, y]}}: {exc.msg}") from exc
+        raise BadParameter(f"keypoints must be JSON: {_KEYPOINT_FORM} ({exc.msg})") from exc
     if not isinstance(data, dict) or not data:
-        raise BadParameter('keypoints must be a JSON object like {"left": [x, y], "right": [x, y]}')
+        raise BadParameter(f"keypoints must be a JSON object: {_KEYPOINT_FORM}")
     centres: dict[str, tuple[float, float]] = {}
     for key, value in data.items():
         side = str(key).strip().upper()
         if side not in ("LEFT", "RIGHT"):
             raise BadParameter(f"keypoint key must be left or right, got {key!r}")
         if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise BadParameter(f"the {key} keypoint must be [x, y] (pixel column, row)")
+            raise BadParameter(f"the {key} keypoint must be a list of two numbers (pixel column, row)")
         try:
             centres[side] = (float(value[0]), float(value[1]))
         except (TypeError, ValueError) as exc:
@@ -107,7 +113,7 @@ def register(app: typer.Typer) -> None:
     @app.command("roi")
     def roi_command(
         dicom: Path = typer.Argument(..., help="A radiograph DICOM file."),
-        keypoints: str | None = typer.Option(None, "--keypoints", help='Joint centres, JSON {"left": [x, y], "right": [x, y]} (pixel column/row; "right" is the patient\'s right knee, on the image\'s left) or a .json file.'),
+        keypoints: str | None = typer.Option(None, "--keypoints", help='Joint centres as inline JSON or a .json file: an object with "right" and/or "left", each a list of two numbers (pixel column, row); "right" is the patient\'s right knee, on the image\'s left.'),
         spacing_mm: float | None = typer.Option(None, "--spacing-mm", help="mm per pixel; overrides the file's spacing tags."),
         encoder_px: int | None = typer.Option(None, "--encoder-px", min=16, help="Encoder input size (default: PreprocessConfig)."),
         out: Path = typer.Option(Path("roi.png"), "--out", help="PNG to write."),
@@ -121,8 +127,7 @@ def register(app: typer.Typer) -> None:
 
         if keypoints is None:
             raise BadParameter(
-                "--keypoints is required until the knee localiser exists: "
-                '--keypoints \'{"right": [x, y], "left": [x, y]}\' (pixel column, row)'
+                f"--keypoints is required until the knee localiser exists: {_KEYPOINT_FORM}"
             )
         centres = parse_keypoints(keypoints)
         config = PreprocessConfig()
