@@ -3,7 +3,7 @@
 Two stages, KNEEL-like, each a small function with its resolution stated:
 
 1. ``global_input``: the whole radiograph resized (``mris.imageops.resize``) to
-   ``global_input_px`` = (rows, cols), default 96 x 128 (about 3.4 mm/px for a 432 mm wide
+   ``global_input_px`` = (rows, cols), default 64 x 80 (about 5.4 mm/px for a 432 mm wide
    bilateral PA field), intensities scaled so the 99th percentile maps to 0.99. The global network
    (``localiser.onnx``; input ``image`` ``[N, 1, rows, cols]``; outputs ``centres`` ``[N, 2, 2]``
    = (x, y) as fractions of the width/height, knee 0 on the image's left = the patient's RIGHT,
@@ -45,7 +45,7 @@ REFINE_FILE = "localiser-refine.onnx"
 
 @dataclass(frozen=True)
 class LocaliserConfig:
-    global_input_px: tuple[int, int] = (96, 128)
+    global_input_px: tuple[int, int] = (64, 80)
     refine_mm: float = 64.0
     refine_px: int = 64
     refine_iterations: int = 2

@@ -139,8 +139,9 @@ class RefineLocaliser(nn.Module):
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
+        # stride 4 overall: a 64 px patch gives a 16 x 16 heatmap; the soft-argmax is sub-pixel
         self.features = nn.Sequential(
-            _block(1, width, 1), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 2),
+            _block(1, width, 2), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 1),
         )
         self.heatmap = nn.Conv2d(4 * width, 1, 1)
         self.presence = nn.Linear(4 * width, 1)

@@ -33,14 +33,14 @@ class LocaliserProfile:
     - ``max_images``: cap on the training radiographs (the localiser needs few).
     """
 
-    global_input_px: tuple[int, int] = (96, 128)
+    global_input_px: tuple[int, int] = (64, 80)
     refine_mm: float = 64.0
     refine_px: int = 64
-    offsets_per_knee: int = 4
+    offsets_per_knee: int = 3
     offset_sigma_mm: float = 8.0
-    max_images: int = 600
-    global_epochs: int = 30
-    refine_epochs: int = 20
+    max_images: int = 300
+    global_epochs: int = 15
+    refine_epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
     negatives_fraction: float = 0.15

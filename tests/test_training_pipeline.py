@@ -1,0 +1,185 @@
+"""Training end to end on a tiny synthetic cohort: cache, localiser, encoders, ONNX export with
+parity, the model bundle; exact resume; cache rebuild on a changed constant."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mris.dicom  # noqa: E402
+from mris.constants import PreprocessConfig  # noqa: E402
+from mris.errors import KneeNotFound, ManifestError  # noqa: E402
+from mris.manifest import read_manifest, write_manifest  # noqa: E402
+from mris.model_bundle import load_model_bundle  # noqa: E402
+from mris.training import profiles  # noqa: E402
+from mris.training.profiles import LocaliserProfile  # noqa: E402
+
+TINY = dataclasses.replace(
+    profiles.PROFILES["quick"], name="tiny", encoder_px=32, epochs=2, batch_size=8, val_fraction=0.3,
+    localiser=LocaliserProfile(global_input_px=(32, 40), refine_px=32, refine_mm=64.0, offsets_per_knee=2,
+                               max_images=40, global_epochs=6, refine_epochs=4, batch_size=16,
+                               negatives_fraction=0.3),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory) -> Path:
+    from mris.cohort.generate import CohortConfig, iter_subjects
+
+    out = tmp_path_factory.mktemp("cohort")
+    rows = [row for result in iter_subjects(CohortConfig(out=out, subjects=12, seed=5, grid=32, workers=1))
+            for row in result.rows]
+    write_manifest(out / "manifest.csv", rows)
+    return out / "manifest.csv"
+
+
+@pytest.fixture(autouse=True)
+def _small_cohort_spacing(monkeypatch):
+    # the demo-size cohort's spacing (about 1.0-1.2 mm) may exceed the reader's plausible range
+    monkeypatch.setattr(mris.dicom, "SPACING_MAX_MM", max(2.0, mris.dicom.SPACING_MAX_MM))
+    monkeypatch.setitem(profiles.PROFILES, "tiny", TINY)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cohort, tmp_path_factory):
+    from mris.training.run import TrainRequest, train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mris.dicom, "SPACING_MAX_MM", max(2.0, mris.dicom.SPACING_MAX_MM))
+        mp.setitem(profiles.PROFILES, "tiny", TINY)
+        out = tmp_path_factory.mktemp("model") / "bundle"
+        summary = train(TrainRequest(manifest=tiny_cohort, out=out, variant="both", profile="tiny", threads=2))
+    return out, summary
+
+
+def test_tiny_training_writes_a_verified_bundle_with_parity(trained):
+    out, summary = trained
+    bundle = load_model_bundle(out)  # checks every sha256
+    card = bundle.card
+    assert set(card.variants) == {"separate", "combined"}
+    assert set(card.variants["separate"].regions) == {"fc", "tc"}
+    assert card.variants["combined"].regions["combined"].thickness_input_px == (64, 32)
+    assert card.preprocess_config == PreprocessConfig(encoder_px=32)
+    assert card.localiser is not None and card.localiser.file == "localiser.onnx"
+    assert {"torch", "onnxruntime", "onnx"} <= set(card.versions)
+    for name, region in summary["regions"].items():
+        parity = region["parity"]
+        assert max(parity["max_abs_diff_radiograph"], parity["max_abs_diff_thickness"]) <= 1e-4, name
+        assert parity["top20_order_mismatches"] == 0
+    assert (out / "curves.png").is_file() and (out / "log.csv").is_file()
+
+
+def test_onnx_encoder_matches_the_contract(trained, tiny_cohort):
+    from mris.encoders import OnnxEncoder
+
+    out, _ = trained
+    encoder = OnnxEncoder(out / "separate-fc-radiograph.onnx", device="cpu", intra_op_threads=1)
+    assert encoder.input_name == "image" and encoder.input_px == (32, 32)
+    emb = encoder.embed(np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32))
+    assert emb.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_localiser_finds_knees_and_refuses_noise(trained, tiny_cohort):
+    from mris.dicom import Radiograph, read_radiograph
+    from mris.localiser import KneeLocaliser, locate_knees
+
+    out, _ = trained
+    localiser = KneeLocaliser.from_bundle(out, threads=1)
+    manifest = read_manifest(tiny_cohort)
+    row = manifest.rows[0]
+    radiograph = read_radiograph(manifest.resolve_path(row.radiograph_path))
+    found = localiser.locate(radiograph)
+    assert set(found) == {"LEFT", "RIGHT"}
+    assert found["RIGHT"][0][0] < found["LEFT"][0][0]  # patient RIGHT on the image's left
+    noise = Radiograph(pixels=np.random.default_rng(3).random(radiograph.pixels.shape, dtype=np.float32) * 4000,
+                       spacing_mm=radiograph.spacing_mm, spacing_source="caller")
+    with pytest.raises(KneeNotFound):
+        locate_knees(noise, localiser)
+
+
+def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
+    from mris.training.trainer import RegionData, RegionTrainer, set_determinism
+
+    rng = np.random.default_rng(0)
+    knees = [f"S{i // 4}:{'LEFT' if i % 2 else 'RIGHT'}" for i in range(40)]  # 20 knees, 2 visits each
+    data = RegionData(radiographs=rng.random((40, 32, 32), dtype=np.float32),
+                      thickness=rng.random((40, 32, 32), dtype=np.float32),
+                      train_rows=list(range(32)), train_knees=knees[:32], val_rows=list(range(32, 40)))
+    profile = dataclasses.replace(TINY, epochs=2, batch_size=6, step_size=1)
+
+    def make(folder: str) -> RegionTrainer:
+        set_determinism(0, threads=1)
+        return RegionTrainer("separate-fc", data, profile, tmp_path / folder, torch.device("cpu"), seed=0,
+                             log=lambda m: None)
+
+    straight = make("a")
+    straight.fit()
+    interrupted = make("b")
+    interrupted.fit(stop_after_epoch=1)
+    resumed = make("b")  # a new process would build a fresh trainer, then load last.pt
+    resumed.fit(resume=True)
+    for key, value in straight.f.state_dict().items():
+        assert torch.equal(value, resumed.f.state_dict()[key]), key
+    for key, value in straight.g.state_dict().items():
+        assert torch.equal(value, resumed.g.state_dict()[key]), key
+    assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
+    assert resumed.scheduler.state_dict()["last_epoch"] == 2
+
+
+def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+    from mris.training.trainer import RegionData, RegionTrainer
+
+    rng = np.random.default_rng(0)
+    data = RegionData(rng.random((8, 32, 32), dtype=np.float32), rng.random((8, 32, 32), dtype=np.float32),
+                      list(range(6)), [f"K{i}" for i in range(6)], [6, 7])
+    trainer = RegionTrainer("x", data, TINY, tmp_path, torch.device("cpu"), seed=0, log=lambda m: None)
+    with pytest.raises(FileNotFoundError):
+        trainer.fit(resume=True)
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot resume"):
+        trainer.fit(resume=True)
+
+
+def test_cache_rebuilds_when_a_constant_changes(tiny_cohort, tmp_path):
+    from mris.training.cache import build_cache
+
+    manifest = read_manifest(tiny_cohort)
+    rows = manifest.select(["test"])[:4]
+    first = build_cache(tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16), tmp_path, ["radiograph", "fc"])
+    again = build_cache(tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16), tmp_path, ["radiograph", "fc"])
+    assert again.root == first.root  # reused, not rebuilt
+    changed = build_cache(tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16, roi_size_mm=120.0), tmp_path,
+                          ["radiograph"])
+    assert changed.root != first.root
+    assert first["radiograph"].shape == (4, 16, 16)
+    assert not np.array_equal(first["radiograph"], changed["radiograph"])
+
+
+def test_clear_errors_for_bad_input(tmp_path, tiny_cohort):
+    from mris.errors import BadParameter
+    from mris.training.run import TrainRequest, train
+
+    with pytest.raises(ManifestError, match="does not exist"):
+        train(TrainRequest(manifest=tmp_path / "nope.csv", out=tmp_path / "m"))
+    manifest = read_manifest(tiny_cohort)
+    only_test = tmp_path / "test-only.csv"
+    write_manifest(only_test, [dataclasses.replace(r, radiograph_path=str(manifest.resolve_path(r.radiograph_path)))
+                               for r in manifest.select(["test"])])
+    with pytest.raises(ManifestError, match="no 'database' rows"):
+        train(TrainRequest(manifest=only_test, out=tmp_path / "m"))
+    with pytest.raises(BadParameter, match="--resume"):
+        train(TrainRequest(manifest=tiny_cohort, out=tmp_path / "m2", resume=True, profile="tiny"))
+
+
+def test_card_metrics_are_json(trained):
+    out, summary = trained
+    card = json.loads((out / "card.json").read_text())
+    assert card["metrics"]["regions"].keys() == summary["regions"].keys()
+    assert "localiser" in card["metrics"]
