@@ -23,16 +23,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
-
-from mris.encoders import OnnxEncoder, default_threads
-from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
-from mris.fsutil import atomic_save_npy, atomic_write_json, fsync_dir, sha256_file
 from mris.index import publish as publishing
 from mris.index.bundle import (
     CARD_NAME,
@@ -54,6 +51,10 @@ from mris.index.bundle import (
 from mris.index.choose import DEFAULT_MEMORY_BUDGET_BYTES, IndexSpec, choose_index
 from mris.index.embed import embed_rows, find_missing
 from mris.index.verify import exact_top_k, perturbed_queries, recall_at_k, verify_bundle
+
+from mris.encoders import OnnxEncoder, default_threads
+from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
+from mris.fsutil import atomic_save_npy, atomic_write_json, fsync_dir, sha256_file
 from mris.manifest import read_manifest
 from mris.model_bundle import VARIANT_REGIONS, load_model_bundle
 
@@ -375,4 +376,4 @@ def _prepend_maps(base_file: Path, new_file: Path) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-__all__ = ["BuildResult", "BuiltIndex", "build_faiss_index", "build_index_bundle", "MrisError"]
+__all__ = ["BuildResult", "BuiltIndex", "MrisError", "build_faiss_index", "build_index_bundle"]

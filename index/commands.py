@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -25,12 +24,12 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., "--model", help="Model bundle directory (ONNX encoders + card.json)."),
         manifest: Path = typer.Option(..., "--manifest", help="Manifest CSV/Parquet."),
         root: Path = typer.Option(..., "--root", help="Index root; the bundle goes to ROOT/<version>/."),
-        splits: List[str] = typer.Option(["database"], "--splits", help="Split(s) that form the database."),
+        splits: list[str] = typer.Option(["database"], "--splits", help="Split(s) that form the database."),
         variant: str = typer.Option("separate", "--variant", help="separate | combined"),
         kind: str = typer.Option("flat", "--kind", help="flat (exact) | auto | ivf | ivfpq"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (ONNX encoders)"),
         publish: bool = typer.Option(False, "--publish", help="Point ROOT/current at the new version."),
-        append: Optional[str] = typer.Option(
+        append: str | None = typer.Option(
             None, "--append", help="Start from this version (or 'current') and embed only new rows."
         ),
         skip_missing: bool = typer.Option(
@@ -43,6 +42,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed the manifest's maps, build the FAISS index(es), verify, and (with --publish) publish."""
         from mris.index.build import build_index_bundle
+
         from mris.progress import console, progress_bar
 
         with progress_bar(enabled=not quiet) as bar:
@@ -90,12 +90,13 @@ def register(app: typer.Typer) -> None:
     @index_app.command("verify")
     def verify(
         path: Path = typer.Argument(..., help="A bundle folder, or an index root (verifies its current)."),
-        model: Optional[Path] = typer.Option(None, "--model", help="Also check the bundle matches these encoders."),
+        model: Path | None = typer.Option(None, "--model", help="Also check the bundle matches these encoders."),
         no_self_retrieval: bool = typer.Option(False, "--no-self-retrieval", help="Skip the self-retrieval search."),
     ) -> None:
         """Checksums, counts, encoder match and self-retrieval; non-zero exit on any failure."""
         from mris.index.publish import resolve
         from mris.index.verify import verify_bundle
+
         from mris.model_bundle import load_model_bundle
 
         model_card = load_model_bundle(model).card if model is not None else None

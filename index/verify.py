@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mris.index.bundle import CARD_NAME, ROWS_NAME, IndexCard, check_encoders, read_card, read_rows
 
 from mris.errors import BundleInvalid, MrisError
 from mris.fsutil import sha256_file
-from mris.index.bundle import CARD_NAME, ROWS_NAME, IndexCard, check_encoders, read_card, read_rows
 
 TIE_TOLERANCE = 1e-5
 LOSSY_SELF_RATE = 0.9

@@ -84,21 +84,29 @@ def synthesize(
     if not 0.0 < min_cartilage_share <= 1.0:
         raise ValueError(f"min_cartilage_share must be in (0, 1], got {min_cartilage_share}")
 
-    values = maps.astype(np.float32, copy=False)
-    valid = np.isfinite(values)
-    filled = np.where(valid, values, np.float32(0))
-    mask = valid.astype(np.float32)
-    # Sums over neighbours as one contraction each (k is small, H*W large).
-    share = np.einsum("nk,nkhw->nhw", weights, mask, optimize=True)
-    weighted_sum = np.einsum("nk,nkhw->nhw", weights, filled, optimize=True)
+    n, k, h, w = maps.shape
+    # [N, k, P] and batched matrix products ([N, 1, k] @ [N, k, P]): one BLAS pass per sum,
+    # instead of einsum temporaries (310 x 310 maps, k = 20: ~8 ms instead of ~19 ms here).
+    values = maps.reshape(n, k, h * w)
+    # Few large temporaries, reused in place: fresh multi-MB arrays cost page faults per call.
+    filled = values.astype(np.float32, copy=True)
+    missing = np.isnan(filled)
+    np.copyto(filled, np.float32(0), where=missing)
+    mask = np.logical_not(missing, out=missing).astype(np.float32)
+    row_weights = weights[:, None, :]
+    share = np.matmul(row_weights, mask)[:, 0]
+    weighted_sum = np.matmul(row_weights, filled)[:, 0]
 
     cartilage = share >= np.float32(min_cartilage_share) - np.float32(1e-6)
     safe_share = np.where(share > 0, share, np.float32(1))
     mean = weighted_sum / safe_share
     # Two passes (not E[y^2] - E[y]^2) so a near-zero spread is not float32 cancellation noise.
-    deviation = np.where(valid, filled - mean[:, None], np.float32(0))
-    variance = np.einsum("nk,nkhw->nhw", weights, deviation * deviation, optimize=True) / safe_share
+    deviation = np.subtract(filled, mean[:, None, :], out=filled)
+    deviation *= mask
+    deviation *= deviation
+    variance = np.matmul(row_weights, deviation)[:, 0] / safe_share
     nan = np.float32(np.nan)
-    thickness = np.where(cartilage, mean, nan).astype(np.float32)
-    std = np.where(cartilage, np.sqrt(variance), nan).astype(np.float32)
-    return Synthesis(thickness_mm=thickness, std_mm=std, weights=weights, cartilage_share=share.astype(np.float32))
+    thickness = np.where(cartilage, mean, nan).astype(np.float32).reshape(n, h, w)
+    std = np.where(cartilage, np.sqrt(variance), nan).astype(np.float32).reshape(n, h, w)
+    share = share.reshape(n, h, w)
+    return Synthesis(thickness_mm=thickness, std_mm=std, weights=weights, cartilage_share=share.astype(np.float32, copy=False))

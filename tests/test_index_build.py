@@ -9,18 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from bundle_factory import make_map_cohort, make_model_bundle
-
-from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
 from mris.index import publish as pub
 from mris.index.build import build_index_bundle
 from mris.index.bundle import load_index_bundle, read_card
 from mris.index.verify import verify_bundle
+
+from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
 from mris.manifest import read_manifest, write_manifest
 from mris.model_bundle import load_model_bundle
 from mris.synthesis import synthesize

@@ -8,9 +8,9 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from mris.index import publish as pub
 
 from mris.errors import MrisError
-from mris.index import publish as pub
 
 
 def fake_version(root, name):
