@@ -92,11 +92,11 @@ PROFILES: dict[str, TrainProfile] = {
     "quick": TrainProfile(
         name="quick",
         encoder_px=64,
-        epochs=12,
+        epochs=35,
         batch_size=32,
         lr_radiograph=1e-3,
         lr_thickness=1e-3,
-        step_size=8,
+        step_size=25,
         gamma=0.2,
     ),
 }
