@@ -9,6 +9,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mris.errors import MrisError
 
@@ -33,6 +34,7 @@ COMMAND_MODULES = [
     "mris.cohort.commands",
     "mris.index.commands",
     "mris.training.commands",
+    "mris.service.commands",
 ]
 
 
@@ -49,13 +51,13 @@ def main() -> None:
     try:
         app()
     except MrisError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.detail}")
+        err_console.print(f"[bold red]error:[/] {escape(exc.detail)}")
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except (FileExistsError, PermissionError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(2)
 
 

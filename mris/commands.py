@@ -13,11 +13,15 @@ def register(app: typer.Typer) -> None:
         workdir: Path = typer.Option(Path("mris-demo"), help="Folder for the cohort, model and index."),
         subjects: int = typer.Option(300, min=20, help="Subjects in the demo cohort."),
         seed: int = typer.Option(7, help="Cohort seed."),
+        prepare_only: bool = typer.Option(False, "--prepare-only", help="Stop after the index is published."),
+        serve: bool = typer.Option(False, "--serve", help="Then serve the API on the demo bundle."),
+        port: int = typer.Option(8000, help="Port for --serve (listens on 127.0.0.1)."),
     ) -> None:
-        """Run the main job on the synthetic cohort: make the cohort (later: train, index, synthesize).
+        """The main job on the synthetic cohort: cohort, quick training, index build and publish,
+        then a synthesis of held-out test radiographs through the service's pipeline.
 
         A second run reuses what is already done.
         """
         from mris.demo import run_demo
 
-        run_demo(workdir=workdir, subjects=subjects, seed=seed)
+        run_demo(workdir=workdir, subjects=subjects, seed=seed, prepare_only=prepare_only, serve=serve, port=port)

@@ -47,7 +47,7 @@ from mris.errors import (
 )
 
 SPACING_MIN_MM = 0.05
-SPACING_MAX_MM = 1.0
+SPACING_MAX_MM = 2.0  # real detectors: 0.1-0.2 mm; the demo cohort's small images: ~1.1 mm
 SPACING_SQUARE_TOLERANCE = 0.01  # row and column spacing may differ by 1 % (relative)
 SPACING_TAGS = ("ImagerPixelSpacing", "PixelSpacing")
 

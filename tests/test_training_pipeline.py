@@ -12,7 +12,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import mris.dicom  # noqa: E402
 from mris.constants import PreprocessConfig  # noqa: E402
 from mris.errors import KneeNotFound, ManifestError  # noqa: E402
 from mris.manifest import read_manifest, write_manifest  # noqa: E402
@@ -41,8 +40,6 @@ def tiny_cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _small_cohort_spacing(monkeypatch):
-    # the demo-size cohort's spacing (about 1.0-1.2 mm) may exceed the reader's plausible range
-    monkeypatch.setattr(mris.dicom, "SPACING_MAX_MM", max(2.0, mris.dicom.SPACING_MAX_MM))
     monkeypatch.setitem(profiles.PROFILES, "tiny", TINY)
 
 
@@ -51,7 +48,6 @@ def trained(tiny_cohort, tmp_path_factory):
     from mris.training.run import TrainRequest, train
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mris.dicom, "SPACING_MAX_MM", max(2.0, mris.dicom.SPACING_MAX_MM))
         mp.setitem(profiles.PROFILES, "tiny", TINY)
         out = tmp_path_factory.mktemp("model") / "bundle"
         summary = train(TrainRequest(manifest=tiny_cohort, out=out, variant="both", profile="tiny", threads=2))

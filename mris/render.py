@@ -1,0 +1,64 @@
+"""Pictures of synthesis results: per knee the ROI as the encoder saw it, the fc and tc maps with
+a colour bar in mm, and their uncertainty (weighted standard deviation). Used by the service's
+``format=png`` and by ``mris demo``. Thread-safe: builds ``Figure`` objects, never pyplot."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mris.pipeline import KneeResult
+
+THICKNESS_MAX_MM = 4.5
+STD_MAX_MM = 1.0
+
+
+def render_results_png(
+    results: Sequence[KneeResult],
+    truth_mm: Sequence[dict[str, np.ndarray]] | None = None,
+    dpi: int = 90,
+) -> bytes:
+    """One row per knee: ROI | fc | tc | fc std | tc std (| true fc | true tc when ``truth_mm``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = 5 + (2 if truth_mm else 0)
+    rows = max(1, len(results))
+    figure = Figure(figsize=(2.6 * columns, 2.6 * rows), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = np.atleast_2d(figure.subplots(rows, columns))
+    for row, result in enumerate(results):
+        panels = [("ROI (encoder input)", result.roi.image, "gray", 0.0, 1.0, None)]
+        for name in ("fc", "tc"):
+            if name in result.maps_mm:
+                panels.append((f"{name.upper()} synthesized", result.maps_mm[name], "viridis", 0.0, THICKNESS_MAX_MM, "mm"))
+        for name in ("fc", "tc"):
+            if name in result.std_mm:
+                panels.append((f"{name.upper()} uncertainty (SD)", result.std_mm[name], "magma", 0.0, STD_MAX_MM, "mm"))
+        if truth_mm:
+            for name in ("fc", "tc"):
+                if name in truth_mm[row]:
+                    panels.append((f"{name.upper()} true (MR)", truth_mm[row][name], "viridis", 0.0, THICKNESS_MAX_MM, "mm"))
+        for column in range(columns):
+            ax = axes[row, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column >= len(panels):
+                ax.set_visible(False)
+                continue
+            title, image, cmap, vmin, vmax, unit = panels[column]
+            shown = np.ma.masked_invalid(np.asarray(image, dtype=np.float32))
+            handle = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            label = f"{result.side} knee\n{title}" if column == 0 else title
+            ax.set_title(label, fontsize=8)
+            if unit:
+                bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02)
+                bar.set_label(unit, fontsize=7)
+                bar.ax.tick_params(labelsize=6)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

@@ -1,0 +1,99 @@
+"""Turn pipeline results into HTTP answers: JSON (base64 float32 maps), NPZ or PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+from fastapi.responses import JSONResponse, Response
+
+from mris.pipeline import KneeResult
+
+NPZ_MEDIA_TYPE = "application/x-npz"
+
+
+def _b64_float32(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def roi_info(result: KneeResult) -> dict:
+    roi = result.roi
+    return {
+        "centre_xy": [float(roi.centre_xy[0]), float(roi.centre_xy[1])],
+        "size_px": float(roi.size_px),
+        "spacing_mm": float(roi.spacing_mm),
+        "spacing_source": result.spacing_source,
+        "source": roi.source,
+        "confidence": result.confidence,
+    }
+
+
+def synthesis_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:
+    knees = []
+    for result in results:
+        knees.append(
+            {
+                "side": result.side,
+                "roi": roi_info(result),
+                "neighbours": {
+                    region: [
+                        {"id": n.pair_id, "similarity": n.similarity, "weight": n.weight}
+                        for n in neighbours
+                    ]
+                    for region, neighbours in result.neighbours.items()
+                },
+                "maps": {
+                    name: {
+                        "shape": list(result.maps_mm[name].shape),
+                        "unit": "mm",
+                        "dtype": "float32-le",
+                        "data": _b64_float32(result.maps_mm[name]),
+                        "std": _b64_float32(result.std_mm[name]),
+                    }
+                    for name in result.maps_mm
+                },
+            }
+        )
+    return {"index_version": index_version, "variant": variant, "k": k, "knees": knees}
+
+
+def retrieval_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:
+    knees = []
+    for result in results:
+        knees.append(
+            {
+                "side": result.side,
+                "roi": roi_info(result),
+                "neighbours": {
+                    region: [
+                        {"id": n.pair_id, "similarity": n.similarity, **n.metadata}
+                        for n in neighbours
+                    ]
+                    for region, neighbours in result.neighbours.items()
+                },
+            }
+        )
+    return {"index_version": index_version, "variant": variant, "k": k, "knees": knees}
+
+
+def npz_response(results: list[KneeResult], payload: dict) -> Response:
+    """Arrays ``<side>_<fc|tc>`` and ``<side>_<fc|tc>_std`` (float32, mm) plus ``meta`` (the
+    JSON answer without the base64 maps, as a UTF-8 string)."""
+    arrays: dict[str, np.ndarray] = {}
+    for result in results:
+        for name, thickness in result.maps_mm.items():
+            arrays[f"{result.side.lower()}_{name}"] = thickness.astype(np.float32)
+            arrays[f"{result.side.lower()}_{name}_std"] = result.std_mm[name].astype(np.float32)
+    meta = json.loads(json.dumps(payload))
+    for knee in meta["knees"]:
+        knee.pop("maps", None)
+    arrays["meta"] = np.array(json.dumps(meta))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return Response(buffer.getvalue(), media_type=NPZ_MEDIA_TYPE)
+
+
+def json_response(payload: dict) -> JSONResponse:
+    return JSONResponse(payload)

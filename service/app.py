@@ -1,0 +1,125 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Sequence
+
+from fastapi import FastAPI, Request
+
+from mris.service.batching import MicroBatcher
+from mris.service.config import Settings
+from mris.service.logging_setup import configure_logging
+from mris.service.metrics import Metrics
+from mris.service.problems import install_problem_handlers
+from mris.service.routes import router
+from mris.service.state import StateHolder
+
+log = logging.getLogger("mris.service")
+
+
+def _search_batch(items: Sequence[tuple]) -> list:
+    """Process one micro-batch: items are (state, roi image, k); one encoder batch and one
+    FAISS search per served state (two states only meet during a reload)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for position, (state, _, _) in enumerate(items):
+        groups[id(state)].append(position)
+    results: list = [None] * len(items)
+    for positions in groups.values():
+        state = items[positions[0]][0]
+        k_max = max(items[p][2] for p in positions)
+        hits = state.pipeline.search([items[p][1] for p in positions], k_max)
+        for position, hit in zip(positions, hits):
+            results[position] = hit
+    return results
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        configure_logging(settings.log_level)
+        app.state.executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="mris-cpu")
+        compute = ThreadPoolExecutor(1, thread_name_prefix="mris-compute")
+        app.state.batcher = MicroBatcher(
+            _search_batch,
+            compute,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_queue=settings.max_queue,
+            on_batch=metrics.batch_size.observe,
+            on_depth=metrics.queue_depth.set,
+        )
+        await app.state.batcher.start()
+        try:
+            state, _ = await app.state.holder.reload(app.state.executor)
+            metrics.set_bundle(state.index_version, state.pipeline.variant)
+        except Exception as exc:  # stay up, not ready; /readyz says why
+            log.error("initial bundle load failed", extra={"detail": getattr(exc, "detail", type(exc).__name__)})
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(_reload_on_signal(app))
+            )
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests) or no SIGHUP on this platform
+        yield
+        try:
+            loop.remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+        await app.state.batcher.stop()
+        compute.shutdown(wait=False)
+        app.state.executor.shutdown(wait=False)
+
+    app = FastAPI(
+        title="MRIS",
+        version="0.1.0",
+        summary="MR cartilage thickness maps synthesized from knee radiographs by retrieval.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.holder = StateHolder(settings)
+    install_problem_handlers(app)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            route = request.scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            metrics.requests.labels(route=name, status=str(status)).inc()
+            metrics.latency.labels(route=name, status=str(status)).observe(elapsed)
+            log.info(
+                "request",
+                extra={"method": request.method, "route": name, "status": status,
+                       "duration_ms": round(elapsed * 1000, 2)},
+            )
+
+    app.include_router(router)
+    return app
+
+
+async def _reload_on_signal(app: FastAPI) -> None:
+    try:
+        state, _ = await app.state.holder.reload(app.state.executor)
+        app.state.metrics.reloads.labels(outcome="ok").inc()
+        app.state.metrics.set_bundle(state.index_version, state.pipeline.variant)
+    except Exception:
+        app.state.metrics.reloads.labels(outcome="failed").inc()
+        log.error("reload on SIGHUP failed; the previous bundle keeps serving")

@@ -1,0 +1,176 @@
+"""Routes: they only translate HTTP to pipeline calls (the work lives in mris.pipeline)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from mris.pipeline import KneeResult, RequestOptions
+from mris.render import render_results_png
+from mris.service.answers import json_response, npz_response, retrieval_payload, synthesis_payload
+from mris.service.batching import Overloaded
+from mris.service.deps import Authorized, Upload, read_upload, serving_state
+from mris.service.problems import PROBLEM_MEDIA_TYPE, ServiceProblem
+from mris.service.schemas import Problem, RetrievalResponse, SynthesisResponse
+from mris.service.state import ServingState
+
+router = APIRouter()
+
+_ERRORS = {
+    status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": text}
+    for status, text in {
+        400: "Unreadable or unusable DICOM",
+        401: "Missing or wrong bearer token",
+        413: "Too large",
+        415: "Wrong media type",
+        422: "Bad parameters, or no knee found",
+        503: "Not ready, overloaded or timed out",
+    }.items()
+}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "knees": {"type": "string", "enum": ["both", "left", "right"]},
+                        "k": {"type": "integer", "minimum": 1, "maximum": 100},
+                        "keypoints": {"type": "string", "example": '{"right": [812, 1180], "left": [2010, 1175]}'},
+                        "spacing_mm": {"type": "number"},
+                        "format": {"type": "string", "enum": ["json", "npz", "png"]},
+                    },
+                }
+            },
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["operations"], responses={503: _ERRORS[503]})
+async def readyz(request: Request) -> JSONResponse:
+    """Models and index loaded."""
+    holder = request.app.state.holder
+    if holder.current is None:
+        detail = "the model and index are not loaded"
+        if holder.last_error:
+            detail += f": {holder.last_error}"
+        raise ServiceProblem(503, "Not ready", detail, {"Retry-After": "5"})
+    return JSONResponse({"status": "ready", "index_version": holder.current.index_version})
+
+
+@router.get("/info", tags=["operations"], dependencies=[Authorized])
+async def info(state: Annotated[ServingState, Depends(serving_state)]) -> dict:
+    """The model card and the index card of the bundle being served."""
+    return state.pipeline.info()
+
+
+@router.get("/metrics", tags=["operations"], dependencies=[Authorized])
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/admin/reload", tags=["operations"], dependencies=[Authorized], responses={503: _ERRORS[503]})
+async def reload(request: Request) -> dict:
+    """Load the bundle `current` points to, check it against the encoders, swap atomically."""
+    app = request.app
+    try:
+        state, previous = await app.state.holder.reload(app.state.executor)
+    except Exception as exc:
+        app.state.metrics.reloads.labels(outcome="failed").inc()
+        detail = getattr(exc, "detail", None) or "the new bundle could not be loaded"
+        raise ServiceProblem(503, "Reload failed", f"{detail}; the previous bundle keeps serving") from None
+    app.state.metrics.reloads.labels(outcome="ok").inc()
+    app.state.metrics.set_bundle(state.index_version, state.pipeline.variant)
+    return {"index_version": state.index_version, "previous_version": previous}
+
+
+async def _run(request: Request, state: ServingState, upload: Upload, with_maps: bool) -> list[KneeResult]:
+    app = request.app
+    params = upload.params
+    options = RequestOptions.from_strings(
+        knees=params.knees, k=params.k, keypoints=params.keypoints, spacing_mm=params.spacing_mm
+    )
+    loop = asyncio.get_running_loop()
+    pipeline = state.pipeline
+
+    async def work() -> list[KneeResult]:
+        prepared = await loop.run_in_executor(app.state.executor, pipeline.prepare, upload.data, options)
+        try:
+            hits = await app.state.batcher.submit_many(
+                [(state, roi.image, options.k) for roi in prepared.rois]
+            )
+        except Overloaded as exc:
+            raise ServiceProblem(503, "Overloaded", f"the service is busy ({exc}); retry shortly",
+                                 {"Retry-After": "1"}) from None
+        return await loop.run_in_executor(
+            app.state.executor, pipeline.assemble, prepared, hits, options.k, with_maps
+        )
+
+    try:
+        return await asyncio.wait_for(work(), app.state.settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        raise ServiceProblem(503, "Timed out", "the request took longer than the configured limit",
+                             {"Retry-After": "1"}) from None
+
+
+@router.post(
+    "/synthesize",
+    tags=["synthesis"],
+    dependencies=[Authorized],
+    response_model=SynthesisResponse,
+    responses={**_ERRORS, 200: {"content": {"application/x-npz": {}, "image/png": {}}}},
+    openapi_extra=_UPLOAD_BODY,
+)
+async def synthesize(
+    request: Request,
+    upload: Annotated[Upload, Depends(read_upload)],
+    state: Annotated[ServingState, Depends(serving_state)],
+) -> Response:
+    """Synthesize the femoral (fc) and tibial (tc) thickness maps of each knee (eq. 4: the
+    similarity-weighted average of the k nearest database maps) with a per-pixel weighted
+    standard deviation. `format`: json (base64 float32), npz, or png."""
+    results = await _run(request, state, upload, with_maps=True)
+    pipeline = state.pipeline
+    payload = synthesis_payload(results, state.index_version, pipeline.variant, upload.params.k)
+    if upload.params.format == "npz":
+        return npz_response(results, payload)
+    if upload.params.format == "png":
+        loop = asyncio.get_running_loop()
+        png = await loop.run_in_executor(request.app.state.executor, render_results_png, results)
+        return Response(png, media_type="image/png")
+    return json_response(payload)
+
+
+@router.post(
+    "/retrieve",
+    tags=["synthesis"],
+    dependencies=[Authorized],
+    response_model=RetrievalResponse,
+    responses=_ERRORS,
+    openapi_extra=_UPLOAD_BODY,
+)
+async def retrieve(
+    request: Request,
+    upload: Annotated[Upload, Depends(read_upload)],
+    state: Annotated[ServingState, Depends(serving_state)],
+) -> JSONResponse:
+    """The k nearest database knee-visits of each knee: ids, similarities and metadata, no maps."""
+    results = await _run(request, state, upload, with_maps=False)
+    return json_response(
+        retrieval_payload(results, state.index_version, state.pipeline.variant, upload.params.k)
+    )
