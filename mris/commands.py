@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         prepare_only: bool = typer.Option(False, "--prepare-only", help="Stop after the index is published."),
         serve: bool = typer.Option(False, "--serve", help="Then serve the API on the demo bundle."),
         port: int = typer.Option(8000, help="Port for --serve (listens on 127.0.0.1)."),
+        epochs: int = typer.Option(0, min=0, help="Override the quick profile's epochs (0: the profile's)."),
     ) -> None:
         """The main job on the synthetic cohort: cohort, quick training, index build and publish,
         then a synthesis of held-out test radiographs through the service's pipeline.
@@ -24,4 +25,5 @@ def register(app: typer.Typer) -> None:
         """
         from mris.demo import run_demo
 
-        run_demo(workdir=workdir, subjects=subjects, seed=seed, prepare_only=prepare_only, serve=serve, port=port)
+        run_demo(workdir=workdir, subjects=subjects, seed=seed, prepare_only=prepare_only, serve=serve, port=port,
+                 epochs=epochs or None)

@@ -33,7 +33,7 @@ def _mris(*args: str) -> None:
         raise SystemExit(result.returncode)
 
 
-def prepare(workdir: Path, subjects: int, seed: int) -> dict[str, Path]:
+def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) -> dict[str, Path]:
     """Stages 1-3; returns the paths of the cohort manifest, model bundle and index root."""
     workdir.mkdir(parents=True, exist_ok=True)
     cohort, model, index = workdir / "cohort", workdir / "model", workdir / "index"
@@ -51,8 +51,9 @@ def prepare(workdir: Path, subjects: int, seed: int) -> dict[str, Path]:
     else:
         run_json = workdir / "model.training" / "run.json"
         resume = ["--resume"] if run_json.is_file() else ["--force"]
+        epoch_args = ["--epochs", str(epochs)] if epochs else []
         _mris("train", "--manifest", str(manifest), "--out", str(model), "--variant", "separate",
-              "--profile", "quick", *resume)
+              "--profile", "quick", *epoch_args, *resume)
 
     console.rule("[bold]3/4 index build and publish")
     if (index / "current").exists():
@@ -120,9 +121,9 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
 
 
 def run_demo(workdir: Path, subjects: int, seed: int, prepare_only: bool = False, serve: bool = False,
-             port: int = 8000) -> None:
+             port: int = 8000, epochs: int | None = None) -> None:
     started = time.perf_counter()
-    paths = prepare(workdir, subjects, seed)
+    paths = prepare(workdir, subjects, seed, epochs)
     if not prepare_only:
         synthesize_examples(paths, workdir)
     console.print(f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is in {workdir}")
