@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
 import socket
 import statistics
 import threading
@@ -41,12 +44,8 @@ def main() -> None:
     parser.add_argument("--keypoints", action="store_true", help="send the true centres (skip the localiser)")
     args = parser.parse_args()
 
-    import uvicorn
-
     from mris.manifest import read_manifest
     from mris.pipeline import Pipeline, RequestOptions
-    from mris.service.app import create_app
-    from mris.service.config import Settings
 
     manifest = read_manifest(args.workdir / "cohort" / "manifest.csv")
     test_rows = manifest.select(["test"])
@@ -76,13 +75,15 @@ def main() -> None:
         list(pool.map(lambda j: pipeline.assemble(prepared[j], hits[2 * j:2 * j + 2], 20), range(len(prepared))))
     inproc_rps = args.requests / (time.perf_counter() - started)
 
-    # ---------------------------------------------------------------- the server
+    # ---------------------------------------------------------------- the server (own process,
+    # as deployed: clients in this process must not share the server's interpreter lock)
     port = _free_port()
-    settings = Settings(model_dir=model, index_root=index_root, port=port, log_level="WARNING")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    env = {**os.environ, "MRIS_LOG_LEVEL": "WARNING"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mris.cli", "serve", "--model", str(model), "--index-root", str(index_root),
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -128,8 +129,8 @@ def main() -> None:
     side.start()
     load_statuses, load_seconds = burst(max(args.requests * 2, 100), 8)
     side.join(timeout=300)
-    server.should_exit = True
-    thread.join(timeout=10)
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
 
     cpu = os.cpu_count()
     print(f"machine: {cpu} cores; requests per measurement: {args.requests}; radiographs: {len(files)} test DICOMs")

@@ -92,7 +92,7 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
         truths = []
         table = Table(title=f"test radiograph {number}: {Path(any_row.radiograph_path).name} "
                             f"({elapsed_ms:.0f} ms, knees found by the localiser)")
-        for column in ("knee", "KL", "true centre px", "found centre px", "top-5 fc neighbours (similarity)",
+        for column in ("knee", "KL", "true centre px", "found centre px", "top-3 fc neighbours (similarity)",
                        "MAE fc mm", "MAE tc mm"):
             table.add_column(column)
         for result in results:
@@ -103,7 +103,7 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
             errors = {name: _mae(result.maps_mm[name], truth[name]) for name in ("fc", "tc")}
             for name in errors:
                 maes[name].append(errors[name])
-            top = ", ".join(f"{n.pair_id} ({n.similarity:.2f})" for n in result.neighbours["fc"][:5])
+            top = ", ".join(f"{n.pair_id} ({n.similarity:.2f})" for n in result.neighbours["fc"][:3])
             table.add_row(
                 result.side, str(row.klg), f"{row.keypoint_x:.0f}, {row.keypoint_y:.0f}",
                 f"{result.roi.centre_xy[0]:.0f}, {result.roi.centre_xy[1]:.0f}", top,

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from mris.errors import BadParameter
+from mris.roi import parse_keypoints as parse_centres
 
 # No square brackets in messages: the CLI prints them through rich, which reads [...] as markup.
 _KEYPOINT_FORM = (
@@ -28,23 +28,7 @@ def parse_keypoints(text: str) -> dict[str, tuple[float, float]]:
     candidate = Path(text)
     if not text.lstrip().startswith("{") and candidate.is_file():
         source = candidate.read_text(encoding="utf-8")
-    try:
-        data = json.loads(source)
-    except json.JSONDecodeError as exc:
-        raise BadParameter(f"keypoints must be JSON: {_KEYPOINT_FORM} ({exc.msg})") from exc
-    if not isinstance(data, dict) or not data:
-        raise BadParameter(f"keypoints must be a JSON object: {_KEYPOINT_FORM}")
-    centres: dict[str, tuple[float, float]] = {}
-    for key, value in data.items():
-        side = str(key).strip().upper()
-        if side not in ("LEFT", "RIGHT"):
-            raise BadParameter(f"keypoint key must be left or right, got {key!r}")
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise BadParameter(f"the {key} keypoint must be a list of two numbers (pixel column, row)")
-        try:
-            centres[side] = (float(value[0]), float(value[1]))
-        except (TypeError, ValueError) as exc:
-            raise BadParameter(f"the {key} keypoint must hold two numbers") from exc
+    centres = parse_centres(source)
     # Image order: the patient's right knee (smaller column) first.
     return dict(sorted(centres.items(), key=lambda item: item[1][0]))
 
@@ -117,6 +101,7 @@ def register(app: typer.Typer) -> None:
         spacing_mm: float | None = typer.Option(None, "--spacing-mm", help="mm per pixel; overrides the file's spacing tags."),
         encoder_px: int | None = typer.Option(None, "--encoder-px", min=16, help="Encoder input size (default: PreprocessConfig)."),
         out: Path = typer.Option(Path("roi.png"), "--out", help="PNG to write."),
+        model: Path | None = typer.Option(None, "--model", help="Model bundle: its preprocessing constants, and its knee localiser when no --keypoints are given."),
     ) -> None:
         """Show the knee ROIs of one radiograph as the encoder sees them (a PNG)."""
         from dataclasses import replace
@@ -125,15 +110,27 @@ def register(app: typer.Typer) -> None:
         from mris.dicom import read_radiograph
         from mris.roi import extract_rois
 
-        if keypoints is None:
+        if keypoints is None and model is None:
             raise BadParameter(
-                f"--keypoints is required until the knee localiser exists: {_KEYPOINT_FORM}"
+                f"give --keypoints ({_KEYPOINT_FORM}) or --model with a knee localiser"
             )
-        centres = parse_keypoints(keypoints)
+        bundle = None
         config = PreprocessConfig()
+        if model is not None:
+            from mris.model_bundle import load_model_bundle
+
+            bundle = load_model_bundle(model)
+            config = bundle.card.preprocess_config
         if encoder_px is not None:
             config = replace(config, encoder_px=encoder_px)
         radiograph = read_radiograph(dicom, spacing_mm=spacing_mm)
+        if keypoints is not None:
+            centres = parse_keypoints(keypoints)
+        else:
+            from mris.localiser import locate_knees
+
+            found = locate_knees(radiograph, bundle)  # KneeNotFound when no knee is found
+            centres = {side: centre for side, (centre, _) in sorted(found.items(), key=lambda i: i[1][0][0])}
         rois = extract_rois(radiograph, centres, config)
         render_roi_figure(radiograph, rois, out)
         for roi in rois:

@@ -13,7 +13,6 @@ variant ``combined`` (MRIS-C) searches one index and averages both maps of its n
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,39 +26,12 @@ from mris.dicom import DecodeLimits, Radiograph, read_radiograph
 from mris.encoders import OnnxEncoder
 from mris.errors import BadParameter, BundleMismatch
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
-from mris.roi import KneeRoi, extract_roi
+from mris.roi import KneeRoi, extract_roi, parse_keypoints
 from mris.synthesis import similarity_weights, synthesize
 
 KNEE_CHOICES = {"both": ("RIGHT", "LEFT"), "right": ("RIGHT",), "left": ("LEFT",)}
 MAP_NAMES = ("fc", "tc")
 MAX_K = 100
-
-
-def parse_keypoints(text: str | None) -> dict[str, tuple[float, float]] | None:
-    """``{"left": [x, y], "right": [x, y]}`` (pixel column, row; ``right`` is the patient's right
-    knee, on the image's left) -> ``{"LEFT": (x, y), "RIGHT": (x, y)}``."""
-    if text is None or text == "":
-        return None
-    try:
-        raw = json.loads(text)
-    except (TypeError, ValueError):
-        raise BadParameter('keypoints must be JSON like {"left": [x, y], "right": [x, y]}') from None
-    if not isinstance(raw, dict) or not raw:
-        raise BadParameter('keypoints must be a JSON object like {"left": [x, y], "right": [x, y]}')
-    centres: dict[str, tuple[float, float]] = {}
-    for key, value in raw.items():
-        side = str(key).upper()
-        if side not in ("LEFT", "RIGHT"):
-            raise BadParameter(f"keypoints: unknown knee {key!r} (use 'left' and 'right')")
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            or not all(math.isfinite(float(v)) for v in value)
-        ):
-            raise BadParameter(f"keypoints: {key!r} must be [x, y], two finite numbers in pixels")
-        centres[side] = (float(value[0]), float(value[1]))
-    return centres
 
 
 @dataclass(frozen=True)

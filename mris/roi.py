@@ -19,6 +19,7 @@ Decisions (docs/PREPROCESSING.md):
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -186,3 +187,30 @@ def stack_rois(rois: Sequence[KneeRoi]) -> np.ndarray:
     if not rois:
         raise ValueError("no ROIs to stack")
     return np.stack([roi.image for roi in rois])[:, None, :, :].astype(np.float32, copy=False)
+
+
+def parse_keypoints(text: str | None) -> dict[str, tuple[float, float]] | None:
+    """``{"left": [x, y], "right": [x, y]}`` (pixel column, row; ``right`` is the patient's right
+    knee, on the image's left) -> ``{"LEFT": (x, y), "RIGHT": (x, y)}``."""
+    if text is None or text == "":
+        return None
+    try:
+        raw = json.loads(text)
+    except (TypeError, ValueError):
+        raise BadParameter('keypoints must be JSON like {"left": [x, y], "right": [x, y]}') from None
+    if not isinstance(raw, dict) or not raw:
+        raise BadParameter('keypoints must be a JSON object like {"left": [x, y], "right": [x, y]}')
+    centres: dict[str, tuple[float, float]] = {}
+    for key, value in raw.items():
+        side = str(key).upper()
+        if side not in ("LEFT", "RIGHT"):
+            raise BadParameter(f"keypoints: unknown knee {key!r} (use 'left' and 'right')")
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not all(math.isfinite(float(v)) for v in value)
+        ):
+            raise BadParameter(f"keypoints: {key!r} must be [x, y], two finite numbers in pixels")
+        centres[side] = (float(value[0]), float(value[1]))
+    return centres

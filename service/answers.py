@@ -7,7 +7,7 @@ import io
 import json
 
 import numpy as np
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from mris.pipeline import KneeResult
 
@@ -95,5 +95,7 @@ def npz_response(results: list[KneeResult], payload: dict) -> Response:
     return Response(buffer.getvalue(), media_type=NPZ_MEDIA_TYPE)
 
 
-def json_response(payload: dict) -> JSONResponse:
-    return JSONResponse(payload)
+def json_response(payload: dict) -> Response:
+    """Serialised once, in a worker thread (maps travel as base64, so the body stays compact)."""
+    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    return Response(body, media_type="application/json")

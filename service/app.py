@@ -7,12 +7,11 @@ import logging
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Sequence
 
 from fastapi import FastAPI, Request
-
 from mris.service.batching import MicroBatcher
 from mris.service.config import Settings
 from mris.service.logging_setup import configure_logging

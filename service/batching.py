@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -126,7 +127,7 @@ class MicroBatcher(Generic[T, R]):
                 results = await loop.run_in_executor(
                     self._executor, self._process, [p.item for p in live]
                 )
-            except BaseException as exc:  # noqa: BLE001 - delivered to every waiter
+            except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 for pending in live:

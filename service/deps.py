@@ -7,11 +7,10 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
-from pydantic import ValidationError
-
 from mris.service.problems import ServiceProblem
 from mris.service.schemas import SynthesisParams
 from mris.service.state import ServingState
+from pydantic import ValidationError
 
 DICOM_MEDIA_TYPES = ("application/dicom", "application/octet-stream")
 OPTION_NAMES = tuple(SynthesisParams.model_fields)

@@ -7,15 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-
-from mris.pipeline import KneeResult, RequestOptions
-from mris.render import render_results_png
 from mris.service.answers import json_response, npz_response, retrieval_payload, synthesis_payload
 from mris.service.batching import Overloaded
 from mris.service.deps import Authorized, Upload, read_upload, serving_state
 from mris.service.problems import PROBLEM_MEDIA_TYPE, ServiceProblem
 from mris.service.schemas import Problem, RetrievalResponse, SynthesisResponse
 from mris.service.state import ServingState
+
+from mris.pipeline import KneeResult, RequestOptions
+from mris.render import render_results_png
 
 router = APIRouter()
 
@@ -145,15 +145,18 @@ async def synthesize(
     similarity-weighted average of the k nearest database maps) with a per-pixel weighted
     standard deviation. `format`: json (base64 float32), npz, or png."""
     results = await _run(request, state, upload, with_maps=True)
-    pipeline = state.pipeline
-    payload = synthesis_payload(results, state.index_version, pipeline.variant, upload.params.k)
-    if upload.params.format == "npz":
-        return npz_response(results, payload)
-    if upload.params.format == "png":
-        loop = asyncio.get_running_loop()
-        png = await loop.run_in_executor(request.app.state.executor, render_results_png, results)
-        return Response(png, media_type="image/png")
-    return json_response(payload)
+    params = upload.params
+
+    def render() -> Response:
+        # base64, JSON and PNG encoding are CPU work: off the event loop, like the rest.
+        payload = synthesis_payload(results, state.index_version, state.pipeline.variant, params.k)
+        if params.format == "npz":
+            return npz_response(results, payload)
+        if params.format == "png":
+            return Response(render_results_png(results), media_type="image/png")
+        return json_response(payload)
+
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.executor, render)
 
 
 @router.post(
@@ -171,6 +174,5 @@ async def retrieve(
 ) -> JSONResponse:
     """The k nearest database knee-visits of each knee: ids, similarities and metadata, no maps."""
     results = await _run(request, state, upload, with_maps=False)
-    return json_response(
-        retrieval_payload(results, state.index_version, state.pipeline.variant, upload.params.k)
-    )
+    payload = retrieval_payload(results, state.index_version, state.pipeline.variant, upload.params.k)
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.executor, json_response, payload)

@@ -13,8 +13,9 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from mris.pipeline import Pipeline
 from mris.service.config import Settings
+
+from mris.pipeline import Pipeline
 
 log = logging.getLogger("mris.service")
 

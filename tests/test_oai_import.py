@@ -181,9 +181,10 @@ def test_cli_roi_renders_png(tmp_path):
     assert "RIGHT: centre (120, 150) px, ROI 280.0 px" in result.output
 
 
-def test_cli_roi_requires_keypoints(tmp_path):
+def test_cli_roi_requires_keypoints_or_a_localiser(tmp_path):
     dicom = tmp_path / "knees.dcm"
     dicom.write_bytes(make_dicom_bytes(knee_phantom(), bits_stored=12))
     result = CliRunner().invoke(app, ["roi", str(dicom), "--out", str(tmp_path / "x.png")])
     assert result.exit_code != 0
-    assert isinstance(result.exception, MrisError) and "--keypoints is required" in result.exception.detail
+    assert isinstance(result.exception, MrisError) and "--keypoints" in result.exception.detail
+    assert "--model" in result.exception.detail

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 from bundle_factory import make_map_cohort, make_model_bundle
 from conftest import knee_phantom, make_dicom_bytes
-from pydicom import uid
+from mris.index.build import build_index_bundle
 
 from mris.constants import PreprocessConfig
 from mris.dicom import read_radiograph
-from mris.index.build import build_index_bundle
 from mris.manifest import read_manifest
 from mris.roi import extract_roi
 from mris.thickness import load_thickness_map, map_to_input
@@ -44,7 +43,6 @@ def _free_port() -> int:
 class RunningServer:
     def __init__(self, settings):
         import uvicorn
-
         from mris.service.app import create_app
 
         self.app = create_app(settings)
@@ -53,7 +51,7 @@ class RunningServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         self.thread.start()
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -179,3 +179,20 @@ def test_card_metrics_are_json(trained):
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["regions"].keys() == summary["regions"].keys()
     assert "localiser" in card["metrics"]
+
+
+def test_roi_command_finds_knees_with_the_trained_localiser(trained, tiny_cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from mris.cli import app
+    from mris.manifest import read_manifest
+
+    out, _ = trained
+    manifest = read_manifest(tiny_cohort)
+    row = manifest.rows[0]
+    png = tmp_path / "roi.png"
+    result = CliRunner().invoke(app, ["roi", str(manifest.resolve_path(row.radiograph_path)), "--model", str(out),
+                                      "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "LEFT" in result.output and "RIGHT" in result.output
