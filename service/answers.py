@@ -30,51 +30,38 @@ def roi_info(result: KneeResult) -> dict:
     }
 
 
-def synthesis_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:
-    knees = []
-    for result in results:
-        knees.append(
-            {
-                "side": result.side,
-                "roi": roi_info(result),
-                "neighbours": {
-                    region: [
-                        {"id": n.pair_id, "similarity": n.similarity, "weight": n.weight}
-                        for n in neighbours
-                    ]
-                    for region, neighbours in result.neighbours.items()
-                },
-                "maps": {
-                    name: {
-                        "shape": list(result.maps_mm[name].shape),
-                        "unit": "mm",
-                        "dtype": "float32-le",
-                        "data": _b64_float32(result.maps_mm[name]),
-                        "std": _b64_float32(result.std_mm[name]),
-                    }
-                    for name in result.maps_mm
-                },
+def _knee(result: KneeResult, with_maps: bool) -> dict:
+    """One knee's answer: /synthesize gives weights and maps, /retrieve the row metadata."""
+    def neighbour(n) -> dict:
+        extra = {"weight": n.weight} if with_maps else n.metadata
+        return {"id": n.pair_id, "similarity": n.similarity, **extra}
+
+    knee = {
+        "side": result.side,
+        "roi": roi_info(result),
+        "neighbours": {region: [neighbour(n) for n in found] for region, found in result.neighbours.items()},
+    }
+    if with_maps:
+        knee["maps"] = {
+            name: {
+                "shape": list(thickness.shape),
+                "unit": "mm",
+                "dtype": "float32-le",
+                "data": _b64_float32(thickness),
+                "std": _b64_float32(result.std_mm[name]),
             }
-        )
+            for name, thickness in result.maps_mm.items()
+        }
+    return knee
+
+
+def synthesis_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:
+    knees = [_knee(result, with_maps=True) for result in results]
     return {"index_version": index_version, "variant": variant, "k": k, "knees": knees}
 
 
 def retrieval_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:
-    knees = []
-    for result in results:
-        knees.append(
-            {
-                "side": result.side,
-                "roi": roi_info(result),
-                "neighbours": {
-                    region: [
-                        {"id": n.pair_id, "similarity": n.similarity, **n.metadata}
-                        for n in neighbours
-                    ]
-                    for region, neighbours in result.neighbours.items()
-                },
-            }
-        )
+    knees = [_knee(result, with_maps=False) for result in results]
     return {"index_version": index_version, "variant": variant, "k": k, "knees": knees}
 
 
