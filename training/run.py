@@ -255,7 +255,8 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
         f_cpu, g_cpu = trainer.f.float().cpu().eval(), trainer.g.float().cpu().eval()
         s = profile.encoder_px
         thickness_px = (2 * s, s) if region == "combined" else (s, s)
-        names = {"radiograph": f"{name}-radiograph.onnx", "thickness": f"{name}-thickness.onnx"}
+        stem = variant if region == "combined" else name  # file names as mris.model_bundle lays out
+        names = {"radiograph": f"{stem}-radiograph.onnx", "thickness": f"{stem}-thickness.onnx"}
         export_dir = region_dir / "export"
         export_onnx(f_cpu, export_dir / names["radiograph"], (s, s), ["embedding"])
         export_onnx(g_cpu, export_dir / names["thickness"], thickness_px, ["embedding"])
