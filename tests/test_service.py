@@ -367,3 +367,18 @@ def test_not_ready_without_a_bundle(tmp_path):
         data = make_dicom_bytes(knee_phantom())
         response = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", data)})
         assert response.status_code == 503
+
+
+def test_full_queue_answers_503_with_retry_after(bundles, dicom_bytes):
+    from mris.service.config import Settings
+
+    settings = Settings(model_dir=bundles["model"], index_root=bundles["index"], port=_free_port(), max_queue=1,
+                        intra_op_threads=1)
+    with RunningServer(settings) as running:
+        both = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", dicom_bytes)},
+                          data={"keypoints": json.dumps(KEYPOINTS)}, timeout=30)
+        assert both.status_code == 503 and both.headers["retry-after"] == "1"
+        assert both.headers["content-type"].startswith("application/problem+json")
+        one = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", dicom_bytes)},
+                         data={"keypoints": json.dumps(KEYPOINTS), "knees": "left"}, timeout=30)
+        assert one.status_code == 200
