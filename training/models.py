@@ -14,6 +14,8 @@ Kinds:
   preprocessing's outputs (radiograph ROI with 99th pct -> 0.99; thickness mm / 3).
 - ``localiser_global`` / ``localiser_refine``: the two stages of the knee localiser
   (``mris.localiser`` documents their inputs and outputs).
+- ``unet``: the direct-synthesis baseline (``training/unet.py``): radiograph ROI ``[N, 1, S, S]``
+  -> thickness ``[N, 2, S, S]`` (fc, tc) in mm; ``width`` is the first level's channels.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ EMBEDDING_DIM = 512
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str  # encoder | localiser_global | localiser_refine
+    kind: str  # encoder | localiser_global | localiser_refine | unet
     init_weights: str | None = None  # local path to a torchvision resnet18 state_dict
     width: int = 16  # localiser channel width
 
@@ -158,6 +160,36 @@ class RefineLocaliser(nn.Module):
         return offset, torch.sigmoid(logit)
 
 
+class ThicknessUNet(nn.Module):
+    """Direct synthesis baseline: a 3-level U-Net (``width``, 2x, 4x channels).
+
+    Input ``image`` ``[N, 1, S, S]`` (S divisible by 4), the encoders' radiograph ROI. Output
+    ``thickness`` ``[N, 2, S, S]``: channel 0 femoral, channel 1 tibial, in mm (the last conv
+    predicts mm / ``scale_mm`` like the encoders' thickness inputs; the forward multiplies by
+    ``scale_mm``). Finite everywhere: the caller masks outside cartilage.
+    """
+
+    def __init__(self, width: int = 16, scale_mm: float = 3.0) -> None:
+        super().__init__()
+        self.scale_mm = float(scale_mm)
+        self.enc1 = _block(1, width, 1)
+        self.enc2 = _block(width, 2 * width, 2)
+        self.enc3 = _block(2 * width, 4 * width, 2)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.dec2 = _block(4 * width, 2 * width, 1)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec1 = _block(2 * width, width, 1)
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(image)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([self.up2(e3), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return self.head(d1) * self.scale_mm
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     """Build a network from its config; load ``init_weights`` when given (encoders only)."""
     if config.kind == "encoder":
@@ -169,4 +201,6 @@ def build_model(config: ModelConfig) -> nn.Module:
         return GlobalLocaliser(config.width)
     if config.kind == "localiser_refine":
         return RefineLocaliser(config.width)
+    if config.kind == "unet":
+        return ThicknessUNet(config.width)
     raise ValueError(f"unknown model kind {config.kind!r}")
