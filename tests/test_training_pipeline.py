@@ -206,3 +206,18 @@ def test_roi_command_finds_knees_with_the_trained_localiser(trained, tiny_cohort
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "LEFT" in result.output and "RIGHT" in result.output
+
+
+def test_train_resume_continues_a_run_and_refuses_another(tiny_cohort, tmp_path):
+    from mris.errors import BadParameter
+    from mris.training.run import TrainRequest, train
+
+    out = tmp_path / "bundle"
+    base = dict(manifest=tiny_cohort, out=out, variant="separate", profile="tiny", threads=2, localiser=False)
+    train(TrainRequest(**base))
+    card_before = (out / "card.json").read_bytes()
+    summary = train(TrainRequest(**base, resume=True))  # finished run: resumes at its last epoch
+    assert "separate-fc" in summary["regions"] and (out / "card.json").is_file()
+    assert card_before  # the first run wrote a card too
+    with pytest.raises(BadParameter, match="different"):
+        train(TrainRequest(**{**base, "variant": "both"}, resume=True))

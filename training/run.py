@@ -130,7 +130,8 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
 
     # folders and the run identity (what --resume must match)
     train_dir = request.train_dir
-    identity = _run_identity(request, profile)
+    # through JSON, as run.json stores it (tuples become lists), so a resume compares like with like
+    identity = json.loads(json.dumps(_run_identity(request, profile)))
     run_json = train_dir / "run.json"
     if request.resume:
         if not run_json.is_file():
