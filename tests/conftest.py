@@ -14,6 +14,7 @@ ship inside pydicom's own package (``pydicom.data.get_testdata_file``), re-wrapp
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -212,3 +213,14 @@ def make_dicom() -> Callable[..., bytes]:
 def phantom() -> np.ndarray:
     """A 96 x 128 12-bit knee-like image (uint16)."""
     return knee_phantom()
+
+
+def write_tiny_cohort(out: Path, subjects: int, seed: int = 5, grid: int = 32) -> Path:
+    """A small synthetic cohort (small images, ``grid`` x ``grid`` maps, one worker) written
+    subject by subject; returns its manifest path. Used by the training tests."""
+    from mris.cohort.generate import CohortConfig, iter_subjects
+    from mris.manifest import write_manifest
+
+    config = CohortConfig(out=out, subjects=subjects, seed=seed, grid=grid, workers=1)
+    rows = [row for result in iter_subjects(config) for row in result.rows]
+    return write_manifest(out / "manifest.csv", rows)

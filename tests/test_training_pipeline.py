@@ -29,13 +29,9 @@ TINY = dataclasses.replace(
 
 @pytest.fixture(scope="module")
 def tiny_cohort(tmp_path_factory) -> Path:
-    from mris.cohort.generate import CohortConfig, iter_subjects
+    from conftest import write_tiny_cohort
 
-    out = tmp_path_factory.mktemp("cohort")
-    rows = [row for result in iter_subjects(CohortConfig(out=out, subjects=12, seed=5, grid=32, workers=1))
-            for row in result.rows]
-    write_manifest(out / "manifest.csv", rows)
-    return out / "manifest.csv"
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), subjects=12)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 from mris.training import profiles  # noqa: E402
 
 from mris.fsutil import sha256_file  # noqa: E402
-from mris.manifest import write_manifest  # noqa: E402
 
 TINY = dataclasses.replace(profiles.PROFILES["quick"], name="tiny-unet", encoder_px=32, epochs=2, batch_size=8,
                            val_fraction=0.3)
@@ -24,13 +23,9 @@ TINY = dataclasses.replace(profiles.PROFILES["quick"], name="tiny-unet", encoder
 
 @pytest.fixture(scope="module")
 def tiny_cohort(tmp_path_factory) -> Path:
-    from mris.cohort.generate import CohortConfig, iter_subjects
+    from conftest import write_tiny_cohort
 
-    out = tmp_path_factory.mktemp("cohort")
-    rows = [row for result in iter_subjects(CohortConfig(out=out, subjects=8, seed=5, grid=32, workers=1))
-            for row in result.rows]
-    write_manifest(out / "manifest.csv", rows)
-    return out / "manifest.csv"
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), subjects=8)
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,6 +102,8 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
     """Run the whole training; returns the summary (also stored in the card's metrics)."""
     import torch
 
+    from mris.training.checkpoint import as_stored, check_resumable
+
     from mris.localiser import KneeLocaliser, evaluate_localiser
     from mris.training.cache import build_cache
     from mris.training.export import check_encoder_parity, export_onnx, write_bundle_card
@@ -130,16 +132,10 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
 
     # folders and the run identity (what --resume must match)
     train_dir = request.train_dir
-    # through JSON, as run.json stores it (tuples become lists), so a resume compares like with like
-    identity = json.loads(json.dumps(_run_identity(request, profile)))
+    identity = as_stored(_run_identity(request, profile))
     run_json = train_dir / "run.json"
     if request.resume:
-        if not run_json.is_file():
-            raise BadParameter(f"--resume: {train_dir} holds no training run to resume (no run.json)")
-        previous = json.loads(run_json.read_text())
-        changed = sorted(k for k in identity if previous.get(k) != identity[k])
-        if changed:
-            raise BadParameter(f"--resume: the run in {train_dir} was started with a different {', '.join(changed)}")
+        check_resumable(run_json, identity, "training run")
         request.out.mkdir(parents=True, exist_ok=True)
     else:
         ensure_empty_output_dir(request.out, request.force)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import random
 import time
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from mris.fsutil import atomic_write, atomic_write_json, atomic_write_text
+from mris.training.checkpoint import autocast_for, read_checkpoint, restore_rng, rng_state, save_checkpoint
 from mris.training.augment import augment_radiographs
 from mris.training.losses import similarity_matrix, triplet_loss
 from mris.training.models import ModelConfig, build_model
@@ -163,42 +163,23 @@ class RegionTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),
             "best": {"score": self.best_score, "epoch": self.best_epoch, "metrics": self.best_metrics},
             "history": self.history,
             "timing": {"seconds": self.train_seconds, "images": self.train_images},
         }
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        save_checkpoint(path, state)
 
     def load(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a bad file
-            raise ValueError(f"cannot resume from {path}: not a readable checkpoint ({exc})") from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"cannot resume from {path}: not an MRIS training checkpoint")
-        mine, theirs = self._config_blob(), state["config"]
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"cannot resume from {path}: it was made with a different setting ({', '.join(diff)})")
+        state = read_checkpoint(path, self.device, CHECKPOINT_FORMAT, self._config_blob(), "MRIS training")
         self.f.load_state_dict(state["f"])
         self.g.load_state_dict(state["g"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(state["rng"])
         self.epoch = state["epoch"]
         self.best_score, self.best_epoch = state["best"]["score"], state["best"]["epoch"]
         self.best_metrics = state["best"]["metrics"]
@@ -208,9 +189,7 @@ class RegionTrainer:
 
     # -- steps -----------------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return autocast_for(self.device)
 
     def _tensor(self, array: np.ndarray, rows: Sequence[int]) -> torch.Tensor:
         # sorted gather from the memory map, then back to the batch order

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from mris.training.checkpoint import as_stored, autocast_for, check_resumable, read_checkpoint, restore_rng, rng_state, save_checkpoint
 from mris.training.profiles import TrainProfile, get_profile
 
 from mris.constants import PreprocessConfig
 from mris.errors import BadParameter, ManifestError
 from mris.fsutil import (
     atomic_save_npy,
-    atomic_write,
     atomic_write_json,
     atomic_write_text,
     ensure_empty_output_dir,
@@ -158,35 +156,20 @@ class UnetTrainer:
             "format": UNET_CHECKPOINT_FORMAT, "config": self._config_blob(), "epoch": self.epoch,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_state(),
             "best": {"mae": self.best_mae, "epoch": self.best_epoch, "metrics": self.best_metrics},
             "history": self.history, "timing": {"seconds": self.train_seconds, "images": self.train_images},
         }
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        save_checkpoint(path, state)
 
     def load(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a bad file
-            raise ValueError(f"cannot resume from {path}: not a readable checkpoint ({exc})") from exc
-        if not isinstance(state, dict) or state.get("format") != UNET_CHECKPOINT_FORMAT:
-            raise ValueError(f"cannot resume from {path}: not an MRIS U-Net checkpoint")
-        mine, theirs = self._config_blob(), state["config"]
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"cannot resume from {path}: it was made with a different setting ({', '.join(diff)})")
+        state = read_checkpoint(path, self.device, UNET_CHECKPOINT_FORMAT, self._config_blob(), "MRIS U-Net")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(state["rng"])
         self.epoch = state["epoch"]
         self.best_mae, self.best_epoch = state["best"]["mae"], state["best"]["epoch"]
         self.best_metrics = state["best"]["metrics"]
@@ -195,9 +178,7 @@ class UnetTrainer:
         self.train_images = state["timing"]["images"]
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return autocast_for(self.device)
 
     def _tensor(self, array: np.ndarray, rows: Sequence[int], channel_axis: bool) -> torch.Tensor:
         order = np.argsort(rows)
@@ -386,15 +367,10 @@ def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None
     train_dir = request.train_dir
     identity = {"format": UNET_RUN_FORMAT, "manifest_sha256": sha256_file(request.manifest),
                 "profile": profile.to_dict(), "seed": request.seed, "width": request.width}
-    identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
+    identity = as_stored(identity)
     run_json = train_dir / "run.json"
     if request.resume:
-        if not run_json.is_file():
-            raise BadParameter(f"--resume: {train_dir} holds no U-Net run to resume (no run.json)")
-        previous = json.loads(run_json.read_text())
-        changed = sorted(k for k in identity if previous.get(k) != identity[k])
-        if changed:
-            raise BadParameter(f"--resume: the run in {train_dir} was started with a different {', '.join(changed)}")
+        check_resumable(run_json, identity, "U-Net run")
         request.out.mkdir(parents=True, exist_ok=True)
     else:
         ensure_empty_output_dir(request.out, request.force)
