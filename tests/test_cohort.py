@@ -169,9 +169,12 @@ def test_cli_unwritable_out_is_a_clear_error(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
+        parent = locked
         if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        result = _run_cli("cohort", "--out", str(locked / "cohort"), "--subjects", "2")
+            # root writes through file modes; a read-only file system (sysfs) still refuses
+            parent = Path("/sys")
+            assert parent.is_dir()
+        result = _run_cli("cohort", "--out", str(parent / "mris-cohort-test"), "--subjects", "2")
         assert result.returncode != 0
         assert "error" in result.stderr.lower() and "Traceback" not in result.stderr
     finally:
