@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "mris.index.commands",
     "mris.training.commands",
     "mris.service.commands",
+    "mris.evaluation.commands",
 ]
 
 

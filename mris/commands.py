@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         serve: bool = typer.Option(False, "--serve", help="Then serve the API on the demo bundle."),
         port: int = typer.Option(8000, help="Port for --serve (listens on 127.0.0.1)."),
         epochs: int = typer.Option(0, min=0, help="Override the quick profile's epochs (0: the profile's)."),
+        evaluate: bool = typer.Option(False, "--evaluate", help="Then run mris evaluate (the paper's three tables) into WORKDIR/evaluation."),
     ) -> None:
         """The main job on the synthetic cohort: cohort, quick training, index build and publish,
         then a synthesis of held-out test radiographs through the service's pipeline.
@@ -26,4 +27,4 @@ def register(app: typer.Typer) -> None:
         from mris.demo import run_demo
 
         run_demo(workdir=workdir, subjects=subjects, seed=seed, prepare_only=prepare_only, serve=serve, port=port,
-                 epochs=epochs or None)
+                 epochs=epochs or None, evaluate=evaluate)

@@ -5,6 +5,7 @@
 3. index   (``mris index build``)   -> WORKDIR/index/current (published)
 4. synthesis of held-out test radiographs through ``mris.pipeline.Pipeline`` (the service's
    code path, knees found by the localiser): neighbours, error against the true maps, a PNG.
+5. with ``--evaluate``: ``mris evaluate`` (the paper's three tables) -> WORKDIR/evaluation/report.md
 
 Each stage runs as its own ``mris`` command (so it shows its own progress bar and summary) and is
 skipped when its output is already complete, so a second run reuses what is done; an interrupted
@@ -13,8 +14,6 @@ training resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,15 +21,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mris.subcommand import run_mris
+
 console = Console()
-
-
-def _mris(*args: str) -> None:
-    command = [sys.executable, "-m", "mris.cli", *args]
-    console.print(f"[dim]$ mris {' '.join(args)}[/]")
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0:
-        raise SystemExit(result.returncode)
 
 
 def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) -> dict[str, Path]:
@@ -43,7 +36,7 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
     if manifest.is_file():
         console.print(f"reusing {manifest}")
     else:
-        _mris("cohort", "--out", str(cohort), "--subjects", str(subjects), "--seed", str(seed), "--force")
+        run_mris("cohort", "--out", str(cohort), "--subjects", str(subjects), "--seed", str(seed), "--force")
 
     console.rule("[bold]2/4 training (quick profile, separate variant, knee localiser)")
     if (model / "card.json").is_file():
@@ -52,14 +45,14 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
         run_json = workdir / "model.training" / "run.json"
         resume = ["--resume"] if run_json.is_file() else ["--force"]
         epoch_args = ["--epochs", str(epochs)] if epochs else []
-        _mris("train", "--manifest", str(manifest), "--out", str(model), "--variant", "separate",
+        run_mris("train", "--manifest", str(manifest), "--out", str(model), "--variant", "separate",
               "--profile", "quick", *epoch_args, *resume)
 
     console.rule("[bold]3/4 index build and publish")
     if (index / "current").exists():
         console.print(f"reusing {index / 'current'} -> {(index / 'current').resolve().name}")
     else:
-        _mris("index", "build", "--model", str(model), "--manifest", str(manifest), "--root", str(index),
+        run_mris("index", "build", "--model", str(model), "--manifest", str(manifest), "--root", str(index),
               "--variant", "separate", "--publish")
     return {"manifest": manifest, "model": model, "index": index}
 
@@ -121,12 +114,17 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
 
 
 def run_demo(workdir: Path, subjects: int, seed: int, prepare_only: bool = False, serve: bool = False,
-             port: int = 8000, epochs: int | None = None) -> None:
+             port: int = 8000, epochs: int | None = None, evaluate: bool = False) -> None:
     started = time.perf_counter()
     paths = prepare(workdir, subjects, seed, epochs)
     if not prepare_only:
         synthesize_examples(paths, workdir)
+    if evaluate:
+        console.rule("[bold]5/5 evaluation: the paper's three tables (trains the U-Net and the combined encoders)")
+        epoch_args = ["--epochs", str(epochs)] if epochs else []
+        run_mris("evaluate", "--manifest", str(paths["manifest"]), "--model", str(paths["model"]), "--index",
+                 str(paths["index"]), "--out", str(workdir / "evaluation"), *epoch_args)
     console.print(f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is in {workdir}")
     if serve:
         console.print(f"serving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
-        _mris("serve", "--model", str(paths["model"]), "--index-root", str(paths["index"]), "--port", str(port))
+        run_mris("serve", "--model", str(paths["model"]), "--index-root", str(paths["index"]), "--port", str(port))

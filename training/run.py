@@ -310,7 +310,7 @@ def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, 
     """
     from mris.encoders import OnnxEncoder
     from mris.training.sampler import first_visits
-    from mris.training.trainer import RECALL_AT, recall_at_k
+    from mris.evaluation.metrics import RECALL_AT, recall_at_k
 
     f = OnnxEncoder(radiograph_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
     g = OnnxEncoder(thickness_onnx, device="cpu", intra_op_threads=threads, batch_size=64)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from mris.evaluation.metrics import RECALL_AT, recall_at_k
 from mris.fsutil import atomic_write, atomic_write_json, atomic_write_text
 from mris.training.checkpoint import autocast_for, read_checkpoint, restore_rng, rng_state, save_checkpoint
 from mris.training.augment import augment_radiographs
@@ -42,7 +43,6 @@ from mris.training.models import ModelConfig, build_model
 from mris.training.profiles import TrainProfile
 from mris.training.sampler import KneeVisitSampler
 
-RECALL_AT = (1, 5, 10, 20)
 CHECKPOINT_FORMAT = "mris-train-checkpoint/1"
 
 
@@ -72,14 +72,6 @@ def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint64)[0] >> 1))
     return generator
-
-
-def recall_at_k(similarity: np.ndarray | torch.Tensor, ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
-    """``similarity[q, g]`` with the true match of query q at gallery position q."""
-    similarity = torch.as_tensor(np.asarray(similarity, dtype=np.float32))
-    own = similarity.diagonal().unsqueeze(1)
-    rank = (similarity > own).sum(dim=1)  # maps scoring strictly higher than the true one
-    return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
 
 
 @dataclass
@@ -242,7 +234,7 @@ class RegionTrainer:
         queries = self.embed(self.f, self.data.radiographs, rows)
         keys = self.embed(self.g, self.data.thickness, rows)
         similarity = similarity_matrix(torch.from_numpy(queries), torch.from_numpy(keys))
-        return recall_at_k(similarity)
+        return recall_at_k(similarity.numpy())
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> TrainResult:

@@ -1,0 +1,96 @@
+"""CLI: ``mris evaluate`` (translates options into ``run.EvaluateRequest``)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+
+
+def _command_line(context: typer.Context) -> str:
+    """The command as the options were understood (every option spelled out, defaults included),
+    so the report says exactly what would make it again."""
+    words = ["mris", context.info_name or "evaluate"]
+    for parameter in context.command.params:
+        value = context.params.get(parameter.name)
+        flag = max(parameter.opts, key=len)
+        if isinstance(value, bool):
+            if value:
+                words.append(flag)
+        elif value is not None:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        context: typer.Context,
+        manifest: Path = typer.Option(..., help="Manifest with database, downstream and test splits."),
+        model: Path = typer.Option(..., help="Model bundle with the separate variant (and its localiser)."),
+        index: Path = typer.Option(..., help="Index root (or bundle) of the model's separate variant; missing indexes are built under OUT/work/."),
+        out: Path = typer.Option(..., help="Report folder: report.md, report.json, figures; OUT/work/ keeps what the evaluation trains or builds."),
+        methods: str = typer.Option(",".join(("mris-c", "mris-s", "unet", "mean", "oracle")),
+                                    help="Comma-separated: mris-c, mris-s, unet, mean, oracle."),
+        profile: str = typer.Option("quick", help="Profile for what must be trained (U-Net, combined encoders): quick | paper."),
+        epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs for what is trained here."),
+        unet: Path | None = typer.Option(None, help="A trained U-Net folder (mris train-unet) instead of training one."),
+        combined_model: Path | None = typer.Option(None, help="A model bundle with the combined variant, when --model lacks it."),
+        rois: str = typer.Option("auto", help="auto (the localiser when the bundle has one) | localiser | keypoints (the manifest's)."),
+        k: int = typer.Option(20, min=1, max=100, help="Neighbours per synthesis."),
+        bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples of subjects for the 95 % intervals."),
+        seed: int = typer.Option(0, help="Seed of the bootstrap, the classifier folds, the examples and any training."),
+        threads: int | None = typer.Option(None, min=1, help="CPU threads (default: all usable cores)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda (onnxruntime, FAISS)."),
+        examples: int = typer.Option(6, min=0, help="Test knees in examples.png."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    ) -> None:
+        """Reproduce the paper's tables (retrieval, error by KL grade, downstream) as a report with figures."""
+        from rich.table import Table
+
+        from mris.evaluation.report import METHOD_LABELS, findings
+        from mris.evaluation.run import EvaluateRequest, Progress
+        from mris.evaluation.run import evaluate as run_evaluate
+        from mris.progress import console, progress_bar
+
+        request = EvaluateRequest(
+            manifest=manifest, model=model, index=index, out=out, methods=methods, profile=profile, epochs=epochs,
+            unet=unet, combined_model=combined_model, rois=rois, k=k, resamples=bootstrap, seed=seed, threads=threads,
+            device=device, examples=examples, command=_command_line(context),
+        )
+        with progress_bar(enabled=not quiet) as bars:
+            def stage(description: str, total: int):
+                return bars.add_task(description, total=total)
+
+            def advance(task, completed: int) -> None:
+                bars.update(task, completed=completed)
+
+            report = run_evaluate(request, Progress(log=lambda m: bars.console.print(m), stage=stage, advance=advance))
+
+        t1 = Table(title="Table 1: retrieval recall % (test first visits)")
+        for column in ("embedding", "gallery", "R@1", "R@5", "R@10", "R@20", "chance R@20"):
+            t1.add_column(column)
+        for label, row in report["table1_retrieval"].items():
+            t1.add_row(label, str(row["gallery"]), *(f"{100 * row['recall'][key]:.1f}" for key in ("R@1", "R@5", "R@10", "R@20")),
+                       f"{100 * row['chance']['R@20']:.1f}")
+        console.print(t1)
+        t2 = Table(title="Table 2: MAE mm, median (MAD) over test knee-visits")
+        for column in ("method", "femoral", "tibial"):
+            t2.add_column(column)
+        for method, entry in report["table2_error"]["methods"].items():
+            t2.add_row(METHOD_LABELS[method], *(f"{entry[n]['all']['median']:.3f} ({entry[n]['all']['mad']:.3f})" for n in ("fc", "tc")))
+        console.print(t2)
+        t3 = report.get("table3_downstream")
+        if t3 and t3["methods"]:
+            table = Table(title="Table 3: downstream (train downstream, test test)")
+            for column in ("maps", "KLG acc", "KLG bal. acc", "progression AP", "progression AUC"):
+                table.add_column(column)
+            for method, entry in t3["methods"].items():
+                klg, prog = entry.get("klg", {}), entry.get("progression", {})
+                table.add_row(METHOD_LABELS[method], *(f"{v:.3f}" if v is not None else "-" for v in (
+                    klg.get("accuracy"), klg.get("balanced_accuracy"), prog.get("average_precision"), prog.get("roc_auc"))))
+            console.print(table)
+        for line in findings(report):
+            console.print(f"- {line}")
+        console.print(f"report: {out / 'report.md'}")

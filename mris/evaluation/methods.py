@@ -1,0 +1,265 @@
+"""What each compared method answers for a knee: a femoral and a tibial map in mm, NaN outside
+the cartilage the method claims, from the same radiograph ROI.
+
+- ``mris-s`` / ``mris-c``: ``MrisMethod`` runs ``mris.pipeline.Pipeline.search`` and
+  ``assemble`` — the very code the service runs — on the ROIs (k neighbours, eq. 4 with the
+  documented NaN rule, plus the per-pixel weighted standard deviation).
+- ``unet``: ``UnetMethod`` runs ``unet.onnx`` (onnxruntime, no torch) on the same ROI and
+  resizes its [2, S, S] output back to the map grid with the shared resize. The network predicts
+  a value everywhere; a user has no true mask, so its maps carry the ATLAS mask: the cartilage of
+  the database mean map (``MeanMethod``), which holds no information about the knee.
+- ``mean``: ``MeanMethod``, the database mean map — eq. 4 with EQUAL weights over every database
+  map (the same NaN rule: cartilage where at least half of the maps have cartilage), the same map
+  for every knee: what one can say without looking at the radiograph.
+- ``oracle``: ``OracleMethod``, per knee and per cartilage the ONE database map closest to the
+  true map — the best any single retrieval from this database could do. Chosen by the mean
+  absolute error over the true map's cartilage pixels with the candidate's missing pixels counted
+  as 0 mm (so a candidate cannot win by covering little): a masked squared-error shortlist by
+  matrix products (``ORACLE_SHORTLIST`` candidates), then the exact absolute error on it.
+- ``mr``: the true maps (Table 3's reference row).
+
+``collect_rois`` makes the ROIs once for every method: ``Pipeline.prepare`` (decode, the
+localiser or the manifest's keypoints, ``mris.roi``) per radiograph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mris.errors import BundleInvalid, KneeNotFound, MrisError
+from mris.fsutil import sha256_file
+from mris.imageops import resize
+from mris.manifest import Manifest, ManifestRow
+from mris.roi import KneeRoi
+
+ORACLE_SHORTLIST = 16
+MEAN_CHUNK_ROWS = 256
+
+
+@dataclass
+class MethodMaps:
+    """One batch of answers: ``fc`` / ``tc`` float32 [B, H, W] mm (NaN outside), and the
+    neighbours' weighted standard deviation where the method has one."""
+
+    fc: np.ndarray
+    tc: np.ndarray
+    std: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.fc if name == "fc" else self.tc
+
+
+# --------------------------------------------------------------------------------------- ROIs
+@dataclass
+class RoiSet:
+    """The ROIs of the rows that could be read, in the order of ``rows``."""
+
+    rows: list[ManifestRow]
+    rois: list[KneeRoi]
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> pair ids
+    keypoint_fallbacks: int = 0  # knees where the localiser found nothing and keypoints were used
+
+
+def collect_rois(pipeline, manifest: Manifest, rows: Sequence[ManifestRow], use_localiser: bool,
+                 tick: Callable[[int, int], None] | None = None) -> RoiSet:
+    """One ``Pipeline.prepare`` per radiograph for the knees of ``rows`` on it.
+
+    With ``use_localiser`` the knees are found as the service finds them; a knee the localiser
+    misses falls back to the manifest's keypoints when it has them (counted). Without it the
+    manifest's keypoints are used (rows without keypoints are skipped). A radiograph that cannot
+    be read is skipped with its reason; nothing else is silently dropped.
+    """
+    from mris.pipeline import RequestOptions
+
+    by_radiograph: dict[str, list[ManifestRow]] = {}
+    for row in rows:
+        by_radiograph.setdefault(row.radiograph_path, []).append(row)
+    found: dict[str, KneeRoi] = {}
+    skipped: dict[str, list[str]] = {}
+    fallbacks = 0
+    paths = list(by_radiograph)
+    for done, path in enumerate(paths, start=1):
+        knee_rows = {row.side: row for row in by_radiograph[path]}
+        keypoints = {side: (row.keypoint_x, row.keypoint_y) for side, row in knee_rows.items()
+                     if row.keypoint_x is not None and row.keypoint_y is not None}
+        attempts = [None, keypoints] if use_localiser else [keypoints]
+        for attempt, given in enumerate(attempts):
+            sides = tuple(knee_rows) if given is None else tuple(keypoints)
+            if not sides:
+                reason = "knee not found" if attempt else "no keypoints"
+                skipped.setdefault(reason, []).extend(row.pair_id for row in knee_rows.values())
+                break
+            try:
+                prepared = pipeline.prepare(manifest.resolve_path(path), RequestOptions(knees=sides, keypoints=given))
+            except KneeNotFound:
+                if attempt + 1 < len(attempts):
+                    continue
+                skipped.setdefault("knee not found", []).extend(knee_rows[s].pair_id for s in sides)
+                break
+            except MrisError as exc:
+                skipped.setdefault(type(exc).__name__, []).extend(row.pair_id for row in knee_rows.values())
+                break
+            fallbacks += len(sides) if (use_localiser and given is not None) else 0
+            for roi in prepared.rois:
+                found[knee_rows[roi.side].pair_id] = roi
+            missing = [row.pair_id for side, row in knee_rows.items() if side not in sides]
+            if missing:
+                skipped.setdefault("no keypoints", []).extend(missing)
+            break
+        if tick is not None:
+            tick(done, len(paths))
+    kept = [row for row in rows if row.pair_id in found]
+    return RoiSet(rows=kept, rois=[found[row.pair_id] for row in kept], skipped=skipped, keypoint_fallbacks=fallbacks)
+
+
+# ------------------------------------------------------------------------------------ methods
+class MrisMethod:
+    """MRIS-S or MRIS-C through the serving pipeline."""
+
+    def __init__(self, pipeline, k: int):
+        self.pipeline = pipeline
+        self.k = k
+
+    def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
+        from mris.pipeline import Prepared
+
+        hits = self.pipeline.search([roi.image for roi in rois], self.k)
+        results = self.pipeline.assemble(Prepared(rois=list(rois), spacing_source="", confidences={}), hits, self.k)
+        return MethodMaps(
+            fc=np.stack([r.maps_mm["fc"] for r in results]),
+            tc=np.stack([r.maps_mm["tc"] for r in results]),
+            std={name: np.stack([r.std_mm[name] for r in results]) for name in ("fc", "tc")},
+        )
+
+
+def database_mean_maps(store_rows: Callable[[str, np.ndarray], np.ndarray], count: int,
+                       chunk_rows: int = MEAN_CHUNK_ROWS) -> dict[str, np.ndarray]:
+    """The mean map per cartilage over ``count`` database rows read in chunks by
+    ``store_rows(cartilage, row_ids [1, n]) -> [1, n, H, W]``; equals ``synthesize`` with equal
+    similarities over all rows (checked by a test), without holding every map at once."""
+    means = {}
+    for name in ("fc", "tc"):
+        total = present = None
+        for start in range(0, count, chunk_rows):
+            block = np.asarray(store_rows(name, np.arange(start, min(count, start + chunk_rows))[None])[0], np.float64)
+            mask = np.isfinite(block)
+            block_sum = np.where(mask, block, 0.0).sum(axis=0)
+            total = block_sum if total is None else total + block_sum
+            present = mask.sum(axis=0) if present is None else present + mask.sum(axis=0)
+        share = present / count
+        cartilage = share >= 0.5 - 1e-6
+        mean = np.where(cartilage, total / np.maximum(present, 1), np.nan)
+        means[name] = mean.astype(np.float32)
+    return means
+
+
+class MeanMethod:
+    def __init__(self, mean_maps: dict[str, np.ndarray]):
+        self.mean_maps = mean_maps
+
+    @classmethod
+    def from_index(cls, index) -> MeanMethod:
+        return cls(database_mean_maps(index.neighbour_maps, index.card.rows))
+
+    def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
+        n = len(rois)
+        return MethodMaps(fc=np.repeat(self.mean_maps["fc"][None], n, axis=0),
+                          tc=np.repeat(self.mean_maps["tc"][None], n, axis=0))
+
+    @property
+    def atlas_masks(self) -> dict[str, np.ndarray]:
+        return {name: np.isfinite(mean) for name, mean in self.mean_maps.items()}
+
+
+class UnetMethod:
+    """``unet.onnx`` (``mris train-unet``): ROI [N, 1, S, S] -> [N, 2, S, S] mm (fc, tc)."""
+
+    def __init__(self, unet_dir: str | Path, atlas_masks: dict[str, np.ndarray], device: str = "auto",
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        from mris.encoders import default_threads, select_providers
+
+        unet_dir = Path(unet_dir)
+        card_path = unet_dir / "unet-card.json"
+        if not card_path.is_file():
+            raise BundleInvalid(f"{unet_dir} is not a U-Net folder: unet-card.json is missing (train it with mris train-unet)")
+        self.card = json.loads(card_path.read_text())
+        onnx_path = unet_dir / self.card["file"]
+        if not onnx_path.is_file() or sha256_file(onnx_path) != self.card["sha256"][self.card["file"]]:
+            raise BundleInvalid(f"{onnx_path} is missing or does not match its sha256 in unet-card.json")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=select_providers(device))
+        self.input_name = self.session.get_inputs()[0].name
+        self.atlas_masks = atlas_masks
+
+    @property
+    def preprocess(self) -> dict:
+        return self.card["preprocess"]
+
+    def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
+        batch = np.stack([roi.image for roi in rois]).astype(np.float32)[:, None]
+        (out,) = self.session.run(None, {self.input_name: batch})
+        maps = {}
+        for channel, name in enumerate(("fc", "tc")):
+            shape = self.atlas_masks[name].shape
+            resized = np.stack([resize(out[i, channel], shape) for i in range(len(rois))])
+            maps[name] = np.where(self.atlas_masks[name][None], resized, np.nan).astype(np.float32)
+        return MethodMaps(fc=maps["fc"], tc=maps["tc"])
+
+
+class OracleMethod:
+    """The single database map closest to the truth (needs the true maps: an upper bound)."""
+
+    def __init__(self, database_maps: dict[str, np.ndarray], shortlist: int = ORACLE_SHORTLIST):
+        self.filled = {}
+        self.filled_sq = {}
+        self.maps = {}
+        for name, maps in database_maps.items():
+            flat = np.asarray(maps, np.float32).reshape(maps.shape[0], -1)
+            self.maps[name] = flat
+            filled = np.nan_to_num(flat, nan=0.0)
+            self.filled[name] = filled
+            self.filled_sq[name] = filled * filled
+        self.shape = {name: maps.shape[1:] for name, maps in database_maps.items()}
+        self.shortlist = shortlist
+        self.chosen: dict[str, list[int]] = {"fc": [], "tc": []}
+
+    @classmethod
+    def from_index(cls, index, shortlist: int = ORACLE_SHORTLIST) -> OracleMethod:
+        ids = np.arange(index.card.rows)[None]
+        return cls({name: index.neighbour_maps(name, ids)[0] for name in ("fc", "tc")}, shortlist)
+
+    def best_rows(self, name: str, truth_mm: np.ndarray) -> np.ndarray:
+        """int64 [B]: per true map [B, H, W] the database row with the lowest absolute error over
+        the true cartilage (candidate NaN counted as 0 mm)."""
+        truth = np.asarray(truth_mm, np.float32).reshape(truth_mm.shape[0], -1)
+        mask = np.isfinite(truth).astype(np.float32)
+        t = np.nan_to_num(truth, nan=0.0)
+        # sum over the true mask of (t - d)^2 = sum m t^2 - 2 (m t) . d + m . d^2
+        squared = (mask * t * t).sum(axis=1, keepdims=True) - 2 * (t @ self.filled[name].T) + mask @ self.filled_sq[name].T
+        size = min(self.shortlist, squared.shape[1])
+        candidates = np.argpartition(squared, size - 1, axis=1)[:, :size]
+        best = np.empty(truth.shape[0], np.int64)
+        for i in range(truth.shape[0]):
+            on = mask[i] > 0
+            errors = np.abs(self.filled[name][candidates[i]][:, on] - t[i, on]).mean(axis=1)
+            best[i] = candidates[i][int(np.argmin(errors))]
+        return best
+
+    def predict_from_truth(self, truth: dict[str, np.ndarray]) -> MethodMaps:
+        out = {}
+        for name in ("fc", "tc"):
+            rows = self.best_rows(name, truth[name])
+            self.chosen[name].extend(int(r) for r in rows)
+            out[name] = self.maps[name][rows].reshape(len(rows), *self.shape[name])
+        return MethodMaps(fc=out["fc"], tc=out["tc"])
+

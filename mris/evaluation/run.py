@@ -1,0 +1,449 @@
+"""``mris evaluate`` as a library call: artefacts -> ROIs -> Table 1 -> every method on the test
+and downstream splits -> Tables 2 and 3 -> report. ``commands.py`` only translates the CLI.
+
+Artefacts (what is missing is made, under ``OUT/work/``, by the same ``mris`` commands a user
+would type, so an interrupted evaluation resumes where it stopped):
+
+- MRIS-S: the ``separate`` variant of ``--model`` and an index of it (``--index`` when it holds
+  that variant built with these encoders, else one built into ``work/index-separate``).
+- MRIS-C: the ``combined`` variant of ``--model``, else ``--combined-model``, else
+  ``mris train --variant combined --no-localiser`` into ``work/model-combined`` with
+  ``--profile``; its index likewise (``work/index-combined``).
+- U-Net: ``--unet``, else ``mris train-unet`` into ``work/unet`` with ``--profile``.
+
+Every method sees the same ROIs (``methods.collect_rois``: the localiser of ``--model`` when
+it has one, as the service finds knees, else the manifest's keypoints). The MRIS database is the
+index's rows (the ``database`` split); the U-Net trains on the same split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
+from mris.fsutil import sha256_file
+from mris.evaluation.classify import map_features
+from mris.evaluation.methods import (
+    MeanMethod,
+    MethodMaps,
+    MrisMethod,
+    OracleMethod,
+    RoiSet,
+    UnetMethod,
+    collect_rois,
+)
+from mris.evaluation.tables import (
+    KL_GRADES,
+    KneeErrors,
+    SplitFeatures,
+    downstream_table,
+    error_table,
+    first_visit_positions,
+    retrieval_row,
+)
+from mris.manifest import Manifest, ManifestRow, read_manifest
+from mris.model_bundle import load_model_bundle
+from mris.thickness import load_thickness_map
+
+METHODS = ("mris-c", "mris-s", "unet", "mean", "oracle")
+ROI_CHOICES = ("auto", "localiser", "keypoints")
+BATCH = 32
+REPORT_FORMAT = "mris-evaluation/1"
+
+
+@dataclass
+class EvaluateRequest:
+    manifest: Path
+    model: Path
+    index: Path
+    out: Path
+    methods: Sequence[str] = METHODS
+    profile: str = "quick"
+    epochs: int | None = None
+    unet: Path | None = None
+    combined_model: Path | None = None
+    rois: str = "auto"
+    k: int = 20
+    resamples: int = 1000
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    examples: int = 6
+    command: str = ""
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+
+@dataclass
+class Progress:
+    """Hooks the CLI fills with rich progress bars; the defaults stay silent."""
+
+    log: Callable[[str], None] = lambda message: None
+    stage: Callable[[str, int], Any] = lambda description, total: None
+    advance: Callable[[Any, int], None] = lambda task, completed: None
+
+
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise BadParameter(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {', '.join(unknown) or 'nothing'}")
+    return [m for m in METHODS if m in names]  # the table order
+
+
+# ---------------------------------------------------------------------------------- artefacts
+def _train_args(request: EvaluateRequest) -> list[str]:
+    args = ["--profile", request.profile, "--seed", str(request.seed)]
+    if request.epochs:
+        args += ["--epochs", str(request.epochs)]
+    if request.threads:
+        args += ["--threads", str(request.threads)]
+    return args
+
+
+def _check_profile(request: EvaluateRequest, encoder_px: int) -> None:
+    from mris.training.profiles import get_profile
+
+    try:
+        profile = get_profile(request.profile)
+    except ValueError as exc:
+        raise BadParameter(str(exc)) from exc
+    if profile.encoder_px != encoder_px:
+        raise BadParameter(f"--profile {request.profile} trains at {profile.encoder_px} px but the model bundle's "
+                           f"encoders take {encoder_px} px ROIs: give the profile the model was trained with")
+
+
+def _needs_torch(what: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MrisError(f"{what} must be trained and torch is not installed: install the train extra "
+                        "(pip install 'mris[train]') or pass the trained folder") from exc
+
+
+def _trained_on(request: EvaluateRequest, manifest_sha256: str | None, what: str, ours: bool,
+                warnings: list[str]) -> None:
+    """Artefacts this evaluation trained must come from this manifest (else ``--out`` is stale);
+    given ones may not (a model evaluated on another cohort), which the report says."""
+    if manifest_sha256 is None or manifest_sha256 == sha256_file(request.manifest):
+        return
+    if ours:
+        raise BadParameter(f"{request.work} holds {what} trained on another manifest: use a new --out "
+                           "(or delete that folder) to evaluate this one")
+    warnings.append(f"{what} was trained on another manifest than {request.manifest}")
+
+
+def combined_model_dir(request: EvaluateRequest, model, warnings: list[str]) -> Path:
+    from mris.subcommand import run_mris
+
+    if "combined" in model.card.variants:
+        return request.model
+    if request.combined_model is not None:
+        card = load_model_bundle(request.combined_model).card
+        _trained_on(request, card.training.get("manifest_sha256"), "the combined model", False, warnings)
+        return request.combined_model
+    out = request.work / "model-combined"
+    if (out / "card.json").is_file():
+        card = load_model_bundle(out).card
+        _trained_on(request, card.training.get("manifest_sha256"), "the combined model", True, warnings)
+    else:
+        _needs_torch("MRIS-C (the combined encoders)")
+        _check_profile(request, model.card.preprocess_config.encoder_px)
+        resume = ["--resume"] if (request.work / "model-combined.training" / "run.json").is_file() else ["--force"]
+        run_mris("train", "--manifest", str(request.manifest), "--out", str(out), "--variant", "combined",
+                 "--no-localiser", *_train_args(request), *resume)
+    return out
+
+
+def _unet_manifest(folder: Path) -> str | None:
+    card = folder / "unet-card.json"
+    return json.loads(card.read_text()).get("manifest_sha256") if card.is_file() else None
+
+
+def unet_dir(request: EvaluateRequest, encoder_px: int, warnings: list[str]) -> Path:
+    from mris.subcommand import run_mris
+
+    if request.unet is not None:
+        _trained_on(request, _unet_manifest(request.unet), "the U-Net", False, warnings)
+        return request.unet
+    out = request.work / "unet"
+    if (out / "unet-card.json").is_file():
+        _trained_on(request, _unet_manifest(out), "the U-Net", True, warnings)
+    else:
+        _needs_torch("The U-Net baseline")
+        _check_profile(request, encoder_px)
+        resume = ["--resume"] if (request.work / "unet.training" / "run.json").is_file() else ["--force"]
+        run_mris("train-unet", "--manifest", str(request.manifest), "--out", str(out), *_train_args(request), *resume)
+    return out
+
+
+def index_for(request: EvaluateRequest, variant: str, model_dir: Path) -> Path:
+    """An index root holding ``variant`` built with ``model_dir``'s encoders: ``--index`` when it
+    is one, else ``work/index-<variant>`` (built and published there when missing)."""
+    from mris.index.bundle import check_encoders, read_card
+    from mris.index.publish import resolve
+    from mris.subcommand import run_mris
+
+    model_card = load_model_bundle(model_dir).card
+    own = request.work / f"index-{variant}"
+    for candidate in (request.index, own):
+        try:
+            card = read_card(resolve(candidate))
+        except MrisError:
+            continue
+        if card.variant != variant:
+            continue
+        try:
+            check_encoders(card, model_card)
+        except BundleMismatch:
+            if candidate == request.index:
+                raise
+            continue
+        return candidate
+    run_mris("index", "build", "--model", str(model_dir), "--manifest", str(request.manifest), "--root", str(own),
+             "--variant", variant, "--publish", "--quiet")
+    return own
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _load_truth(manifest: Manifest, rows: Sequence[ManifestRow]) -> dict[str, np.ndarray]:
+    return {
+        "fc": np.stack([load_thickness_map(manifest.resolve_path(row.fc_path)) for row in rows]),
+        "tc": np.stack([load_thickness_map(manifest.resolve_path(row.tc_path)) for row in rows]),
+    }
+
+
+def choose_examples(rows: Sequence[ManifestRow], count: int, seed: int) -> list[str]:
+    """Up to ``count`` test pair ids spread over KL grades (first visits, one per grade in turn)."""
+    first = [rows[i] for i in first_visit_positions(rows)]
+    rng = np.random.default_rng([seed, 10])
+    by_grade = {g: [r.pair_id for r in first if r.klg == g] for g in KL_GRADES}
+    for ids in by_grade.values():
+        rng.shuffle(ids)
+    chosen: list[str] = []
+    while len(chosen) < count and any(by_grade.values()):
+        for grade in KL_GRADES:
+            if by_grade[grade] and len(chosen) < count:
+                chosen.append(by_grade[grade].pop())
+    return chosen
+
+
+@dataclass
+class Examples:
+    """Maps of the knees shown in the example figure."""
+
+    pair_ids: list[str]
+    rows: dict[str, ManifestRow] = field(default_factory=dict)
+    roi: dict[str, np.ndarray] = field(default_factory=dict)
+    maps: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # pair -> method -> name -> map
+
+
+# ---------------------------------------------------------------------------------------- run
+def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the evaluation and write the report; returns ``report.json``'s content."""
+    from mris.evaluation.report import write_report
+    from mris.pipeline import Pipeline
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    methods = parse_methods(request.methods)
+    if request.rois not in ROI_CHOICES:
+        raise BadParameter(f"--rois must be one of {', '.join(ROI_CHOICES)}, got {request.rois!r}")
+    if not 1 <= request.k <= 100:
+        raise BadParameter(f"--k must be from 1 to 100, got {request.k}")
+    manifest = read_manifest(request.manifest)
+    test_rows = manifest.select(["test"])
+    downstream_rows = manifest.select(["downstream"])
+    if not test_rows:
+        raise ManifestError(f"manifest {request.manifest} has no 'test' rows to evaluate on")
+    model = load_model_bundle(request.model)
+    if "separate" not in model.card.variants:
+        raise BadParameter(f"model bundle {request.model} has no 'separate' variant (MRIS-S, the serving default)")
+    config = model.card.preprocess_config
+    request.work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    warnings: list[str] = []
+    _trained_on(request, model.card.training.get("manifest_sha256"), f"the model bundle {request.model}", False, warnings)
+
+    # -- artefacts ------------------------------------------------------------------------
+    mark = time.perf_counter()
+    models = {"separate": request.model}
+    if "mris-c" in methods:
+        models["combined"] = combined_model_dir(request, model, warnings)
+        other = load_model_bundle(models["combined"]).card
+        if other.preprocess != model.card.preprocess:
+            raise BundleMismatch(f"the combined model {models['combined']} uses other preprocessing constants than {request.model}")
+    unet_path = unet_dir(request, config.encoder_px, warnings) if "unet" in methods else None
+    seconds["train_missing"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    indexes = {variant: index_for(request, variant, path) for variant, path in models.items()}
+    pipelines = {variant: Pipeline.load(models[variant], indexes[variant], variant=variant, device=request.device,
+                                        intra_op_threads=request.threads or 0) for variant in models}
+    separate = pipelines["separate"]
+    seconds["indexes"] = time.perf_counter() - mark
+
+    # -- ROIs (the same for every method) ---------------------------------------------------
+    mark = time.perf_counter()
+    use_localiser = request.rois == "localiser" or (request.rois == "auto" and separate.localiser is not None)
+    if request.rois == "localiser" and separate.localiser is None:
+        raise BadParameter(f"--rois localiser: model bundle {request.model} has no knee localiser")
+    roi_sets: dict[str, RoiSet] = {}
+    for split, rows in (("test", test_rows), ("downstream", downstream_rows)):
+        if not rows:
+            continue
+        task = progress.stage(f"ROIs {split}", len({r.radiograph_path for r in rows}))
+        roi_sets[split] = collect_rois(separate, manifest, rows, use_localiser,
+                                       tick=lambda done, total, task=task: progress.advance(task, done))
+    test = roi_sets["test"]
+    if not test.rows:
+        raise ManifestError("no test radiograph could be read: nothing to evaluate")
+    seconds["rois"] = time.perf_counter() - mark
+
+    # -- Table 1 ------------------------------------------------------------------------------
+    mark = time.perf_counter()
+    table1 = retrieval_table(request, pipelines, models, manifest, test, config)
+    seconds["table1"] = time.perf_counter() - mark
+
+    # -- every method on both splits -------------------------------------------------------
+    mark = time.perf_counter()
+    mean_method = MeanMethod.from_index(separate.index)
+    predictors: dict[str, Any] = {}
+    if "mris-c" in methods:
+        predictors["mris-c"] = MrisMethod(pipelines["combined"], request.k)
+    if "mris-s" in methods:
+        predictors["mris-s"] = MrisMethod(separate, request.k)
+    if "unet" in methods:
+        predictors["unet"] = UnetMethod(unet_path, mean_method.atlas_masks, device=request.device, threads=request.threads)
+        if predictors["unet"].preprocess != model.card.preprocess:
+            raise BundleMismatch(f"the U-Net {unet_path} was trained with other preprocessing constants than {request.model}")
+    if "mean" in methods:
+        predictors["mean"] = mean_method
+    oracle = OracleMethod.from_index(separate.index) if "oracle" in methods else None
+
+    errors = KneeErrors()
+    features = {split: SplitFeatures() for split in roi_sets}
+    examples = Examples(pair_ids=choose_examples(test.rows, request.examples, request.seed))
+    for split, roi_set in roi_sets.items():
+        task = progress.stage(f"methods on {split}", len(roi_set.rows))
+        for start in range(0, len(roi_set.rows), BATCH):
+            rows = roi_set.rows[start:start + BATCH]
+            rois = roi_set.rois[start:start + BATCH]
+            truth = _load_truth(manifest, rows)
+            answers: dict[str, MethodMaps] = {"mr": MethodMaps(fc=truth["fc"], tc=truth["tc"])}
+            for name, predictor in predictors.items():
+                answers[name] = predictor.predict(rois)
+            if oracle is not None:
+                answers["oracle"] = oracle.predict_from_truth(truth)
+            features[split].rows.extend(rows)
+            for name, answer in answers.items():
+                features[split].add(name, [map_features(fc, tc) for fc, tc in zip(answer.fc, answer.tc)])
+            if split == "test":
+                errors.add_rows(rows)
+                for name, answer in answers.items():
+                    if name != "mr":
+                        for cartilage in ("fc", "tc"):
+                            errors.add(name, cartilage, answer[cartilage], truth[cartilage])
+                for i, row in enumerate(rows):
+                    if row.pair_id in examples.pair_ids:
+                        examples.rows[row.pair_id] = row
+                        examples.roi[row.pair_id] = rois[i].image
+                        examples.maps[row.pair_id] = {
+                            name: {**{c: answer[c][i] for c in ("fc", "tc")},
+                                   **{f"{c}_std": s[i] for c, s in answer.std.items()}}
+                            for name, answer in answers.items()
+                        }
+            progress.advance(task, min(len(roi_set.rows), start + BATCH))
+    seconds["methods"] = time.perf_counter() - mark
+
+    # -- Tables 2 and 3 -------------------------------------------------------------------
+    mark = time.perf_counter()
+    table2 = error_table(errors, request.resamples, request.seed)
+    table3 = None
+    if "downstream" in features and features["downstream"].rows:
+        table3 = downstream_table(features["downstream"], features["test"], ["mr", *methods], request.resamples, request.seed)
+    seconds["tables"] = time.perf_counter() - mark
+
+    report = {
+        "format": REPORT_FORMAT,
+        "command": request.command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "methods": methods,
+        "warnings": warnings,
+        "k": request.k,
+        "bootstrap_resamples": request.resamples,
+        "seed": request.seed,
+        "rois": {"source": "localiser" if use_localiser else "keypoints",
+                 **{split: {"pairs": len(s.rows), "skipped": {r: len(p) for r, p in s.skipped.items()},
+                            "keypoint_fallbacks": s.keypoint_fallbacks} for split, s in roi_sets.items()}},
+        "artefacts": {"model": str(request.model), "combined_model": str(models.get("combined", "")),
+                      "indexes": {v: str(p) for v, p in indexes.items()},
+                      "index_versions": {v: p.index_version for v, p in pipelines.items()},
+                      "database_rows": separate.index.card.rows, "unet": str(unet_path) if unet_path else None},
+        "model_card": _card_summary(model.card),
+        "cohort": _cohort_stats(request.manifest),
+        "table1_retrieval": table1,
+        "table2_error": table2,
+        "table3_downstream": table3,
+        "oracle_rows": {c: len(set(v)) for c, v in (oracle.chosen.items() if oracle else [])},
+        "per_knee": {"pair_ids": errors.pair_ids, "subjects": errors.subjects, "klg": errors.klg,
+                     "mae": errors.mae, "coverage": errors.coverage},
+    }
+    seconds["total"] = time.perf_counter() - started
+    report["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
+    write_report(request.out, report, examples, mean_method.mean_maps)
+    progress.log(f"report: {request.out / 'report.md'} ({seconds['total']:.0f} s)")
+    return report
+
+
+def retrieval_table(request: EvaluateRequest, pipelines: dict, models: dict[str, Path], manifest: Manifest,
+                    test: RoiSet, config) -> dict[str, Any]:
+    """Table 1 on the test split's first visits with the bundles' ONNX encoders."""
+    from mris.encoders import OnnxEncoder
+    from mris.index.embed import region_inputs
+
+    positions = first_visit_positions(test.rows)
+    rows = [test.rows[i] for i in positions]
+    images = np.stack([test.rois[i].image for i in positions])[:, None]
+    truth = _load_truth(manifest, rows)
+    subjects = [row.subject_id for row in rows]
+    table: dict[str, Any] = {}
+    for label, variant, region in (("femoral", "separate", "fc"), ("tibial", "separate", "tc"),
+                                   ("combined", "combined", "combined")):
+        if variant not in pipelines:
+            continue
+        pipeline = pipelines[variant]
+        thickness = OnnxEncoder(pipeline.model.encoder_path(variant, region, "thickness"), device=request.device,
+                                intra_op_threads=request.threads, batch_size=64)
+        inputs = np.stack([region_inputs(variant, fc, tc, config)[region] for fc, tc in zip(truth["fc"], truth["tc"])])
+        keys = thickness.embed(inputs[:, None])
+        queries = pipeline.encoders[region].embed(images)
+        table[label] = {"variant": variant, "region": region,
+                        **retrieval_row(queries, keys, subjects, request.resamples, request.seed)}
+    return table
+
+
+def _card_summary(card) -> dict[str, Any]:
+    training = card.training or {}
+    return {"created": card.created, "preprocess": card.preprocess, "variants": sorted(card.variants),
+            "profile": (training.get("profile") or {}).get("name"), "epochs": (training.get("profile") or {}).get("epochs"),
+            "init": training.get("init"), "manifest_sha256": training.get("manifest_sha256"),
+            "files": card.files}
+
+
+def _cohort_stats(manifest_path: Path) -> dict[str, Any] | None:
+    stats = Path(manifest_path).parent / "cohort_stats.json"
+    if not stats.is_file():
+        return None
+    try:
+        return json.loads(stats.read_text())
+    except ValueError:
+        return None

@@ -1,0 +1,217 @@
+"""The paper's three tables from per-knee results (numbers only; ``report`` writes them).
+
+- ``retrieval_table`` (Table 1): recall@1/5/10/20 of each radiograph encoder against its
+  thickness encoder on the TEST split's first visits (one query per knee; the gallery is those
+  knees' maps, so chance is k / gallery), femoral (MRIS-S fc), tibial (MRIS-S tc) and combined
+  (MRIS-C) embeddings, with 95 % bootstrap intervals over subjects (queries resampled by
+  subject, the gallery fixed).
+- ``error_table`` (Table 2): per test knee-visit pair and method, the MAE (mm) of the fc and tc
+  map over the cartilage both maps cover, and the coverage; median and MAD by KL grade 0-4 and
+  overall, a bootstrap interval of the overall median, and a paired MRIS-S-against-U-Net
+  comparison (share of knees where MRIS-S is closer, Wilcoxon signed-rank p).
+- ``downstream_table`` (Table 3): per method the classifier of ``classify`` trained on the
+  method's ``downstream`` maps and tested on its ``test`` maps: KL grade (0 and 1 merged, 4
+  classes) on every knee-visit pair with a grade, accuracy and balanced accuracy; progression on
+  each knee's first visit (``progressor`` label), average precision and ROC AUC; bootstrap
+  intervals over test subjects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mris.evaluation import metrics
+from mris.evaluation.classify import fit_with_cv
+from mris.manifest import ManifestRow
+
+KL_GRADES = (0, 1, 2, 3, 4)
+KLG_CLASSES = ("KL0-1", "KL2", "KL3", "KL4")
+RETRIEVAL_CURVE_K = 50
+
+
+def first_visit_positions(rows: Sequence[ManifestRow]) -> list[int]:
+    """Positions of each knee's first visit (lowest visit month), in row order."""
+    best: dict[str, int] = {}
+    for position, row in enumerate(rows):
+        current = best.get(row.knee_id)
+        if current is None or row.visit_month < rows[current].visit_month:
+            best[row.knee_id] = position
+    return sorted(best.values())
+
+
+def merge_klg(klg: int) -> int:
+    """KL 0 and 1 -> class 0, 2 -> 1, 3 -> 2, 4 -> 3 (the paper's 4 classes)."""
+    return max(0, int(klg) - 1)
+
+
+# ---------------------------------------------------------------------------------- Table 1
+def retrieval_row(queries: np.ndarray, keys: np.ndarray, subjects: Sequence[str], resamples: int,
+                  seed: int) -> dict[str, Any]:
+    """Recall@k with intervals for query embeddings [Q, D] whose true keys are ``keys`` [Q, D]
+    (same order; the gallery is all of ``keys``)."""
+    ranks = metrics.retrieval_ranks(queries @ keys.T)
+    gallery = keys.shape[0]
+    row: dict[str, Any] = {"queries": int(ranks.size), "gallery": int(gallery), "recall": {}, "ci95": {}, "chance": {}}
+    for k in metrics.RECALL_AT:
+        hits = (ranks < k).astype(np.float64)
+        row["recall"][f"R@{k}"] = float(hits.mean())
+        row["ci95"][f"R@{k}"] = list(metrics.bootstrap_ci(lambda p, hits=hits: float(hits[p].mean()), subjects, resamples, seed))
+        row["chance"][f"R@{k}"] = min(1.0, k / gallery)
+    row["curve"] = metrics.recall_curve(ranks, min(RETRIEVAL_CURVE_K, gallery)).tolist()
+    row["median_rank"] = float(np.median(ranks) + 1)
+    return row
+
+
+# ---------------------------------------------------------------------------------- Table 2
+@dataclass
+class KneeErrors:
+    """Per test knee-visit pair: the errors of every method (mm) and coverages."""
+
+    pair_ids: list[str] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+    klg: list[int | None] = field(default_factory=list)
+    mae: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> fc/tc -> [N]
+    coverage: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add_rows(self, rows: Sequence[ManifestRow]) -> None:
+        for row in rows:
+            self.pair_ids.append(row.pair_id)
+            self.subjects.append(row.subject_id)
+            self.klg.append(row.klg)
+
+    def add(self, method: str, name: str, predicted: np.ndarray, truth: np.ndarray) -> None:
+        for predicted_map, true_map in zip(predicted, truth):
+            mae, coverage = metrics.map_error(predicted_map, true_map)
+            self.mae.setdefault(method, {"fc": [], "tc": []})[name].append(mae)
+            self.coverage.setdefault(method, {"fc": [], "tc": []})[name].append(coverage)
+
+
+def error_table(errors: KneeErrors, resamples: int, seed: int) -> dict[str, Any]:
+    klg = np.array([-1 if g is None else g for g in errors.klg])
+    table: dict[str, Any] = {"knees": len(errors.pair_ids), "methods": {}}
+    for method, by_map in errors.mae.items():
+        entry: dict[str, Any] = {}
+        for name, values in by_map.items():
+            values = np.asarray(values, np.float64)
+            per_grade = {}
+            for grade in KL_GRADES:
+                median, mad, n = metrics.median_mad(values[klg == grade])
+                per_grade[str(grade)] = {"median": median, "mad": mad, "n": n}
+            median, mad, n = metrics.median_mad(values)
+            ci = metrics.bootstrap_ci(lambda p, v=values: metrics.median_mad(v[p])[0], errors.subjects, resamples, seed)
+            entry[name] = {"by_klg": per_grade, "all": {"median": median, "mad": mad, "n": n, "median_ci95": list(ci)},
+                           "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+                           "coverage_mean": float(np.nanmean(errors.coverage[method][name]))}
+        table["methods"][method] = entry
+    table["paired"] = paired_comparison(errors, "mris-s", "unet")
+    return table
+
+
+def paired_comparison(errors: KneeErrors, first: str, second: str) -> dict[str, Any] | None:
+    """Share of knees where ``first`` has the lower error, and the Wilcoxon signed-rank p."""
+    if first not in errors.mae or second not in errors.mae:
+        return None
+    from scipy.stats import wilcoxon
+
+    out: dict[str, Any] = {"first": first, "second": second}
+    for name in ("fc", "tc"):
+        a = np.asarray(errors.mae[first][name], np.float64)
+        b = np.asarray(errors.mae[second][name], np.float64)
+        ok = np.isfinite(a) & np.isfinite(b)
+        difference = a[ok] - b[ok]
+        p = float(wilcoxon(difference).pvalue) if ok.sum() >= 2 and np.any(difference != 0) else float("nan")
+        out[name] = {"first_better_share": float(np.mean(difference < 0)) if ok.any() else float("nan"),
+                     "median_difference_mm": float(np.median(difference)) if ok.any() else float("nan"),
+                     "wilcoxon_p": p, "n": int(ok.sum())}
+    return out
+
+
+# ---------------------------------------------------------------------------------- Table 3
+@dataclass
+class SplitFeatures:
+    """Classifier features of every method for the rows of one split."""
+
+    rows: list[ManifestRow] = field(default_factory=list)
+    features: dict[str, list[np.ndarray]] = field(default_factory=dict)  # method -> [N] x [F]
+
+    def add(self, method: str, features: Sequence[np.ndarray]) -> None:
+        self.features.setdefault(method, []).extend(features)
+
+    def matrix(self, method: str, positions: Sequence[int]) -> np.ndarray:
+        stacked = np.stack(self.features[method])
+        return stacked[np.asarray(positions, np.int64)]
+
+
+def _task_positions(rows: Sequence[ManifestRow], task: str) -> tuple[list[int], np.ndarray]:
+    if task == "klg":
+        positions = [i for i, row in enumerate(rows) if row.klg is not None]
+        return positions, np.array([merge_klg(rows[i].klg) for i in positions], np.int64)
+    positions = [i for i in first_visit_positions(rows) if rows[i].progressor is not None]
+    return positions, np.array([int(rows[i].progressor) for i in positions], np.int64)
+
+
+def downstream_table(train: SplitFeatures, test: SplitFeatures, methods: Sequence[str], resamples: int,
+                     seed: int) -> dict[str, Any]:
+    table: dict[str, Any] = {"methods": {}, "counts": {}}
+    for task in ("klg", "progression"):
+        train_pos, train_labels = _task_positions(train.rows, task)
+        test_pos, test_labels = _task_positions(test.rows, task)
+        table["counts"][task] = {
+            "train": len(train_pos), "test": len(test_pos),
+            "test_class_counts": {str(c): int((test_labels == c).sum()) for c in np.unique(test_labels)},
+        }
+        if len(train_pos) < 2 or len(test_pos) < 1 or np.unique(train_labels).size < 2:
+            continue
+        train_groups = [train.rows[i].subject_id for i in train_pos]
+        test_groups = [test.rows[i].subject_id for i in test_pos]
+        for method in methods:
+            if method not in train.features or method not in test.features:
+                continue
+            model = fit_with_cv(train.matrix(method, train_pos), train_labels, train_groups, seed=seed)
+            x_test = test.matrix(method, test_pos)
+            entry = table["methods"].setdefault(method, {})
+            if task == "klg":
+                entry["klg"] = {**klg_metrics(test_labels, model.predict(x_test), test_groups, resamples, seed),
+                                "l2": model.l2}
+            else:
+                entry["progression"] = {**progression_metrics(test_labels, model.score(x_test, positive=1), test_groups,
+                                                              resamples, seed), "l2": model.l2}
+    return table
+
+
+def klg_metrics(truth: np.ndarray, predicted: np.ndarray, groups: Sequence[str], resamples: int,
+                seed: int) -> dict[str, Any]:
+    return {
+        "accuracy": metrics.accuracy(truth, predicted),
+        "balanced_accuracy": metrics.balanced_accuracy(truth, predicted),
+        "accuracy_ci95": list(metrics.bootstrap_ci(
+            lambda p: metrics.accuracy(truth[p], predicted[p]), groups, resamples, seed)),
+        "balanced_accuracy_ci95": list(metrics.bootstrap_ci(
+            lambda p: metrics.balanced_accuracy(truth[p], predicted[p]), groups, resamples, seed)),
+        "confusion": confusion(truth, predicted, len(KLG_CLASSES)),
+    }
+
+
+def progression_metrics(truth: np.ndarray, score: np.ndarray, groups: Sequence[str], resamples: int,
+                        seed: int) -> dict[str, Any]:
+    return {
+        "average_precision": metrics.average_precision(truth, score),
+        "roc_auc": metrics.roc_auc(truth, score),
+        "average_precision_ci95": list(metrics.bootstrap_ci(
+            lambda p: metrics.average_precision(truth[p], score[p]), groups, resamples, seed)),
+        "roc_auc_ci95": list(metrics.bootstrap_ci(
+            lambda p: metrics.roc_auc(truth[p], score[p]), groups, resamples, seed)),
+        "prevalence": float(truth.mean()),
+    }
+
+
+def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> list[list[int]]:
+    """Rows = true class, columns = predicted class."""
+    matrix = np.zeros((classes, classes), np.int64)
+    for t, p in zip(truth, predicted):
+        matrix[t, p] += 1
+    return matrix.tolist()
