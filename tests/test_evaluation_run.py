@@ -139,9 +139,9 @@ def test_an_unreadable_radiograph_is_skipped_and_counted(evaluated, tmp_path):
 def test_bad_options_are_one_clear_error(evaluated, tmp_path):
     manifest, model, first, _ = evaluated
     runner = CliRunner()
-    result = runner.invoke(app, ["evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(first),
-                                 "--out", str(tmp_path / "r"), "--methods", "mris-s,magic"])
+    base = ["evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(first),
+            "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, [*base, "--methods", "mris-s,magic"])
     assert result.exit_code != 0 and "magic" in str(result.exception)
-    result = runner.invoke(app, ["evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(first),
-                                 "--out", str(tmp_path / "r"), "--methods", "unet", "--profile", "paper"])
+    result = runner.invoke(app, [*base, "--methods", "unet", "--profile", "paper"])
     assert result.exit_code != 0 and "256 px" in str(result.exception)
