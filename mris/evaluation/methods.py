@@ -201,10 +201,6 @@ class UnetMethod:
         self.input_name = self.session.get_inputs()[0].name
         self.atlas_masks = atlas_masks
 
-    @property
-    def preprocess(self) -> dict:
-        return self.card["preprocess"]
-
     def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
         batch = np.stack([roi.image for roi in rois]).astype(np.float32)[:, None]
         (out,) = self.session.run(None, {self.input_name: batch})

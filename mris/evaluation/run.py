@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
+from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
 from mris.fsutil import sha256_file
 from mris.evaluation.classify import map_features
 from mris.evaluation.methods import (
@@ -173,6 +173,8 @@ def unet_dir(request: EvaluateRequest, encoder_px: int, warnings: list[str]) -> 
     from mris.subcommand import run_mris
 
     if request.unet is not None:
+        if not (request.unet / "unet-card.json").is_file():
+            raise BundleInvalid(f"--unet {request.unet} is not a U-Net folder: unet-card.json is missing")
         _trained_on(request, _unet_manifest(request.unet), "the U-Net", False, warnings)
         return request.unet
     out = request.work / "unet"
@@ -283,6 +285,9 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         if other.preprocess != model.card.preprocess:
             raise BundleMismatch(f"the combined model {models['combined']} uses other preprocessing constants than {request.model}")
     unet_path = unet_dir(request, config.encoder_px, warnings) if "unet" in methods else None
+    unet_card = json.loads((unet_path / "unet-card.json").read_text()) if unet_path is not None else None
+    if unet_card is not None and unet_card.get("preprocess") != model.card.preprocess:
+        raise BundleMismatch(f"the U-Net {unet_path} was trained with other preprocessing constants than {request.model}")
     seconds["train_missing"] = time.perf_counter() - mark
     mark = time.perf_counter()
     indexes = {variant: index_for(request, variant, path) for variant, path in models.items()}
@@ -310,7 +315,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
 
     # -- Table 1 ------------------------------------------------------------------------------
     mark = time.perf_counter()
-    table1 = retrieval_table(request, pipelines, models, manifest, test, config)
+    table1 = retrieval_table(request, pipelines, manifest, test, config)
     seconds["table1"] = time.perf_counter() - mark
 
     # -- every method on both splits -------------------------------------------------------
@@ -323,8 +328,6 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         predictors["mris-s"] = MrisMethod(separate, request.k)
     if "unet" in methods:
         predictors["unet"] = UnetMethod(unet_path, mean_method.atlas_masks, device=request.device, threads=request.threads)
-        if predictors["unet"].preprocess != model.card.preprocess:
-            raise BundleMismatch(f"the U-Net {unet_path} was trained with other preprocessing constants than {request.model}")
     if "mean" in methods:
         predictors["mean"] = mean_method
     oracle = OracleMethod.from_index(separate.index) if "oracle" in methods else None
@@ -404,8 +407,8 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     return report
 
 
-def retrieval_table(request: EvaluateRequest, pipelines: dict, models: dict[str, Path], manifest: Manifest,
-                    test: RoiSet, config) -> dict[str, Any]:
+def retrieval_table(request: EvaluateRequest, pipelines: dict, manifest: Manifest, test: RoiSet,
+                    config) -> dict[str, Any]:
     """Table 1 on the test split's first visits with the bundles' ONNX encoders."""
     from mris.encoders import OnnxEncoder
     from mris.index.embed import region_inputs

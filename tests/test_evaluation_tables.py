@@ -1,0 +1,79 @@
+"""The three tables from hand-made per-knee results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mris.evaluation.tables import (
+    KneeErrors,
+    SplitFeatures,
+    downstream_table,
+    error_table,
+    first_visit_positions,
+    merge_klg,
+    retrieval_row,
+)
+from mris.manifest import ManifestRow
+
+
+def _row(subject: str, side: str, month: int, klg: int, progressor: int, split: str = "test") -> ManifestRow:
+    return ManifestRow(pair_id=f"{subject}_{side}_{month:03d}", subject_id=subject, side=side, visit_month=month,
+                       radiograph_path="x.dcm", fc_path="fc.npy", tc_path="tc.npy", split=split, klg=klg,
+                       progressor=progressor)
+
+
+def test_first_visits_and_klg_classes():
+    rows = [_row("a", "LEFT", 12, 0, 0), _row("a", "LEFT", 0, 0, 0), _row("a", "RIGHT", 24, 1, 0)]
+    assert first_visit_positions(rows) == [1, 2]
+    assert [merge_klg(g) for g in range(5)] == [0, 0, 1, 2, 3]
+
+
+def test_perfect_retrieval_row_has_recall_one_and_a_closed_interval():
+    keys = np.eye(30, 512, dtype=np.float32)
+    row = retrieval_row(keys, keys, [f"s{i // 2}" for i in range(30)], resamples=50, seed=0)
+    assert row["recall"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "R@20": 1.0}
+    assert row["ci95"]["R@1"] == [1.0, 1.0]
+    assert row["chance"]["R@1"] == pytest.approx(1 / 30) and row["chance"]["R@20"] == pytest.approx(20 / 30)
+    assert row["median_rank"] == 1.0 and row["curve"][0] == 1.0
+
+
+def test_error_table_by_hand():
+    errors = KneeErrors()
+    errors.add_rows([_row("a", "LEFT", 0, 0, 0), _row("b", "LEFT", 0, 0, 0), _row("c", "LEFT", 0, 3, 0)])
+    truth = np.ones((3, 2, 2), np.float32)
+    perfect = truth.copy()
+    off = truth + np.array([0.1, 0.3, 0.5], np.float32)[:, None, None]
+    for name in ("fc", "tc"):
+        errors.add("mris-s", name, perfect, truth)
+        errors.add("unet", name, off, truth)
+    table = error_table(errors, resamples=20, seed=0)
+    s, u = table["methods"]["mris-s"]["fc"], table["methods"]["unet"]["fc"]
+    assert s["all"]["median"] == 0.0 and s["coverage_mean"] == 1.0  # a perfect synthesis: error 0
+    assert u["all"]["median"] == pytest.approx(0.3) and u["all"]["mad"] == pytest.approx(0.2)
+    assert u["by_klg"]["0"] == pytest.approx({"median": 0.2, "mad": 0.1, "n": 2})
+    assert u["by_klg"]["3"]["median"] == pytest.approx(0.5) and u["by_klg"]["4"]["n"] == 0
+    paired = table["paired"]["fc"]
+    assert paired["first_better_share"] == 1.0 and paired["median_difference_mm"] == pytest.approx(-0.3)
+
+
+def test_downstream_table_by_hand():
+    def split(name: str, subjects: int, offset: int) -> SplitFeatures:
+        features = SplitFeatures()
+        for i in range(subjects):
+            grade = [0, 2, 3, 4][i % 4]
+            features.rows.append(_row(f"{name}{i}", "LEFT", 0, grade, int(grade >= 3), split=name))
+        labels = np.array([merge_klg(r.klg) for r in features.rows])
+        rng = np.random.default_rng(offset)
+        features.add("mr", list(np.eye(4)[labels] * 5 + rng.normal(0, 0.1, (subjects, 4))))  # separable
+        features.add("mean", list(np.ones((subjects, 4))))  # the same for every knee
+        return features
+
+    table = downstream_table(split("downstream", 40, 1), split("test", 20, 2), ["mr", "mean"], resamples=20, seed=0)
+    mr, mean = table["methods"]["mr"], table["methods"]["mean"]
+    assert mr["klg"]["accuracy"] == 1.0 and mr["klg"]["balanced_accuracy"] == 1.0
+    assert mr["progression"]["roc_auc"] == 1.0 and mr["progression"]["average_precision"] == 1.0
+    assert mean["klg"]["balanced_accuracy"] == 0.25  # one class predicted for all
+    assert mean["progression"]["roc_auc"] == 0.5
+    assert table["counts"]["klg"] == {"train": 40, "test": 20, "test_class_counts": {"0": 5, "1": 5, "2": 5, "3": 5}}
+    assert np.trace(np.array(mr["klg"]["confusion"])) == 20
