@@ -30,7 +30,7 @@ def test_mean_map_is_eq4_with_equal_weights_in_chunks():
 
 def test_oracle_finds_the_true_map_in_the_database():
     database = {"fc": _maps(30, 3), "tc": _maps(30, 4)}
-    oracle = OracleMethod(database, shortlist=4)
+    oracle = OracleMethod(lambda name, ids: database[name][ids], 30, shortlist=4, chunk_rows=7)  # 5 chunks
     truth = {"fc": database["fc"][[7, 21]], "tc": database["tc"][[2, 2]]}
     answer = oracle.predict_from_truth(truth)
     assert oracle.chosen == {"fc": [7, 21], "tc": [2, 2]}
@@ -44,5 +44,6 @@ def test_oracle_does_not_pick_a_map_that_covers_little():
     exact_corner = np.full((4, 4), np.nan, np.float32)
     exact_corner[0, 0] = 2.0  # perfect on 1 of 16 pixels, missing elsewhere
     close_everywhere = np.full((4, 4), 2.2, np.float32)
-    oracle = OracleMethod({"fc": np.stack([exact_corner, close_everywhere]), "tc": np.stack([close_everywhere] * 2)})
+    oracle = OracleMethod.from_arrays({"fc": np.stack([exact_corner, close_everywhere]),
+                                     "tc": np.stack([close_everywhere] * 2)})
     assert oracle.best_rows("fc", truth).tolist() == [1]

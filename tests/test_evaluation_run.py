@@ -145,3 +145,25 @@ def test_bad_options_are_one_clear_error(evaluated, tmp_path):
     assert result.exit_code != 0 and "magic" in str(result.exception)
     result = runner.invoke(app, [*base, "--methods", "unet", "--profile", "paper"])
     assert result.exit_code != 0 and "256 px" in str(result.exception)
+
+
+def test_evaluation_with_trained_artefacts_imports_no_torch(evaluated, tmp_path):
+    import subprocess
+    import sys
+
+    manifest, model, first, _ = evaluated
+    work = first / "work"
+    script = f"""
+import sys
+from typer.testing import CliRunner
+from mris.cli import app
+r = CliRunner().invoke(app, ["evaluate", "--manifest", r"{manifest}", "--model", r"{model}",
+    "--index", r"{work / 'index-separate'}", "--combined-model", r"{work / 'model-combined'}",
+    "--unet", r"{work / 'unet'}", "--out", r"{tmp_path / 'report'}", "--bootstrap", "10", "--quiet"])
+assert r.exit_code == 0, (r.output, r.exception)
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr + out.stdout
+    assert (tmp_path / "report" / "report.json").is_file()

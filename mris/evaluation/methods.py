@@ -213,26 +213,39 @@ class UnetMethod:
 
 
 class OracleMethod:
-    """The single database map closest to the truth (needs the true maps: an upper bound)."""
+    """The single database map closest to the truth (needs the true maps: an upper bound).
 
-    def __init__(self, database_maps: dict[str, np.ndarray], shortlist: int = ORACLE_SHORTLIST):
-        self.filled = {}
-        self.filled_sq = {}
-        self.maps = {}
-        for name, maps in database_maps.items():
-            flat = np.asarray(maps, np.float32).reshape(maps.shape[0], -1)
-            self.maps[name] = flat
-            filled = np.nan_to_num(flat, nan=0.0)
-            self.filled[name] = filled
-            self.filled_sq[name] = filled * filled
-        self.shape = {name: maps.shape[1:] for name, maps in database_maps.items()}
+    Memory: one float32 copy of the database maps per cartilage (NaN -> 0) beside the store it
+    reads them from (rows x H x W x 4 bytes each: 110 MB for the demo cohort, about 5 GB for
+    13,600 maps of 310 x 310). Squares are formed in chunks, never stored.
+    """
+
+    def __init__(self, rows_of: Callable[[str, np.ndarray], np.ndarray], count: int,
+                 shortlist: int = ORACLE_SHORTLIST, chunk_rows: int = MEAN_CHUNK_ROWS):
+        self.rows_of = rows_of  # (cartilage, row ids [1, n]) -> maps [1, n, H, W]
+        self.count = count
         self.shortlist = shortlist
+        self.chunk_rows = chunk_rows
+        self.filled: dict[str, np.ndarray] = {}
+        for name in ("fc", "tc"):
+            filled = None
+            for start in range(0, count, chunk_rows):
+                block = np.asarray(rows_of(name, np.arange(start, min(count, start + chunk_rows))[None])[0], np.float32)
+                block = np.nan_to_num(block.reshape(block.shape[0], -1), nan=0.0)
+                if filled is None:
+                    filled = np.empty((count, block.shape[1]), np.float32)
+                filled[start:start + block.shape[0]] = block
+            self.filled[name] = filled
         self.chosen: dict[str, list[int]] = {"fc": [], "tc": []}
 
     @classmethod
     def from_index(cls, index, shortlist: int = ORACLE_SHORTLIST) -> OracleMethod:
-        ids = np.arange(index.card.rows)[None]
-        return cls({name: index.neighbour_maps(name, ids)[0] for name in ("fc", "tc")}, shortlist)
+        return cls(index.neighbour_maps, index.card.rows, shortlist)
+
+    @classmethod
+    def from_arrays(cls, database_maps: dict[str, np.ndarray], shortlist: int = ORACLE_SHORTLIST) -> OracleMethod:
+        """From in-memory maps ``{"fc": [D, H, W], "tc": [D, H, W]}``."""
+        return cls(lambda name, ids: database_maps[name][ids], len(database_maps["fc"]), shortlist)
 
     def best_rows(self, name: str, truth_mm: np.ndarray) -> np.ndarray:
         """int64 [B]: per true map [B, H, W] the database row with the lowest absolute error over
@@ -240,14 +253,18 @@ class OracleMethod:
         truth = np.asarray(truth_mm, np.float32).reshape(truth_mm.shape[0], -1)
         mask = np.isfinite(truth).astype(np.float32)
         t = np.nan_to_num(truth, nan=0.0)
-        # sum over the true mask of (t - d)^2 = sum m t^2 - 2 (m t) . d + m . d^2
-        squared = (mask * t * t).sum(axis=1, keepdims=True) - 2 * (t @ self.filled[name].T) + mask @ self.filled_sq[name].T
+        database = self.filled[name]
+        # sum over the true mask of (t - d)^2 = sum m t^2 - 2 t . d + m . d^2  (t is 0 off the mask)
+        squared = (t * t).sum(axis=1, keepdims=True) - 2 * (t @ database.T)
+        for start in range(0, self.count, self.chunk_rows):
+            chunk = database[start:start + self.chunk_rows]
+            squared[:, start:start + chunk.shape[0]] += mask @ (chunk * chunk).T
         size = min(self.shortlist, squared.shape[1])
         candidates = np.argpartition(squared, size - 1, axis=1)[:, :size]
         best = np.empty(truth.shape[0], np.int64)
         for i in range(truth.shape[0]):
             on = mask[i] > 0
-            errors = np.abs(self.filled[name][candidates[i]][:, on] - t[i, on]).mean(axis=1)
+            errors = np.abs(database[candidates[i]][:, on] - t[i, on]).mean(axis=1)
             best[i] = candidates[i][int(np.argmin(errors))]
         return best
 
@@ -256,6 +273,5 @@ class OracleMethod:
         for name in ("fc", "tc"):
             rows = self.best_rows(name, truth[name])
             self.chosen[name].extend(int(r) for r in rows)
-            out[name] = self.maps[name][rows].reshape(len(rows), *self.shape[name])
+            out[name] = np.asarray(self.rows_of(name, rows[None])[0], np.float32)
         return MethodMaps(fc=out["fc"], tc=out["tc"])
-

@@ -69,7 +69,7 @@ def findings(report: dict[str, Any]) -> list[str]:
             s, u = t2["mris-s"][name]["all"]["median"], t2["unet"][name]["all"]["median"]
             verdict = "AGREES with" if s < u else "does NOT agree with"
             lines.append(f"Synthesis error ({label}): MRIS-S median {_mm(s)} mm vs U-Net {_mm(u)} mm: "
-                         f"{verdict} the paper's ordering (MRIS-S below U-Net; paper femoral 0.275 vs 0.304 mm).")
+                         f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral medians 0.275 vs 0.304 mm).")
         paired = report["table2_error"].get("paired")
         if paired:
             for name in ("fc", "tc"):
@@ -288,7 +288,7 @@ def examples_figure(examples, mean_maps: dict[str, np.ndarray]) -> bytes:
         row = examples.rows[pair]
         maps = examples.maps[pair]
         axes[r, 0].imshow(examples.roi[pair], cmap="gray", vmin=0, vmax=1)
-        axes[r, 0].set_title(f"{pair}\nKL{row.klg} ROI", fontsize=7)
+        axes[r, 0].set_title(f"{pair}\nKL{'?' if row.klg is None else row.klg} ROI", fontsize=7)
         column = 1
         for name in ("fc", "tc"):
             truth = maps["mr"][name]

@@ -225,15 +225,17 @@ def _load_truth(manifest: Manifest, rows: Sequence[ManifestRow]) -> dict[str, np
 
 
 def choose_examples(rows: Sequence[ManifestRow], count: int, seed: int) -> list[str]:
-    """Up to ``count`` test pair ids spread over KL grades (first visits, one per grade in turn)."""
+    """Up to ``count`` test pair ids spread over KL grades (first visits, one per grade in turn;
+    knees without a grade come last)."""
     first = [rows[i] for i in first_visit_positions(rows)]
     rng = np.random.default_rng([seed, 10])
-    by_grade = {g: [r.pair_id for r in first if r.klg == g] for g in KL_GRADES}
+    grades = (*KL_GRADES, None)
+    by_grade = {g: [r.pair_id for r in first if r.klg == g] for g in grades}
     for ids in by_grade.values():
         rng.shuffle(ids)
     chosen: list[str] = []
     while len(chosen) < count and any(by_grade.values()):
-        for grade in KL_GRADES:
+        for grade in grades:
             if by_grade[grade] and len(chosen) < count:
                 chosen.append(by_grade[grade].pop())
     return chosen
