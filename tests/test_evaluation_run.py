@@ -111,16 +111,20 @@ def test_oracle_and_downstream_sanity(evaluated):
             assert sum(map(sum, entry["klg"]["confusion"])) == t3["counts"]["klg"]["test"]
 
 
-def test_an_unreadable_radiograph_is_skipped_and_counted(evaluated, tmp_path):
+def test_an_unreadable_radiograph_and_a_missing_map_are_skipped_and_counted(evaluated, tmp_path):
     manifest_path, model, first, _ = evaluated
     manifest = read_manifest(manifest_path)
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"not a dicom at all")
-    victim = manifest.select(["test"])[0].radiograph_path
+    test_rows = manifest.select(["test"])
+    victim = test_rows[0].radiograph_path
+    no_map = next(row.pair_id for row in test_rows if row.radiograph_path != victim)
     rows = []
     for row in manifest.rows:
         row.radiograph_path = str(manifest.resolve_path(row.radiograph_path)) if row.radiograph_path != victim else str(broken)
         row.fc_path, row.tc_path = str(manifest.resolve_path(row.fc_path)), str(manifest.resolve_path(row.tc_path))
+        if row.pair_id == no_map:
+            row.fc_path = str(tmp_path / "gone_fc.npy")
         rows.append(row)
     copy = write_manifest(tmp_path / "manifest.csv", rows)
     out = tmp_path / "report"
@@ -131,7 +135,8 @@ def test_an_unreadable_radiograph_is_skipped_and_counted(evaluated, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     victims = sum(1 for row in rows if row.radiograph_path == str(broken))
-    assert report["rois"]["test"]["skipped"] == {"UnreadableDicom": victims}
+    assert report["rois"]["test"]["skipped"] == {"UnreadableDicom": victims, "missing map": 1}
+    assert no_map not in report["per_knee"]["pair_ids"]
     assert "trained on another manifest" in " ".join(report["warnings"])  # the copy differs byte-wise
     assert not (out / "work" / "index-separate").exists()  # --index held the right variant: reused
 

@@ -303,13 +303,21 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     use_localiser = request.rois == "localiser" or (request.rois == "auto" and separate.localiser is not None)
     if request.rois == "localiser" and separate.localiser is None:
         raise BadParameter(f"--rois localiser: model bundle {request.model} has no knee localiser")
+    from mris.index.embed import find_missing
+
     roi_sets: dict[str, RoiSet] = {}
     for split, rows in (("test", test_rows), ("downstream", downstream_rows)):
+        missing = {pair for pair, _ in find_missing(manifest, rows)}  # no truth to compare with
+        rows = [row for row in rows if row.pair_id not in missing]
         if not rows:
             continue
         task = progress.stage(f"ROIs {split}", len({r.radiograph_path for r in rows}))
         roi_sets[split] = collect_rois(separate, manifest, rows, use_localiser,
                                        tick=lambda done, total, task=task: progress.advance(task, done))
+        if missing:
+            roi_sets[split].skipped["missing map"] = sorted(missing)
+    if "test" not in roi_sets:
+        raise ManifestError("no test row has its thickness maps: nothing to evaluate")
     test = roi_sets["test"]
     if not test.rows:
         raise ManifestError("no test radiograph could be read: nothing to evaluate")
