@@ -120,7 +120,7 @@ def run_demo(workdir: Path, subjects: int, seed: int, prepare_only: bool = False
     if not prepare_only:
         synthesize_examples(paths, workdir)
     if evaluate:
-        console.rule("[bold]5/5 evaluation: the paper's three tables (trains the U-Net and the combined encoders)")
+        console.rule("[bold]evaluation (--evaluate): the paper's three tables (trains the U-Net and the combined encoders)")
         epoch_args = ["--epochs", str(epochs)] if epochs else []
         run_mris("evaluate", "--manifest", str(paths["manifest"]), "--model", str(paths["model"]), "--index",
                  str(paths["index"]), "--out", str(workdir / "evaluation"), *epoch_args)

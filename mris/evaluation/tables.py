@@ -34,13 +34,11 @@ RETRIEVAL_CURVE_K = 50
 
 
 def first_visit_positions(rows: Sequence[ManifestRow]) -> list[int]:
-    """Positions of each knee's first visit (lowest visit month), in row order."""
-    best: dict[str, int] = {}
-    for position, row in enumerate(rows):
-        current = best.get(row.knee_id)
-        if current is None or row.visit_month < rows[current].visit_month:
-            best[row.knee_id] = position
-    return sorted(best.values())
+    """Positions of each knee's first (earliest) visit, in row order (the training's rule,
+    ``mris.training.sampler.first_visits``, which imports no torch)."""
+    from mris.training.sampler import first_visits
+
+    return sorted(first_visits([row.knee_id for row in rows], [row.visit_month for row in rows]))
 
 
 def merge_klg(klg: int) -> int:
