@@ -217,7 +217,9 @@ def _raises_fast(error, data, **kwargs):
     start = time.perf_counter()
     with pytest.raises(error) as info:
         read_radiograph(data, **kwargs)
-    assert time.perf_counter() - start < 0.5
+    # a bad file must fail, not hang or decode for long; a generous bound (these machines are shared
+    # and a loaded core once took 0.7 s for a 0.05 s failure), not a speed check
+    assert time.perf_counter() - start < 5.0
     _no_identifier(str(info.value))
     return info.value
 

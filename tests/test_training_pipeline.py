@@ -217,3 +217,38 @@ def test_train_resume_continues_a_run_and_refuses_another(tiny_cohort, tmp_path)
     assert card_before  # the first run wrote a card too
     with pytest.raises(BadParameter, match="different"):
         train(TrainRequest(**{**base, "variant": "both"}, resume=True))
+
+
+def test_evaluation_rois_fall_back_to_keypoints_where_the_localiser_finds_no_knee(trained, tiny_cohort, tmp_path):
+    """``mris evaluate`` finds knees as the service does and counts the knees it had to take from
+    the manifest's keypoints (here: a radiograph replaced by noise, which the localiser refuses)."""
+    import pydicom
+
+    from mris.evaluation.methods import collect_rois
+    from mris.index.build import build_index_bundle
+    from mris.pipeline import Pipeline
+
+    out, _ = trained
+    build_index_bundle(out, tiny_cohort, tmp_path / "index", variant="separate", publish=True, threads=1)
+    pipeline = Pipeline.load(out, tmp_path / "index", "separate", intra_op_threads=1)
+    manifest = read_manifest(tiny_cohort)
+    rows = manifest.select(["test"])
+    victim = rows[0].radiograph_path
+    dataset = pydicom.dcmread(manifest.resolve_path(victim))
+    pixels = dataset.pixel_array
+    noise = np.random.default_rng(4).integers(0, int(pixels.max()) + 1, pixels.shape).astype(pixels.dtype)
+    dataset.PixelData = noise.tobytes()
+    noisy = str(tmp_path / "noise.dcm")
+    dataset.save_as(noisy)
+    for row in rows:
+        if row.radiograph_path == victim:
+            row.radiograph_path = noisy  # absolute: resolve_path leaves it as is
+    roi_set = collect_rois(pipeline, manifest, rows, use_localiser=True)
+    knees_on_victim = sum(row.radiograph_path == noisy for row in rows)
+    # the tiny localiser (a few epochs) also misses some real knees; the demo's finds every one
+    assert roi_set.keypoint_fallbacks >= knees_on_victim > 0
+    assert len(roi_set.rows) == len(rows) and not roi_set.skipped  # nothing dropped
+    sources = {row.radiograph_path == noisy: set() for row in rows}
+    for roi, row in zip(roi_set.rois, roi_set.rows):
+        sources[row.radiograph_path == noisy].add(roi.source)
+    assert sources[True] == {"caller"}  # the noise image's knees came from the keypoints

@@ -108,8 +108,9 @@ def collect_rois(pipeline, manifest: Manifest, rows: Sequence[ManifestRow], use_
             for roi in prepared.rois:
                 found[knee_rows[roi.side].pair_id] = roi
             missing = [row.pair_id for side, row in knee_rows.items() if side not in sides]
-            if missing:
-                skipped.setdefault("no keypoints", []).extend(missing)
+            if missing:  # in a fallback these knees were missed by the localiser and have no keypoints
+                reason = "knee not found" if (use_localiser and given is not None) else "no keypoints"
+                skipped.setdefault(reason, []).extend(missing)
             break
         if tick is not None:
             tick(done, len(paths))
