@@ -40,10 +40,6 @@ def _pct(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
-def _mm(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
 def _num(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
@@ -68,8 +64,9 @@ def findings(report: dict[str, Any]) -> list[str]:
         for name, label in (("fc", "femoral"), ("tc", "tibial")):
             s, u = t2["mris-s"][name]["all"]["median"], t2["unet"][name]["all"]["median"]
             verdict = "AGREES with" if s < u else "does NOT agree with"
-            lines.append(f"Synthesis error ({label}): MRIS-S median {_mm(s)} mm vs U-Net {_mm(u)} mm: "
-                         f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral medians 0.275 vs 0.304 mm).")
+            lines.append(f"Synthesis error ({label}): MRIS-S median {_num(s)} mm vs U-Net {_num(u)} mm: "
+                         f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral medians "
+                         f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs {PAPER['table2_fc_median_mm']['unet']:.3f} mm).")
         paired = report["table2_error"].get("paired")
         if paired:
             for name in ("fc", "tc"):
@@ -79,12 +76,12 @@ def findings(report: dict[str, Any]) -> list[str]:
     if "mris-s" in t2 and "mean" in t2:
         s, m = t2["mris-s"]["fc"]["all"]["median"], t2["mean"]["fc"]["all"]["median"]
         lines.append(f"Against the database mean map (no information from the radiograph): MRIS-S femoral median "
-                     f"{_mm(s)} vs {_mm(m)} mm: " + ("the radiograph adds information." if s < m else
+                     f"{_num(s)} vs {_num(m)} mm: " + ("the radiograph adds information." if s < m else
                                                      "the radiograph adds NO measurable information here."))
     if "mris-s" in t2 and "oracle" in t2:
         s, o = t2["mris-s"]["fc"]["all"]["median"], t2["oracle"]["fc"]["all"]["median"]
-        lines.append(f"Oracle neighbour (best single database map, uses the truth): femoral median {_mm(o)} mm vs "
-                     f"MRIS-S {_mm(s)} mm; averaging 20 neighbours " + ("beats" if s < o else "does not beat")
+        lines.append(f"Oracle neighbour (best single database map, uses the truth): femoral median {_num(o)} mm vs "
+                     f"MRIS-S {_num(s)} mm; averaging 20 neighbours " + ("beats" if s < o else "does not beat")
                      + " the best single map.")
     t3 = report.get("table3_downstream")
     if t3 and "mr" in t3["methods"]:
@@ -151,16 +148,17 @@ def markdown(report: dict[str, Any]) -> str:
                 "|---|" + "---|" * (len(KL_GRADES) + 3)]
         for method, entry in t2["methods"].items():
             e = entry[name]
-            cells = [f"{_mm(e['by_klg'][str(g)]['median'])} ({_mm(e['by_klg'][str(g)]['mad'])})" for g in KL_GRADES]
+            cells = [f"{_num(e['by_klg'][str(g)]['median'])} ({_num(e['by_klg'][str(g)]['mad'])})" for g in KL_GRADES]
             total = e["all"]
             out.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells)
-                       + f" | {_mm(total['median'])} ({_mm(total['mad'])}) | {_ci(total['median_ci95'], _mm).strip(' ()')} "
+                       + f" | {_num(total['median'])} ({_num(total['mad'])}) | {_ci(total['median_ci95'], _num).strip(' ()')} "
                        f"| {_pct(e['coverage_mean'])} % |")
         counts = next(iter(t2["methods"].values()))[name]["by_klg"] if t2["methods"] else {}
         out.append("| pairs | " + " | ".join(str(counts.get(str(g), {}).get("n", 0)) for g in KL_GRADES)
                    + f" | {t2['knees']} | | |")
         out.append("")
-    out += ["Paper (OAI), overall femoral median: MRIS-S 0.275 mm, U-Net 0.304 mm.", "",
+    paper_error = PAPER["table2_fc_median_mm"]
+    out += [f"Paper (OAI), overall femoral median: MRIS-S {paper_error['mris-s']:.3f} mm, U-Net {paper_error['unet']:.3f} mm.", "",
             "![error by KL grade](error_by_klg.png)", "", "![test knees](examples.png)", ""]
 
     t3 = report.get("table3_downstream")
@@ -182,7 +180,9 @@ def markdown(report: dict[str, Any]) -> str:
                        f"{_num(klg.get('balanced_accuracy'))}{_ci(klg.get('balanced_accuracy_ci95'), _num)} | "
                        f"{_num(prog.get('average_precision'))}{_ci(prog.get('average_precision_ci95'), _num)} | "
                        f"{_num(prog.get('roc_auc'))}{_ci(prog.get('roc_auc_ci95'), _num)} |")
-        out += ["", "Paper (OAI): KLG accuracy 0.789 (MRIS-S) vs 0.775 (MR maps); progression AUC 0.702 vs 0.739.", ""]
+        klg, auc = PAPER["table3_klg_accuracy"], PAPER["table3_progression_auc"]
+        out += ["", f"Paper (OAI): KLG accuracy {klg['mris-s']:.3f} (MRIS-S) vs {klg['mr']:.3f} (MR maps); "
+                f"progression AUC {auc['mris-s']:.3f} vs {auc['mr']:.3f}.", ""]
 
     out += ["## Cohort", ""]
     cohort = report.get("cohort")
@@ -274,7 +274,7 @@ def error_figure(report: dict[str, Any]) -> bytes:
     return _png(figure)
 
 
-def examples_figure(examples, mean_maps: dict[str, np.ndarray]) -> bytes:
+def examples_figure(examples) -> bytes:
     """One row per example knee: ROI, then per cartilage truth | MRIS-S | U-Net | |MRIS-S - truth|
     | |U-Net - truth| | MRIS-S SD (panels a method lacks stay empty)."""
     ids = [p for p in examples.pair_ids if p in examples.maps]
@@ -330,12 +330,12 @@ def knees_csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def write_report(out: Path, report: dict[str, Any], examples, mean_maps: dict[str, np.ndarray]) -> None:
+def write_report(out: Path, report: dict[str, Any], examples) -> None:
     """Figures and tables first, ``report.json`` last (its presence means the report is whole)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "recall_at_k.png", recall_figure(report))
     atomic_write_bytes(out / "error_by_klg.png", error_figure(report))
-    atomic_write_bytes(out / "examples.png", examples_figure(examples, mean_maps))
+    atomic_write_bytes(out / "examples.png", examples_figure(examples))
     atomic_write_text(out / "knees.csv", knees_csv(report))
     atomic_write_text(out / "report.md", markdown(report))
     atomic_write_json(out / "report.json", json_safe(report))

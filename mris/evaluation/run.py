@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ from mris.evaluation.tables import (
     retrieval_row,
 )
 from mris.manifest import Manifest, ManifestRow, read_manifest
-from mris.model_bundle import load_model_bundle
+from mris.model_bundle import ModelBundle, load_model_bundle
 from mris.thickness import load_thickness_map
 
 METHODS = ("mris-c", "mris-s", "unet", "mean", "oracle")
@@ -81,6 +82,10 @@ class EvaluateRequest:
     @property
     def work(self) -> Path:
         return self.out / "work"
+
+    @cached_property
+    def manifest_sha256(self) -> str:
+        return sha256_file(self.manifest)
 
 
 @dataclass
@@ -134,7 +139,7 @@ def _trained_on(request: EvaluateRequest, manifest_sha256: str | None, what: str
                 warnings: list[str]) -> None:
     """Artefacts this evaluation trained must come from this manifest (else ``--out`` is stale);
     given ones may not (a model evaluated on another cohort), which the report says."""
-    if manifest_sha256 is None or manifest_sha256 == sha256_file(request.manifest):
+    if manifest_sha256 is None or manifest_sha256 == request.manifest_sha256:
         return
     if ours:
         raise BadParameter(f"{request.work} holds {what} trained on another manifest: use a new --out "
@@ -142,26 +147,27 @@ def _trained_on(request: EvaluateRequest, manifest_sha256: str | None, what: str
     warnings.append(f"{what} was trained on another manifest than {request.manifest}")
 
 
-def combined_model_dir(request: EvaluateRequest, model, warnings: list[str]) -> Path:
+def combined_model(request: EvaluateRequest, model: ModelBundle, warnings: list[str]) -> ModelBundle:
+    """The bundle holding the combined variant (``--model``, ``--combined-model`` or trained)."""
     from mris.subcommand import run_mris
 
     if "combined" in model.card.variants:
-        return request.model
+        return model
     if request.combined_model is not None:
-        card = load_model_bundle(request.combined_model).card
-        _trained_on(request, card.training.get("manifest_sha256"), "the combined model", False, warnings)
-        return request.combined_model
+        given = load_model_bundle(request.combined_model)
+        _trained_on(request, given.card.training.get("manifest_sha256"), "the combined model", False, warnings)
+        return given
     out = request.work / "model-combined"
     if (out / "card.json").is_file():
-        card = load_model_bundle(out).card
-        _trained_on(request, card.training.get("manifest_sha256"), "the combined model", True, warnings)
-    else:
-        _needs_torch("MRIS-C (the combined encoders)")
-        _check_profile(request, model.card.preprocess_config.encoder_px)
-        resume = ["--resume"] if (request.work / "model-combined.training" / "run.json").is_file() else ["--force"]
-        run_mris("train", "--manifest", str(request.manifest), "--out", str(out), "--variant", "combined",
-                 "--no-localiser", *_train_args(request), *resume)
-    return out
+        trained = load_model_bundle(out)
+        _trained_on(request, trained.card.training.get("manifest_sha256"), "the combined model", True, warnings)
+        return trained
+    _needs_torch("MRIS-C (the combined encoders)")
+    _check_profile(request, model.card.preprocess_config.encoder_px)
+    resume = ["--resume"] if (request.work / "model-combined.training" / "run.json").is_file() else ["--force"]
+    run_mris("train", "--manifest", str(request.manifest), "--out", str(out), "--variant", "combined",
+             "--no-localiser", *_train_args(request), *resume)
+    return load_model_bundle(out)
 
 
 def _unet_manifest(folder: Path) -> str | None:
@@ -188,14 +194,14 @@ def unet_dir(request: EvaluateRequest, encoder_px: int, warnings: list[str]) -> 
     return out
 
 
-def index_for(request: EvaluateRequest, variant: str, model_dir: Path) -> Path:
+def index_for(request: EvaluateRequest, variant: str, model: ModelBundle) -> Path:
     """An index root holding ``variant`` built with ``model_dir``'s encoders: ``--index`` when it
     is one, else ``work/index-<variant>`` (built and published there when missing)."""
     from mris.index.bundle import check_encoders, read_card
     from mris.index.publish import resolve
     from mris.subcommand import run_mris
 
-    model_card = load_model_bundle(model_dir).card
+    model_card = model.card
     own = request.work / f"index-{variant}"
     for candidate in (request.index, own):
         try:
@@ -211,7 +217,7 @@ def index_for(request: EvaluateRequest, variant: str, model_dir: Path) -> Path:
                 raise
             continue
         return candidate
-    run_mris("index", "build", "--model", str(model_dir), "--manifest", str(request.manifest), "--root", str(own),
+    run_mris("index", "build", "--model", str(model.root), "--manifest", str(request.manifest), "--root", str(own),
              "--variant", variant, "--publish", "--quiet")
     return own
 
@@ -280,20 +286,20 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
 
     # -- artefacts ------------------------------------------------------------------------
     mark = time.perf_counter()
-    models = {"separate": request.model}
+    models = {"separate": model}
     if "mris-c" in methods:
-        models["combined"] = combined_model_dir(request, model, warnings)
-        other = load_model_bundle(models["combined"]).card
-        if other.preprocess != model.card.preprocess:
-            raise BundleMismatch(f"the combined model {models['combined']} uses other preprocessing constants than {request.model}")
+        models["combined"] = combined_model(request, model, warnings)
+        if models["combined"].card.preprocess != model.card.preprocess:
+            raise BundleMismatch(f"the combined model {models['combined'].root} uses other preprocessing constants "
+                                 f"than {request.model}")
     unet_path = unet_dir(request, config.encoder_px, warnings) if "unet" in methods else None
     unet_card = json.loads((unet_path / "unet-card.json").read_text()) if unet_path is not None else None
     if unet_card is not None and unet_card.get("preprocess") != model.card.preprocess:
         raise BundleMismatch(f"the U-Net {unet_path} was trained with other preprocessing constants than {request.model}")
     seconds["train_missing"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    indexes = {variant: index_for(request, variant, path) for variant, path in models.items()}
-    pipelines = {variant: Pipeline.load(models[variant], indexes[variant], variant=variant, device=request.device,
+    indexes = {variant: index_for(request, variant, bundle) for variant, bundle in models.items()}
+    pipelines = {variant: Pipeline.load(models[variant].root, indexes[variant], variant=variant, device=request.device,
                                         intra_op_threads=request.threads or 0) for variant in models}
     separate = pipelines["separate"]
     seconds["indexes"] = time.perf_counter() - mark
@@ -397,7 +403,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         "rois": {"source": "localiser" if use_localiser else "keypoints",
                  **{split: {"pairs": len(s.rows), "skipped": {r: len(p) for r, p in s.skipped.items()},
                             "keypoint_fallbacks": s.keypoint_fallbacks} for split, s in roi_sets.items()}},
-        "artefacts": {"model": str(request.model), "combined_model": str(models.get("combined", "")),
+        "artefacts": {"model": str(request.model), "combined_model": str(models["combined"].root) if "combined" in models else "",
                       "indexes": {v: str(p) for v, p in indexes.items()},
                       "index_versions": {v: p.index_version for v, p in pipelines.items()},
                       "database_rows": separate.index.card.rows, "unet": str(unet_path) if unet_path else None},
@@ -412,7 +418,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     }
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
-    write_report(request.out, report, examples, mean_method.mean_maps)
+    write_report(request.out, report, examples)
     progress.log(f"report: {request.out / 'report.md'} ({seconds['total']:.0f} s)")
     return report
 

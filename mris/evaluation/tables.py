@@ -173,38 +173,29 @@ def downstream_table(train: SplitFeatures, test: SplitFeatures, methods: Sequenc
             x_test = test.matrix(method, test_pos)
             entry = table["methods"].setdefault(method, {})
             if task == "klg":
-                entry["klg"] = {**klg_metrics(test_labels, model.predict(x_test), test_groups, resamples, seed),
-                                "l2": model.l2}
+                predicted = model.predict(x_test)
+                entry["klg"] = {**with_intervals({"accuracy": metrics.accuracy,
+                                                  "balanced_accuracy": metrics.balanced_accuracy},
+                                                 test_labels, predicted, test_groups, resamples, seed),
+                                "confusion": confusion(test_labels, predicted, len(KLG_CLASSES)), "l2": model.l2}
             else:
-                entry["progression"] = {**progression_metrics(test_labels, model.score(x_test, positive=1), test_groups,
-                                                              resamples, seed), "l2": model.l2}
+                entry["progression"] = {**with_intervals({"average_precision": metrics.average_precision,
+                                                          "roc_auc": metrics.roc_auc},
+                                                         test_labels, model.score(x_test, positive=1), test_groups,
+                                                         resamples, seed),
+                                        "prevalence": float(test_labels.mean()), "l2": model.l2}
     return table
 
 
-def klg_metrics(truth: np.ndarray, predicted: np.ndarray, groups: Sequence[str], resamples: int,
-                seed: int) -> dict[str, Any]:
-    return {
-        "accuracy": metrics.accuracy(truth, predicted),
-        "balanced_accuracy": metrics.balanced_accuracy(truth, predicted),
-        "accuracy_ci95": list(metrics.bootstrap_ci(
-            lambda p: metrics.accuracy(truth[p], predicted[p]), groups, resamples, seed)),
-        "balanced_accuracy_ci95": list(metrics.bootstrap_ci(
-            lambda p: metrics.balanced_accuracy(truth[p], predicted[p]), groups, resamples, seed)),
-        "confusion": confusion(truth, predicted, len(KLG_CLASSES)),
-    }
-
-
-def progression_metrics(truth: np.ndarray, score: np.ndarray, groups: Sequence[str], resamples: int,
-                        seed: int) -> dict[str, Any]:
-    return {
-        "average_precision": metrics.average_precision(truth, score),
-        "roc_auc": metrics.roc_auc(truth, score),
-        "average_precision_ci95": list(metrics.bootstrap_ci(
-            lambda p: metrics.average_precision(truth[p], score[p]), groups, resamples, seed)),
-        "roc_auc_ci95": list(metrics.bootstrap_ci(
-            lambda p: metrics.roc_auc(truth[p], score[p]), groups, resamples, seed)),
-        "prevalence": float(truth.mean()),
-    }
+def with_intervals(metric_functions: dict[str, Any], truth: np.ndarray, answer: np.ndarray, groups: Sequence[str],
+                   resamples: int, seed: int) -> dict[str, Any]:
+    """``name`` -> metric(truth, answer) and ``name_ci95`` -> its subject-bootstrap interval."""
+    out: dict[str, Any] = {}
+    for name, function in metric_functions.items():
+        out[name] = function(truth, answer)
+        out[f"{name}_ci95"] = list(metrics.bootstrap_ci(
+            lambda p, function=function: function(truth[p], answer[p]), groups, resamples, seed))
+    return out
 
 
 def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> list[list[int]]:
