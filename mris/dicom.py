@@ -3,14 +3,23 @@
 The first arrow of the data path (ARCHITECTURE.md). Training, index building and serving all call
 ``read_radiograph``; nothing else decodes pixel data. Decisions (docs/PREPROCESSING.md):
 
-- Only DICOM Part 10 files (128-byte preamble + ``DICM``) are read; anything else is
+- DICOM Part 10 files (128-byte preamble + ``DICM``) are read, and so are bare datasets without
+  preamble and file meta (what old archives export) when they start with a little-endian group
+  0x0008 element: their encoding (implicit / explicit VR LE) is taken from the data and their
+  pixel data must be native, since nothing says which codec compressed it. Anything else is
   ``UnreadableDicom``.
 - Limits (``DecodeLimits``) are checked from the header before any pixel data is decoded, and a
-  compressed codestream's own dimensions (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ) are checked
-  against the limits and the header before its decoder runs.
+  compressed codestream's frame header (JPEG baseline / extended / lossless SOF, JPEG-LS SOF55
+  and its LSE, JPEG 2000 and HTJ2K SIZ, the RLE header) is checked against the limits and the
+  header before its decoder runs: a height or width of 0, a height left to a DNL marker, more
+  than one component, a precision above BitsAllocated or dimensions unlike the header's are
+  refused. The service also runs this function in a memory- and time-bounded worker process
+  (``mris.sandbox``) in case a decoder runs away all the same.
 - Grayscale only (SamplesPerPixel 1, MONOCHROME1/2): RGB, YBR and palette colour are refused
   (``UnsupportedDicom``), as are multi-frame images and images smaller than ``min_side_px``.
-- BitsAllocated 8, 16 or 32; any BitsStored up to that. Bits above BitsStored are ignored.
+- Pixel formats: the integer formats DX and CR allow, BitsAllocated 8 or 16 with any BitsStored
+  up to that, plus signed pixels (PixelRepresentation 1, a documented superset: DX requires 0).
+  BitsAllocated 32 and float pixel data are refused. Bits above BitsStored are ignored.
 - Modality LUT (RescaleSlope/Intercept, or a Modality LUT Sequence) is applied; MONOCHROME1 is
   inverted within the LUT's output range so that bone is bright in both photometrics.
 - Spacing: the caller's ``spacing_mm`` wins when given; else the first usable of
@@ -37,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from mris import codestream
 from mris.errors import (
     BadParameter,
     ImageTooLarge,
@@ -52,6 +62,7 @@ SPACING_SQUARE_TOLERANCE = 0.01  # row and column spacing may differ by 1 % (rel
 SPACING_TAGS = ("ImagerPixelSpacing", "PixelSpacing")
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
+BITS_ALLOCATED = (8, 16)  # what DX and CR images allow (PS3.3 C.8.11.3, C.8.1.2)
 
 # Metadata copied into Radiograph.metadata: technical tags only, never identifiers.
 _METADATA_TAGS = {
@@ -84,6 +95,8 @@ class DecodeLimits:
       (rows x columns x frames x bytes per sample); a deflated dataset may not inflate beyond
       ``max_file_bytes + max_pixel_bytes``.
     - ``min_side_px``: smaller images (1 x 1 ...) are ``UnsupportedDicom``.
+    - ``check_codestreams``: compare compressed frame headers with the DICOM header before
+      decoding. Turn it off only to test that the decode sandbox contains a runaway decoder.
     """
 
     # OAI-like bilateral radiographs are about 2,900 x 2,400 px; 8192 fits any detector.
@@ -93,6 +106,7 @@ class DecodeLimits:
     max_file_bytes: int = 256 * _MIB
     max_pixel_bytes: int = 256 * _MIB
     min_side_px: int = 16
+    check_codestreams: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,12 +159,28 @@ def _read_source(source: bytes | bytearray | memoryview | str | Path, limits: De
         raise TypeError(f"source must be bytes or a path, not {type(source).__name__}")
     if not data:
         raise UnreadableDicom("the file is empty")
-    if len(data) < 132 or data[128:132] != b"DICM":
+    if not (is_part10(data) or is_bare_dataset(data)):
         raise UnreadableDicom(
-            "not a DICOM file: no 'DICM' marker after the 128-byte preamble "
-            "(only DICOM Part 10 files are accepted)"
+            "not a DICOM file: no 'DICM' marker after the 128-byte preamble, and not a bare "
+            "dataset starting with a group 0008 element"
         )
     return data
+
+
+def is_part10(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble, then ``DICM``."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def is_bare_dataset(data: bytes) -> bool:
+    """A dataset without preamble and file meta, as old archives export it: it starts with a
+    little-endian group 0x0008 element (implicit VR: a 4-byte length follows; explicit VR: two
+    upper-case letters)."""
+    if len(data) < 8 or data[0:2] != b"\x08\x00":
+        return False
+    vr = data[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    return explicit or struct.unpack("<I", data[4:8])[0] < len(data)
 
 
 def _check_deflated_size(data: bytes, limits: DecodeLimits) -> None:
@@ -240,63 +270,22 @@ def _check_header(ds: Any, limits: DecodeLimits) -> _Geometry:
         raise UnsupportedDicom(
             f"only grayscale (MONOCHROME1/MONOCHROME2) radiographs are supported, not {kind}"
         )
-    if bits_allocated not in (8, 16, 32):
+    if bits_allocated not in BITS_ALLOCATED:
         raise UnsupportedDicom(
-            f"BitsAllocated {bits_allocated} is not supported (8, 16 or 32 bits per pixel)"
+            f"BitsAllocated {bits_allocated} is not supported: radiographs (DX, CR) store 8 or "
+            "16 bits per pixel"
         )
     if not 1 <= bits_stored <= bits_allocated:
         raise UnreadableDicom(
             f"BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}"
         )
+    representation = _int_tag(ds, "PixelRepresentation", 0)
+    if representation not in (0, 1):
+        raise UnreadableDicom(f"PixelRepresentation {representation} is neither 0 nor 1")
     return _Geometry(rows, columns, frames, bits_allocated, bits_stored, signed, photometric)
 
 
 # ----------------------------------------------------------------------------- codestreams
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
-
-
-def jpeg_dimensions(codestream: bytes) -> tuple[int, int] | None:
-    """(rows, cols) from a JPEG / JPEG-LS SOF marker segment; None when there is none.
-
-    Rows may be 0 (height given later by a DNL marker)."""
-    if codestream[:2] != b"\xff\xd8":
-        raise UnreadableDicom("the compressed frame does not start with a JPEG SOI marker")
-    pos = 2
-    end = len(codestream)
-    while pos + 4 <= end:
-        if codestream[pos] != 0xFF:
-            raise UnreadableDicom("the JPEG codestream is corrupt (marker expected)")
-        marker = codestream[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", codestream[pos + 2 : pos + 4])
-        if marker in _JPEG_SOF:
-            if pos + 9 > end:
-                break
-            rows, cols = struct.unpack(">HH", codestream[pos + 5 : pos + 9])
-            return rows, cols
-        if marker in (0xDA, 0xD9) or length < 2:
-            return None
-        pos += 2 + length
-    return None
-
-
-def j2k_dimensions(codestream: bytes) -> tuple[int, int] | None:
-    """(rows, cols) from a JPEG 2000 SIZ marker (raw codestream or JP2 file); None if absent."""
-    start = codestream.find(b"\xff\x4f\xff\x51", 0, 4096)
-    if start < 0:
-        raise UnreadableDicom("the compressed frame has no JPEG 2000 SOC/SIZ marker")
-    siz = start + 4
-    if siz + 18 > len(codestream):
-        raise UnreadableDicom("the JPEG 2000 codestream is truncated inside its SIZ marker")
-    xsiz, ysiz, x_off, y_off = struct.unpack(">IIII", codestream[siz + 4 : siz + 20])
-    return ysiz - y_off, xsiz - x_off
-
 
 def _first_frame(pixel_data: bytes) -> bytes:
     from pydicom.encaps import generate_frames
@@ -304,44 +293,52 @@ def _first_frame(pixel_data: bytes) -> bytes:
     return next(generate_frames(pixel_data, number_of_frames=1))
 
 
+HTJ2K_UIDS = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+
+
 def _check_codestream(ts: Any, pixel_data: bytes, geometry: _Geometry, limits: DecodeLimits) -> None:
-    """Check a compressed frame's own dimensions against the limits and the header."""
+    """Check a compressed frame's own header (``mris.codestream``) against the limits and the
+    DICOM header, before its decoder runs."""
     from pydicom import uid
 
     frame = _first_frame(pixel_data)
     if not frame:
         raise UnreadableDicom("the compressed pixel data holds an empty frame")
     if ts == uid.RLELossless:
-        if len(frame) < 64:
-            raise UnreadableDicom("the RLE frame is shorter than its 64-byte header")
-        (segments,) = struct.unpack("<I", frame[:4])
-        expected = geometry.bits_allocated // 8
-        if segments != expected:
-            raise UnreadableDicom(
-                f"the RLE frame has {segments} segments; {expected} expected for "
-                f"{geometry.bits_allocated}-bit grayscale"
-            )
+        codestream.rle_segment_count(frame, geometry.bits_allocated // 8)
         return
-    if ts in uid.JPEG2000TransferSyntaxes or str(ts).startswith("1.2.840.10008.1.2.4.20"):
-        dims = j2k_dimensions(frame)
-        kind = "JPEG 2000"
+    if str(ts) in HTJ2K_UIDS:
+        header = codestream.j2k_frame_header(frame, "HTJ2K")
+    elif ts in uid.JPEG2000TransferSyntaxes:
+        header = codestream.j2k_frame_header(frame)
     elif ts in uid.JPEGTransferSyntaxes or ts in uid.JPEGLSTransferSyntaxes:
-        dims = jpeg_dimensions(frame)
-        kind = "JPEG"
+        header = codestream.jpeg_frame_header(frame)
     else:
-        return
-    if dims is None:
-        raise UnreadableDicom(f"the {kind} codestream has no frame header")
-    rows, cols = dims
-    if rows > limits.max_rows or cols > limits.max_columns:
+        raise UnsupportedDicom(f"the transfer syntax {ts.name} is not one this service decodes")
+    kind = header.kind
+    if header.rows > limits.max_rows or header.columns > limits.max_columns:
         raise ImageTooLarge(
-            f"the {kind} codestream is {rows} x {cols} pixels; the limit is "
+            f"the {kind} codestream is {header.rows} x {header.columns} pixels; the limit is "
             f"{limits.max_rows} x {limits.max_columns}"
         )
-    if cols != geometry.columns or (rows != 0 and rows != geometry.rows):
+    if (header.rows, header.columns) != (geometry.rows, geometry.columns):
         raise UnreadableDicom(
-            f"the {kind} codestream is {rows} x {cols} pixels but the header says "
+            f"the {kind} codestream is {header.rows} x {header.columns} pixels but the header says "
             f"{geometry.rows} x {geometry.columns}"
+        )
+    if header.tiles > codestream.MAX_J2K_TILES:
+        raise UnreadableDicom(
+            f"the {kind} codestream declares {header.tiles} tiles (at most {codestream.MAX_J2K_TILES})"
+        )
+    if header.components != 1:
+        raise UnreadableDicom(
+            f"the {kind} codestream has {header.components} components but the header says one "
+            "sample per pixel"
+        )
+    if not 2 <= header.precision <= geometry.bits_allocated:
+        raise UnreadableDicom(
+            f"the {kind} codestream has {header.precision}-bit samples but the header allocates "
+            f"{geometry.bits_allocated} bits"
         )
 
 
@@ -374,6 +371,10 @@ def _decode(ds: Any, geometry: _Geometry, limits: DecodeLimits, data: bytes) -> 
             # The tag is there but pydicom could not read its value: a file cut short.
             raise UnreadableDicom("the pixel data is cut short (truncated file?)")
         raise UnsupportedDicom("the file has no pixel data (PixelData tag missing)")
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise UnsupportedDicom(
+            "float pixel data is not a radiograph pixel format (DX and CR store integers)"
+        )
     pixel_data = ds.PixelData
     if ts.is_compressed:
         try:
@@ -382,7 +383,8 @@ def _decode(ds: Any, geometry: _Geometry, limits: DecodeLimits, data: bytes) -> 
             raise UnsupportedDicom(f"no decoder for the transfer syntax {ts.name}") from exc
         if not decoder.is_available:
             raise UnsupportedDicom(f"no decoder installed for the transfer syntax {ts.name}")
-        _check_codestream(ts, pixel_data, geometry, limits)
+        if limits.check_codestreams:
+            _check_codestream(ts, pixel_data, geometry, limits)
         plugins = decoder.available_plugins
         # The compiled plugins are far faster than pydicom's pure-Python RLE / Pillow's J2K.
         plugin = "pylibjpeg" if "pylibjpeg" in plugins else ""
@@ -410,7 +412,8 @@ def _mask_unused_bits(array: np.ndarray, geometry: _Geometry) -> np.ndarray:
     if geometry.bits_stored >= geometry.bits_allocated or array.dtype.kind not in "iu":
         return array
     bits = geometry.bits_stored
-    as_unsigned = array.astype(np.int64) & ((1 << bits) - 1)
+    # int32 holds every 8- or 16-bit value: half the memory of int64 on a full-size image.
+    as_unsigned = array.astype(np.int32) & ((1 << bits) - 1)
     if geometry.signed:
         as_unsigned = np.where(as_unsigned >= 1 << (bits - 1), as_unsigned - (1 << bits), as_unsigned)
     return as_unsigned
@@ -522,6 +525,27 @@ def validate_spacing_mm(spacing_mm: float) -> float:
 # ----------------------------------------------------------------------------- public
 
 
+def _infer_transfer_syntax(ds: Any) -> None:
+    """A bare dataset (no file meta): its transfer syntax is the encoding pydicom read it with.
+    Encapsulated pixel data cannot be decoded without knowing its codec."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    implicit, little = ds.original_encoding
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        raise UnsupportedDicom(
+            "the dataset has no file meta information, so the codec of its compressed pixel data "
+            "is unknown; send it as a DICOM Part 10 file"
+        )
+    if implicit and not little:
+        raise UnreadableDicom("the dataset's encoding (implicit VR big endian) is not valid DICOM")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (
+        uid.ImplicitVRLittleEndian if implicit else
+        uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+    )
+
+
 def _metadata(ds: Any, ts: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for keyword, name in _METADATA_TAGS.items():
@@ -562,16 +586,25 @@ def read_radiograph(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _check_deflated_size(data, limits)
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            bare = not is_part10(data)
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=bare)
             geometry = _check_header(header, limits)
             stage = "reading the file"
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds = pydicom.dcmread(io.BytesIO(data), force=bare)
+            if bare:
+                _infer_transfer_syntax(ds)
             ts = ds.file_meta.get("TransferSyntaxUID")
             ts = pydicom.uid.UID(str(ts)) if ts is not None else None
             stage = "decoding the pixel data"
             array = _decode(ds, geometry, limits, data)
             stage = "applying the modality LUT"
             pixels, lut_info = _to_float(ds, array, geometry)
+            stage = "reading the spacing and technical tags"
+            if not np.isfinite(pixels).all():
+                raise UnreadableDicom("the decoded image holds non-finite values")
+            metadata = _metadata(ds, ts)
+            metadata.update(lut_info)
+            spacing, source_name = _spacing(ds, spacing_mm, metadata)
     except MrisError:
         raise
     except _PASS_THROUGH:
@@ -581,11 +614,6 @@ def read_radiograph(
             f"the DICOM could not be read: {type(exc).__name__} while {stage} "
             "(truncated, corrupt or non-conforming file?)"
         ) from exc
-    if not np.isfinite(pixels).all():
-        raise UnreadableDicom("the decoded image holds non-finite values")
-    metadata = _metadata(ds, ts)
-    metadata.update(lut_info)
-    spacing, source_name = _spacing(ds, spacing_mm, metadata)
     metadata["spacing_mm"] = spacing
     metadata["spacing_source"] = source_name
     return Radiograph(

@@ -81,3 +81,16 @@ class InvalidThicknessMap(MrisError):
     """A thickness map that is missing, unreadable, not 2-D float, has infinities or is all NaN."""
 
     title = "Invalid thickness map"
+
+
+class DecoderCrashed(UnreadableDicom):
+    """A decoder worker died on the file (abort, segfault, killed): a corrupt or hostile file."""
+
+    title = "Unreadable DICOM"
+
+
+class DecodeTimeout(MrisError):
+    """Decoding did not finish within the sandbox's deadline (the worker was killed)."""
+
+    http_status = 503
+    title = "Decoding timed out"

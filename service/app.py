@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from mris.sandbox import DecodeSandbox
 from mris.service.batching import MicroBatcher
 from mris.service.config import Settings
 from mris.service.logging_setup import configure_logging
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
         app.state.executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="mris-cpu")
+        decoder = DecodeSandbox(settings.decode_workers, settings.decode_memory_mb, settings.decode_timeout_s)
+        app.state.decoder = await asyncio.get_running_loop().run_in_executor(app.state.executor, decoder.start)
         compute = ThreadPoolExecutor(1, thread_name_prefix="mris-compute")
         app.state.batcher = MicroBatcher(
             _search_batch,
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (NotImplementedError, RuntimeError, ValueError):
             pass
         await app.state.batcher.stop()
+        decoder.close()  # kills the decode workers, whatever they are decoding
         compute.shutdown(wait=False)
         app.state.executor.shutdown(wait=False)
 

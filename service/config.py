@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mris.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
+
 
 class Settings(BaseSettings):
     """Every field is read from ``MRIS_<NAME>`` (e.g. ``MRIS_MODEL_DIR``); see the README."""
@@ -36,6 +38,13 @@ class Settings(BaseSettings):
     worker_threads: int = Field(2, ge=1, description="Threads for decoding, ROIs and synthesis.")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads (0 = all cores).")
     max_pixels: int = Field(40_000_000, gt=0, description="Largest rows x columns decoded.")
+    decode_workers: int = Field(2, ge=1, description="Worker processes that decode DICOM pixel data.")
+    decode_memory_mb: int = Field(
+        DEFAULT_MEMORY_MB, ge=256, description="Address-space cap of each decode worker (MB)."
+    )
+    decode_timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S, gt=0, description="Longest one decode may run; past it the worker is killed (503)."
+    )
     log_level: str = "INFO"
 
     @property

@@ -366,3 +366,71 @@ def test_cohort_generator_files_read_back(tmp_path):
             assert radiograph.spacing_source == "ImagerPixelSpacing"
             text = json.dumps(radiograph.metadata)
             assert "S0001" not in text and "SYNTHETIC" not in text
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+
+def _bare(data: bytes, implicit: bool) -> bytes:
+    """The dataset of a Part 10 file without preamble and file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset as write_bare
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_bare(out, ds)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_a_bare_dataset_without_preamble_and_file_meta_is_read(phantom, implicit):
+    data = make_dicom_bytes(phantom, bits_stored=12)
+    radiograph = read_radiograph(_bare(data, implicit))
+    np.testing.assert_array_equal(radiograph.pixels, phantom.astype(np.float32))
+    expected = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
+    assert radiograph.metadata["transfer_syntax_uid"] == expected
+
+
+def test_a_bare_dataset_with_compressed_pixels_is_refused(phantom):
+    data = make_dicom_bytes(phantom, uid.RLELossless, bits_stored=12)
+    assert "codec" in _raises_fast(UnsupportedDicom, _bare(data, implicit=False)).detail
+
+
+def test_pixel_formats_are_those_dx_and_cr_allow(phantom):
+    # 32-bit words holding float32 values: DX allows 8 or 16 bits; refused, not cropped as garbage.
+    as_words = phantom.astype(np.float32).view(np.uint32)
+    assert "BitsAllocated 32" in _raises_fast(UnsupportedDicom, make_dicom_bytes(as_words)).detail
+    ds = pydicom.dcmread(io.BytesIO(make_dicom_bytes(phantom, bits_stored=12)))
+    ds.FloatPixelData = phantom.astype(np.float32).tobytes()
+    ds["FloatPixelData"].VR = "OF"
+    assert "float pixel data" in _raises_fast(UnsupportedDicom, write_dataset(ds)).detail
+    ds = pydicom.dcmread(io.BytesIO(make_dicom_bytes(phantom, bits_stored=12)))
+    ds.PixelRepresentation = 2
+    assert "PixelRepresentation 2" in _raises_fast(UnreadableDicom, write_dataset(ds)).detail
+    # Signed 16-bit pixels: a documented superset (DX requires unsigned).
+    signed = (phantom.astype(np.int32) - 2048).astype(np.int16)
+    np.testing.assert_array_equal(read_radiograph(make_dicom_bytes(signed)).pixels, signed.astype(np.float32))
+
+
+def test_corrupt_tags_read_after_decoding_are_typed_errors(phantom):
+    """Spacing and technical tags are read inside the one decoder-failure boundary: corrupt bytes
+    there give a typed error (they gave a 500 on PixelSpacing-only and JPEG baseline files)."""
+    rng = np.random.default_rng(12)
+    seeds = [
+        make_dicom_bytes(phantom, imager_spacing=None, pixel_spacing=(0.2, 0.2), bits_stored=12),
+        make_dicom_bytes((phantom >> 4).astype(np.uint8), uid.JPEGBaseline8Bit),
+    ]
+    typed = (UnreadableDicom, UnsupportedDicom, NoUsableSpacing, ImageTooLarge)
+    for data in seeds:
+        spacing = data.find(b"\x28\x00\x30\x00DS") if b"\x28\x00\x30\x00DS" in data else data.find(b"\x18\x00\x64\x11DS")
+        pixel_data = data.rfind(b"\xe0\x7f\x10\x00")
+        for _ in range(150):
+            corrupt = bytearray(data)
+            region = (spacing, spacing + 16) if rng.random() < 0.5 else (132, pixel_data)
+            for _ in range(int(rng.integers(1, 5))):
+                corrupt[int(rng.integers(*region))] = int(rng.integers(0, 256))
+            try:
+                read_radiograph(bytes(corrupt))
+            except typed as exc:
+                _no_identifier(exc.detail)
