@@ -2,7 +2,9 @@
 
 Writes the same image uncompressed (explicit VR little endian) and as JPEG 2000 (lossless and
 lossy, pylibjpeg-openjpeg through pydicom's encoder), then times ``read_radiograph`` and
-``extract_rois`` (both knees, 140 mm at 0.15 mm/px -> 933 px -> 256 px). Medians of repeats.
+``extract_rois`` (both knees, 140 mm at 0.15 mm/px -> 933 px -> 256 px), and the same decode
+through the service's decode sandbox (``mris.sandbox``: a worker process, bytes and pixels in
+shared memory) to show what the isolation costs. Medians of repeats.
 
     python benchmarks/bench_ingest.py [--repeats 5]
 """
@@ -21,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from mris.constants import PreprocessConfig
 from mris.dicom import read_radiograph
 from mris.roi import extract_rois
+from mris.sandbox import DecodeSandbox
 
 ROWS, COLS, SPACING_MM = 2048, 2560, 0.15
 
@@ -80,13 +83,17 @@ def main() -> None:
     ]
     print(f"{ROWS} x {COLS} 12-bit, {SPACING_MM} mm/px, ROI {config.roi_size_mm:g} mm -> "
           f"{config.encoder_px} px, median of {args.repeats}")
-    print(f"{'syntax':<20} {'file MiB':>9} {'decode ms':>10} {'2 ROIs ms':>10} {'total ms':>9}")
-    for name, ts, encode in cases:
-        data = write(image, ts, **encode)
-        radiograph = read_radiograph(data)
-        decode = median_ms(lambda data=data: read_radiograph(data), args.repeats)
-        roi = median_ms(lambda r=radiograph: extract_rois(r, centres, config), args.repeats)
-        print(f"{name:<20} {len(data) / 2**20:>9.2f} {decode:>10.1f} {roi:>10.1f} {decode + roi:>9.1f}")
+    print(f"{'syntax':<20} {'file MiB':>9} {'decode ms':>10} {'2 ROIs ms':>10} {'total ms':>9} "
+          f"{'sandboxed decode ms':>20} {'ratio':>6}")
+    with DecodeSandbox(workers=1) as sandbox:
+        for name, ts, encode in cases:
+            data = write(image, ts, **encode)
+            radiograph = read_radiograph(data)
+            decode = median_ms(lambda data=data: read_radiograph(data), args.repeats)
+            roi = median_ms(lambda r=radiograph: extract_rois(r, centres, config), args.repeats)
+            sandboxed = median_ms(lambda data=data: sandbox.read(data), args.repeats)
+            print(f"{name:<20} {len(data) / 2**20:>9.2f} {decode:>10.1f} {roi:>10.1f} {decode + roi:>9.1f} "
+                  f"{sandboxed:>20.1f} {sandboxed / decode:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,20 @@ _PRELOAD = ("mris.sandbox", "pydicom", "pydicom.pixels", "pylibjpeg", "openjpeg"
 
 def _limit_memory(memory_mb: int) -> None:
     """Worker initializer: cap the address space; the decoders' allocations fail beyond it."""
+    os.environ["RUST_BACKTRACE"] = "0"  # a panicking RLE decoder prints one line, not a stack
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _shm_has_room(nbytes: int) -> bool:
+    """Whether /dev/shm can hold ``nbytes`` more (with a 64 MiB margin). A tmpfs that fills while
+    a block is written kills the writer with SIGBUS; Docker gives containers 64 MiB unless told
+    otherwise (docker-compose.yml sets ``shm_size``), so a full one falls back to the pipe."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize >= nbytes + (64 << 20)
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,7 @@ def _share_bytes(data: bytes) -> tuple[_SharedBytes, shared_memory.SharedMemory]
 
 def _read_in_worker(
     source: bytes | str | _SharedBytes, spacing_mm: float | None, limits: DecodeLimits, memory_mb: int
-) -> _SharedPixels:
+) -> _SharedPixels | Radiograph:
     if isinstance(source, _SharedBytes):
         block = shared_memory.SharedMemory(name=source.block)
         try:
@@ -108,6 +120,8 @@ def _read_in_worker(
     try:
         radiograph = read_radiograph(source, spacing_mm=spacing_mm, limits=limits)
         pixels = radiograph.pixels
+        if not _shm_has_room(pixels.nbytes):
+            return radiograph  # pickled through the pipe: slower, never a SIGBUS
         block = shared_memory.SharedMemory(create=True, size=max(pixels.nbytes, 1))
         try:
             np.ndarray(pixels.shape, np.float32, buffer=block.buf)[...] = pixels
@@ -208,7 +222,8 @@ class DecodeSandbox:
         if isinstance(source, Path):
             source = str(source)
         shared = None
-        if isinstance(source, (bytes, bytearray, memoryview)) and len(source) > _SHARED_INPUT_BYTES:
+        if (isinstance(source, (bytes, bytearray, memoryview)) and len(source) > _SHARED_INPUT_BYTES
+                and _shm_has_room(len(source))):
             source, shared = _share_bytes(source)
         future = pool.schedule(
             _read_in_worker,
@@ -226,7 +241,8 @@ class DecodeSandbox:
         from pebble import ProcessExpired
 
         try:
-            return future.result().take()
+            result = future.result()
+            return result.take() if isinstance(result, _SharedPixels) else result
         except MrisError:
             raise
         except (concurrent.futures.TimeoutError, TimeoutError):

@@ -21,12 +21,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of one process in MB (0 when it is gone)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of one process in MB (``VmHWM``: its peak so far); 0 when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -98,6 +98,10 @@ class ServeProcess:
     def rss_mb(self) -> float:
         """The server's own resident memory (its decode workers are separate processes)."""
         return rss_mb(self.pid)
+
+    def peak_rss_mb(self) -> float:
+        """The server's peak resident memory since it started (the kernel's high-water mark)."""
+        return rss_mb(self.pid, "VmHWM")
 
     def workers_rss_mb(self) -> float:
         return sum(rss_mb(child) for child in descendants(self.pid))
