@@ -1,10 +1,26 @@
 """The ``mris`` command line. Each concern registers its own commands from its own module
 (``COMMAND_MODULES``); heavy imports (torch, onnxruntime, faiss) happen inside the commands so
-``mris --help`` stays fast."""
+``mris --help`` stays fast.
+
+Signals (``main``): SIGINT (Ctrl-C) and SIGTERM (``kill``, ``docker stop``, a parent ``mris``
+passing a signal on, see ``mris.subcommand``) both raise ``KeyboardInterrupt`` in the main thread,
+so a SIGTERM ends a command exactly as Ctrl-C does (a training keeps its last checkpoint and says
+so; ``--resume`` continues it). The command then prints one line, "interrupted (SIGINT)" or
+"interrupted (SIGTERM)", and exits 128 + the signal number: 130 for SIGINT, 143 for SIGTERM (what
+a shell reports for a process killed by that signal). Once interrupted, a further SIGTERM is
+ignored: with Ctrl-C under ``mris demo`` the child gets the terminal's SIGINT and then its
+parent's SIGTERM, and the second must not break the first one's clean-up. A further SIGINT still
+raises (a user pressing Ctrl-C again). Signals ignored at start (``nohup``, ``&`` in a
+non-interactive shell) stay ignored; a process forked from a command (a pool worker) keeps
+Python's own behaviour (SIGINT raises, SIGTERM ends it). ``mris serve`` is the exception to the
+exit code: uvicorn takes both signals for a graceful shutdown and then ends normally (exit 0).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 import typer
@@ -47,16 +63,56 @@ def _register() -> None:
 _register()
 
 
+_interrupted_by: int | None = None  # the first SIGINT / SIGTERM this process got
+_handler_pid = os.getpid()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGINT / SIGTERM -> ``KeyboardInterrupt``; a SIGTERM after the first interruption is ignored."""
+    global _interrupted_by
+    if os.getpid() != _handler_pid:  # a forked worker: Python's default behaviour
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if _interrupted_by is not None and signum != signal.SIGINT:
+        return
+    if _interrupted_by is None:
+        _interrupted_by = signum
+    raise KeyboardInterrupt
+
+
+def _install_interrupt_handlers() -> None:
+    global _handler_pid
+    _handler_pid = os.getpid()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _interrupt)
+
+
+def _exit_interrupted() -> None:
+    signum = _interrupted_by or signal.SIGINT
+    err_console.print(f"[yellow]interrupted ({signal.Signals(signum).name})[/]")
+    sys.exit(128 + signum)
+
+
 def main() -> None:
-    """Console-script entry point: typed errors become one line and a non-zero exit."""
+    """Console-script entry point: typed errors become one line and a non-zero exit; SIGINT and
+    SIGTERM become one line "interrupted (...)" and exit 130 / 143 (module docstring)."""
+    _install_interrupt_handlers()
     try:
         app()
     except MrisError as exc:
         err_console.print(f"[bold red]error:[/] {escape(exc.detail)}")
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        _exit_interrupted()
+    except SystemExit as exc:
+        # typer ends a KeyboardInterrupt as a silent exit 130, whichever signal raised it
+        if _interrupted_by is not None and exc.code not in (0, None):
+            _exit_interrupted()
+        raise
     except (FileExistsError, PermissionError) as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(2)

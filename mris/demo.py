@@ -9,7 +9,9 @@
 
 Each stage runs as its own ``mris`` command (so it shows its own progress bar and summary) and is
 skipped when its output is already complete, so a second run reuses what is done; an interrupted
-training resumes from its last checkpoint.
+training resumes from its last checkpoint. Ctrl-C, SIGTERM or SIGHUP stop the running stage too
+(``mris.subcommand``: the child gets SIGTERM and is waited for), so ``--serve`` never leaves its
+``mris serve`` behind holding the port.
 """
 
 from __future__ import annotations

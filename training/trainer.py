@@ -12,7 +12,9 @@ knee, its first visit; a query counts as found at k when fewer than k validation
 strictly higher than its own map). The best epoch by the sum of the four recalls is kept in
 ``best.pt``. ``last.pt`` is written atomically after every epoch (and once before the first),
 with model, optimiser, scheduler, sampler and RNG state, so ``--resume`` continues exactly and a
-Ctrl-C loses at most the epoch in progress.
+Ctrl-C loses at most the epoch in progress (a SIGTERM too: ``mris.cli.main`` turns it into the same
+``KeyboardInterrupt``; the message names the epoch ``last.pt`` really holds, ``saved_epoch``, even
+when the interruption lands while a checkpoint is being written).
 
 Determinism: seeds for python/numpy/torch, ``torch.use_deterministic_algorithms`` (warn only),
 cuDNN benchmark off; the sampler's and the augmentation's random draws are pure functions of
@@ -126,6 +128,7 @@ class RegionTrainer:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.step_size, gamma=p.gamma)
         self.sampler = KneeVisitSampler(self.data.train_knees, p.batch_size, self.seed)
         self.epoch = 0
+        self.saved_epoch = 0  # the epoch last.pt holds (what an interruption keeps)
         self.best_score = -1.0
         self.best_epoch = -1
         self.best_metrics: dict[str, float] = {}
@@ -163,6 +166,8 @@ class RegionTrainer:
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         save_checkpoint(path, state)
+        if path == self.last_path:
+            self.saved_epoch = state["epoch"]
 
     def load(self, path: Path) -> None:
         state = read_checkpoint(path, self.device, CHECKPOINT_FORMAT, self._config_blob(), "MRIS training")
@@ -172,7 +177,7 @@ class RegionTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
-        self.epoch = state["epoch"]
+        self.epoch = self.saved_epoch = state["epoch"]
         self.best_score, self.best_epoch = state["best"]["score"], state["best"]["epoch"]
         self.best_metrics = state["best"]["metrics"]
         self.history = state["history"]
@@ -271,7 +276,7 @@ class RegionTrainer:
                 if self.on_epoch is not None:
                     self.on_epoch(record)
         except KeyboardInterrupt:
-            self.log(f"{self.name}: interrupted; {self.last_path} holds epoch {self.epoch}: rerun with --resume")
+            self.log(f"{self.name}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume")
             raise
         return TrainResult(
             best_epoch=self.best_epoch,

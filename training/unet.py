@@ -133,6 +133,7 @@ class UnetTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr_radiograph, weight_decay=p.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.step_size, gamma=p.gamma)
         self.epoch = 0
+        self.saved_epoch = 0  # the epoch last.pt holds (what an interruption keeps)
         self.best_mae = float("inf")
         self.best_epoch = -1
         self.best_metrics: dict[str, float] = {}
@@ -163,6 +164,8 @@ class UnetTrainer:
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
         save_checkpoint(path, state)
+        if path == self.last_path:
+            self.saved_epoch = state["epoch"]
 
     def load(self, path: Path) -> None:
         state = read_checkpoint(path, self.device, UNET_CHECKPOINT_FORMAT, self._config_blob(), "MRIS U-Net")
@@ -170,7 +173,7 @@ class UnetTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
-        self.epoch = state["epoch"]
+        self.epoch = self.saved_epoch = state["epoch"]
         self.best_mae, self.best_epoch = state["best"]["mae"], state["best"]["epoch"]
         self.best_metrics = state["best"]["metrics"]
         self.history = state["history"]
@@ -263,7 +266,7 @@ class UnetTrainer:
                 if self.on_epoch is not None:
                     self.on_epoch(record)
         except KeyboardInterrupt:
-            self.log(f"unet: interrupted; {self.last_path} holds epoch {self.epoch}: rerun with --resume")
+            self.log(f"unet: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume")
             raise
 
     def load_best(self) -> None:
