@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mris.constants import PreprocessConfig
-from mris.dicom import DecodeLimits, Radiograph, read_radiograph
+from mris.dicom import DecodeLimits, Radiograph, read_radiograph, validate_spacing_mm
 from mris.encoders import OnnxEncoder
 from mris.errors import BadParameter, BundleMismatch
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
@@ -32,6 +32,9 @@ from mris.synthesis import similarity_weights, synthesize
 KNEE_CHOICES = {"both": ("RIGHT", "LEFT"), "right": ("RIGHT",), "left": ("LEFT",)}
 MAP_NAMES = ("fc", "tc")
 MAX_K = 100
+OPTION_MAX_CHARS = 32
+"""Longest text of a scalar option (knees, k, spacing_mm, format) read from a caller; longer
+texts are refused unparsed. ``keypoints`` has its own bound, ``mris.roi.KEYPOINTS_MAX_CHARS``."""
 
 
 @dataclass(frozen=True)
@@ -52,20 +55,28 @@ class RequestOptions:
         keypoints: str | None = None,
         spacing_mm: float | str | None = None,
     ) -> RequestOptions:
-        if knees not in KNEE_CHOICES:
+        """Options as a caller types them (CLI flags, form fields, query parameters).
+
+        Any value gives either options or ``BadParameter`` naming the option, never another
+        exception: texts longer than ``OPTION_MAX_CHARS`` (keypoints: ``KEYPOINTS_MAX_CHARS``)
+        are refused before they are parsed, numbers must be finite and in range.
+        """
+        for name, value in (("knees", knees), ("k", k), ("spacing_mm", spacing_mm)):
+            if isinstance(value, str) and len(value) > OPTION_MAX_CHARS:
+                raise BadParameter(
+                    f"{name} must be at most {OPTION_MAX_CHARS} characters, got {len(value)}"
+                )
+        if not isinstance(knees, str) or knees not in KNEE_CHOICES:
             raise BadParameter(f"knees must be both, left or right, not {knees!r}")
         try:
             k_value = int(k)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
             raise BadParameter(f"k must be an integer from 1 to {MAX_K}") from None
-        if not 1 <= k_value <= MAX_K:
+        if isinstance(k, bool) or not 1 <= k_value <= MAX_K:
             raise BadParameter(f"k must be from 1 to {MAX_K}, got {k_value}")
         spacing = None
         if spacing_mm is not None and spacing_mm != "":
-            try:
-                spacing = float(spacing_mm)
-            except (TypeError, ValueError):
-                raise BadParameter("spacing_mm must be a number (mm per pixel)") from None
+            spacing = validate_spacing_mm(spacing_mm)
         return cls(KNEE_CHOICES[knees], k_value, parse_keypoints(keypoints), spacing)
 
 

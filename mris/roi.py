@@ -15,6 +15,11 @@ Decisions (docs/PREPROCESSING.md):
   (blank or negative-valued) raises ``KneeNotFound``.
 - RIGHT knees are flipped left-right after resampling (``flip_right``).
 - A centre outside the image (or not finite) raises ``KneeNotFound``.
+- ``parse_keypoints`` takes caller text (CLI, form field, query parameter) and gives centres or
+  ``BadParameter``, nothing else: at most ``KEYPOINTS_MAX_CHARS`` characters (so no deep nesting
+  reaches ``json.loads``), no NaN/Infinity, each coordinate a finite number within
+  ±``KEYPOINT_MAX_ABS_PX`` (ints past the float range included); whether the centre lies in the
+  image is checked when the image is known.
 """
 
 from __future__ import annotations
@@ -189,28 +194,68 @@ def stack_rois(rois: Sequence[KneeRoi]) -> np.ndarray:
     return np.stack([roi.image for roi in rois])[:, None, :, :].astype(np.float32, copy=False)
 
 
+KEYPOINTS_MAX_CHARS = 256
+"""Longest ``keypoints`` text accepted: two knees with generous decimals need under 100, and the
+bound keeps ``json.loads`` away from deep nesting (RecursionError) and huge numbers."""
+KEYPOINT_MAX_ABS_PX = 1_000_000.0
+"""Largest |column| or |row| accepted before the image is known; ``_check_centre`` then requires
+the centre to lie inside the image. Bounded so no coordinate overflows a float computation."""
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
 def parse_keypoints(text: str | None) -> dict[str, tuple[float, float]] | None:
     """``{"left": [x, y], "right": [x, y]}`` (pixel column, row; ``right`` is the patient's right
-    knee, on the image's left) -> ``{"LEFT": (x, y), "RIGHT": (x, y)}``."""
+    knee, on the image's left) -> ``{"LEFT": (x, y), "RIGHT": (x, y)}``.
+
+    Any text gives either that or ``BadParameter`` (never another exception): at most
+    ``KEYPOINTS_MAX_CHARS`` characters, no NaN/Infinity, coordinates finite numbers within
+    ±``KEYPOINT_MAX_ABS_PX``, each knee once.
+    """
     if text is None or text == "":
         return None
+    if not isinstance(text, str):
+        raise BadParameter('keypoints must be JSON text like {"left": [x, y], "right": [x, y]}')
+    if len(text) > KEYPOINTS_MAX_CHARS:
+        raise BadParameter(
+            f"keypoints must be at most {KEYPOINTS_MAX_CHARS} characters, got {len(text)}"
+        )
     try:
-        raw = json.loads(text)
-    except (TypeError, ValueError):
+        raw = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, OverflowError):
+        # ValueError covers JSONDecodeError and ints past Python's digit limit.
         raise BadParameter('keypoints must be JSON like {"left": [x, y], "right": [x, y]}') from None
     if not isinstance(raw, dict) or not raw:
         raise BadParameter('keypoints must be a JSON object like {"left": [x, y], "right": [x, y]}')
     centres: dict[str, tuple[float, float]] = {}
     for key, value in raw.items():
-        side = str(key).upper()
+        side = key.upper()
         if side not in ("LEFT", "RIGHT"):
-            raise BadParameter(f"keypoints: unknown knee {key!r} (use 'left' and 'right')")
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            or not all(math.isfinite(float(v)) for v in value)
-        ):
-            raise BadParameter(f"keypoints: {key!r} must be [x, y], two finite numbers in pixels")
-        centres[side] = (float(value[0]), float(value[1]))
+            raise BadParameter(f"keypoints: unknown knee {key[:20]!r} (use 'left' and 'right')")
+        if side in centres:
+            raise BadParameter(f"keypoints: the {key.lower()} knee is given twice")
+        centres[side] = _coordinates(key, value)
     return centres
+
+
+def _coordinates(key: str, value: object) -> tuple[float, float]:
+    message = (
+        f"keypoints: {key!r} must be [x, y], two finite numbers of pixels within "
+        f"±{KEYPOINT_MAX_ABS_PX:.0f}"
+    )
+    if not isinstance(value, list) or len(value) != 2:
+        raise BadParameter(message)
+    coordinates = []
+    for number in value:
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise BadParameter(message)
+        try:
+            as_float = float(number)
+        except OverflowError:  # an int beyond the float range
+            raise BadParameter(message) from None
+        if not math.isfinite(as_float) or abs(as_float) > KEYPOINT_MAX_ABS_PX:
+            raise BadParameter(message)
+        coordinates.append(as_float)
+    return coordinates[0], coordinates[1]

@@ -1,28 +1,63 @@
 """Shared route dependencies: authentication, the served state, and reading the radiograph
-upload (multipart field ``file`` or an ``application/dicom`` body) with its options."""
+upload (multipart field ``file`` or an ``application/dicom`` body) with its options.
+
+Decisions (each answer below is problem+json with a detail that names what was wrong):
+
+- The bearer token is compared as bytes, in constant time (``hmac.compare_digest``). Starlette
+  decodes header bytes as latin-1, so encoding the given value back with latin-1 restores the
+  exact bytes sent; the configured token is encoded as UTF-8 (what a client sends for it). Any
+  bytes at all give 401, never an exception.
+- Options come from the query string and, with a multipart upload, from text fields; a form
+  field wins over a query parameter of the same name, but an invalid query parameter is refused
+  even then (it is checked before the body is read). Before anything is parsed: an unknown
+  option, an option given twice in one place, or an option text longer than its limit
+  (``schemas.option_text_limit``) is refused with 422. An empty value means "not given" (HTML
+  forms send blank fields). ``SynthesisParams`` then checks types and ranges (422).
+- Multipart: at most one file part and ``MAX_FORM_FIELDS`` text parts, text parts of at most
+  ``MAX_FORM_PART_BYTES`` (413); ``file`` must be a file part and the options text parts (422).
+- The body is read up to ``max_upload_bytes`` (413, also when Content-Length announces more); a
+  Content-Length that is not a number is 400 (uvicorn's parser refuses most before we see them).
+"""
 
 from __future__ import annotations
 
-import secrets
+import hmac
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from mris.service.problems import ServiceProblem
-from mris.service.schemas import SynthesisParams
+from mris.service.schemas import DICOM_MEDIA_TYPES, OPTION_NAMES, SynthesisParams, option_text_limit
 from mris.service.state import ServingState
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-DICOM_MEDIA_TYPES = ("application/dicom", "application/octet-stream")
-OPTION_NAMES = tuple(SynthesisParams.model_fields)
+MAX_FORM_FIELDS = 16
+MAX_FORM_PART_BYTES = 1 << 20  # a text part; the longest legitimate one (keypoints) is 256 chars
+_SHOWN_NAME_CHARS = 40
 
 
-def require_token(request: Request) -> None:
+# Declares the scheme in the OpenAPI document only; require_token reads the header itself.
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="MRIS_API_TOKEN, when the service has one: every route but /healthz and /readyz.",
+)
+
+
+def require_token(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+) -> None:
     token = request.app.state.settings.token
     if token is None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), token):
+    # latin-1 round-trips every header byte; compare_digest on bytes takes any content.
+    matches = hmac.compare_digest(given.strip().encode("latin-1"), token.encode("utf-8"))
+    if scheme.lower() != "bearer" or not matches:
         raise ServiceProblem(
             401,
             "Unauthorized",
@@ -44,10 +79,11 @@ async def _read_body_limited(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise ServiceProblem(413, "Request too large", _too_large(limit))
+            declared_bytes = int(declared)
         except ValueError:
             raise ServiceProblem(400, "Bad request", "Content-Length is not a number") from None
+        if declared_bytes > limit:
+            raise ServiceProblem(413, "Request too large", _too_large(limit))
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -58,7 +94,79 @@ async def _read_body_limited(request: Request, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> str:
-    return f"the request body is larger than the limit of {limit / 2**20:.0f} MiB"
+    return f"the request body is larger than the limit of {limit / 2**20:g} MiB"
+
+
+def _shown(name: str) -> str:
+    """A caller-chosen name, safe to put in a detail: short and quoted."""
+    return repr(name[:_SHOWN_NAME_CHARS] + ("..." if len(name) > _SHOWN_NAME_CHARS else ""))
+
+
+def _collect_options(items: list[tuple[str, str]], where: str) -> dict[str, str]:
+    """Known, single, not over-long option texts from (name, value) pairs; 422 otherwise."""
+    options: dict[str, str] = {}
+    seen: set[str] = set()
+    for name, value in items:
+        if name not in OPTION_NAMES:
+            raise ServiceProblem(
+                422,
+                "Invalid parameter",
+                f"unknown {where} {_shown(name)}; the options are {', '.join(OPTION_NAMES)}",
+            )
+        if name in seen:
+            raise ServiceProblem(
+                422, "Invalid parameter", f"{name}: given more than once as a {where}"
+            )
+        seen.add(name)
+        limit = option_text_limit(name)
+        if len(value) > limit:
+            raise ServiceProblem(
+                422, "Invalid parameter", f"{name}: at most {limit} characters, got {len(value)}"
+            )
+        if value != "":
+            options[name] = value
+    return options
+
+
+async def _read_multipart(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
+    body = await _read_body_limited(request, limit)
+    request._body = body  # starlette's form parser reads the cached body
+    try:
+        form = await request.form(
+            max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART_BYTES
+        )
+    except StarletteHTTPException as exc:  # starlette's reason: boundary, too many parts...
+        status = 413 if "maximum size" in str(exc.detail) else 400
+        raise ServiceProblem(
+            status, "Bad request", f"the multipart body could not be read: {exc.detail}"
+        ) from None
+    except Exception:  # noqa: BLE001 - python-multipart raises many kinds on a malformed body
+        raise ServiceProblem(400, "Bad request", "the multipart body could not be parsed") from None
+    texts: list[tuple[str, str]] = []
+    upload = None
+    for name, value in form.multi_items():
+        if name == "file":
+            if not isinstance(value, UploadFile):
+                raise ServiceProblem(
+                    422,
+                    "Invalid parameter",
+                    "file: must be a file part (the DICOM), not a text field",
+                )
+            upload = value
+        elif isinstance(value, UploadFile):
+            raise ServiceProblem(
+                422, "Invalid parameter", f"{_shown(name)}: must be a text field, not a file part"
+            )
+        else:
+            texts.append((name, value))
+    if upload is None:
+        raise ServiceProblem(
+            422,
+            "Invalid parameter",
+            "multipart uploads need the DICOM in a form field named 'file'",
+        )
+    options = _collect_options(texts, "form field")
+    return await upload.read(), options
 
 
 class Upload:
@@ -69,60 +177,39 @@ class Upload:
         self.params = params
 
 
-async def read_upload(
-    request: Request,
-    knees: Annotated[str | None, Query(description="both | left | right")] = None,
-    k: Annotated[str | None, Query(description="neighbours, 1..100 (default 20)")] = None,
-    keypoints: Annotated[
-        str | None, Query(description='JSON {"left": [x, y], "right": [x, y]} in pixels')
-    ] = None,
-    spacing_mm: Annotated[str | None, Query(description="mm per pixel if the file has none")] = None,
-    format: Annotated[str | None, Query(description="json | npz | png")] = None,
-) -> Upload:
+async def read_upload(request: Request) -> Upload:
+    """The options are documented in the OpenAPI schema by ``schemas.upload_openapi``."""
     settings = request.app.state.settings
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    options: dict[str, str] = {
-        name: value
-        for name, value in zip(OPTION_NAMES, (knees, k, keypoints, spacing_mm, format))
-        if value is not None
-    }
+    options = _collect_options(request.query_params.multi_items(), "query parameter")
+    _validated(options)  # refused before the body is read, and even where a form field overrides
     if media_type == "multipart/form-data":
-        body = await _read_body_limited(request, settings.max_upload_bytes)
-        request._body = body  # starlette's form parser reads the cached body
-        try:
-            form = await request.form(max_files=2, max_fields=20)
-        except Exception as exc:  # malformed multipart of any kind
-            raise ServiceProblem(400, "Bad request", "the multipart body could not be parsed") from exc
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ServiceProblem(
-                422, "Invalid parameter", "multipart uploads need the DICOM in a form field named 'file'"
-            )
-        data = await upload.read()
-        for name in OPTION_NAMES:
-            value = form.get(name)
-            if isinstance(value, str) and value != "":
-                options[name] = value  # a form field wins over a query parameter of the same name
+        data, form_options = await _read_multipart(request, settings.max_upload_bytes)
+        options.update(form_options)  # a form field wins over a query parameter of the same name
     elif media_type in DICOM_MEDIA_TYPES:
         data = await _read_body_limited(request, settings.max_upload_bytes)
     else:
-        shown = media_type or "none"
+        shown = _shown(media_type) if media_type else "none"
         raise ServiceProblem(
             415,
             "Unsupported media type",
-            f"send the radiograph as multipart/form-data (field 'file') or as application/dicom, not {shown}",
+            "send the radiograph as multipart/form-data (field 'file') or as "
+            f"{' or '.join(DICOM_MEDIA_TYPES)}, not {shown}",
         )
     if not data:
         raise ServiceProblem(400, "Unreadable DICOM", "the uploaded file is empty")
     options.setdefault("k", str(settings.default_k))
+    return Upload(data, _validated(options))
+
+
+def _validated(options: dict[str, str]) -> SynthesisParams:
     try:
-        params = SynthesisParams.model_validate(options)
+        return SynthesisParams.model_validate(options)
     except ValidationError as exc:
         details = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ServiceProblem(422, "Invalid parameter", details) from None
-    return Upload(data, params)
 
 
 Authorized = Depends(require_token)

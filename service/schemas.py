@@ -1,27 +1,131 @@
-"""Pydantic models of the API's answers (they make the OpenAPI docs) and of its options."""
+"""Pydantic models of the API's answers (they make the OpenAPI docs) and of its options.
+
+Decisions:
+
+- ``SynthesisParams`` is the one declaration of the request options; it validates query
+  parameters and form fields alike, and the OpenAPI parameters and multipart fields are generated
+  from it (``option_parameters``, ``upload_openapi``), so the schema a client reads states the
+  limits the service enforces. The numbers come from their owners: ``mris.pipeline.MAX_K`` and
+  ``OPTION_MAX_CHARS``, ``mris.dicom.SPACING_MIN_MM``/``SPACING_MAX_MM``,
+  ``mris.roi.KEYPOINTS_MAX_CHARS``.
+- Unknown options are refused (``extra="forbid"``): a misspelt ``spacing=0.2`` silently ignored
+  would change the answer without telling the caller.
+- Error answers are documented as ``application/problem+json`` with a non-empty ``detail``
+  (``problem_responses``), the media type they are sent with.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from mris.service.problems import PROBLEM_MEDIA_TYPE
+from pydantic import BaseModel, ConfigDict, Field
+
+from mris.dicom import SPACING_MAX_MM, SPACING_MIN_MM
+from mris.pipeline import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS
+from mris.roi import KEYPOINTS_MAX_CHARS
+
+KNEES = tuple(KNEE_CHOICES)
+FORMATS = ("json", "npz", "png")
+DICOM_MEDIA_TYPES = ("application/dicom", "application/octet-stream")
+BINARY_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary"}
 
 
 class SynthesisParams(BaseModel):
     """Options of /synthesize and /retrieve (form fields with multipart, or query parameters)."""
 
-    knees: Literal["both", "left", "right"] = "both"
-    k: int = Field(20, ge=1, le=100)
+    model_config = ConfigDict(extra="forbid")
+
+    knees: Literal[KNEES] = Field(  # type: ignore[valid-type]
+        "both", description="Which knees: both, left or right."
+    )
+    k: int = Field(
+        20,  # read_upload fills in the service's MRIS_DEFAULT_K when the caller gives none
+        ge=1,
+        le=MAX_K,
+        description=f"Neighbours per knee and region, 1..{MAX_K} (default: the service's MRIS_DEFAULT_K).",
+    )
     keypoints: str | None = Field(
         None,
+        max_length=KEYPOINTS_MAX_CHARS,
         description='JSON {"left": [x, y], "right": [x, y]}: pixel column/row of the joint centres; '
         "`right` is the patient's right knee, on the image's left.",
         examples=['{"right": [812, 1180], "left": [2010, 1175]}'],
     )
     spacing_mm: float | None = Field(
-        None, gt=0, le=5, description="Pixel spacing (mm) for files with no usable spacing tag."
+        None,
+        ge=SPACING_MIN_MM,
+        le=SPACING_MAX_MM,
+        allow_inf_nan=False,
+        description="Pixel spacing (mm) for files with no usable spacing tag.",
     )
-    format: Literal["json", "npz", "png"] = "json"
+    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+        "json", description="Answer of /synthesize: json, npz or png."
+    )
+
+
+OPTION_NAMES = tuple(SynthesisParams.model_fields)
+
+
+def option_text_limit(name: str) -> int:
+    """Most characters the text of option ``name`` may have (checked before it is parsed)."""
+    return KEYPOINTS_MAX_CHARS if name == "keypoints" else OPTION_MAX_CHARS
+
+
+def option_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of each option as sent (no ``null``: an absent option is simply not sent)."""
+    properties = SynthesisParams.model_json_schema()["properties"]
+    schemas = {}
+    for name in OPTION_NAMES:
+        schema = copy.deepcopy(properties[name])
+        branches = [b for b in schema.pop("anyOf", []) if b.get("type") != "null"]
+        if branches:
+            schema.update(branches[0])
+        if name == "k" or schema.get("default", 0) is None:
+            schema.pop("default", None)  # k's default is the service's setting, not the model's
+        schema.pop("title", None)
+        schemas[name] = schema
+    return schemas
+
+
+def option_parameters() -> list[dict[str, Any]]:
+    """The options as OpenAPI query parameters."""
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": schema.get("description", ""),
+            "schema": {key: value for key, value in schema.items() if key != "description"},
+        }
+        for name, schema in option_schemas().items()
+    ]
+
+
+def upload_openapi() -> dict[str, Any]:
+    """``openapi_extra`` of the upload routes: the query options and the two body forms."""
+    return {
+        "parameters": option_parameters(),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {**BINARY_SCHEMA, "description": "The radiograph DICOM file."},
+                            **option_schemas(),
+                        },
+                        "additionalProperties": False,
+                    },
+                    "encoding": {"file": {"contentType": DICOM_MEDIA_TYPES[0]}},
+                },
+                **{media_type: {"schema": BINARY_SCHEMA} for media_type in DICOM_MEDIA_TYPES},
+            },
+        },
+    }
 
 
 class RoiInfo(BaseModel):
@@ -59,7 +163,9 @@ class MapOut(BaseModel):
 class KneeSynthesis(BaseModel):
     side: Literal["LEFT", "RIGHT"]
     roi: RoiInfo
-    neighbours: dict[str, list[NeighbourOut]] = Field(description="Per region (fc, tc or combined).")
+    neighbours: dict[str, list[NeighbourOut]] = Field(
+        description="Per region (fc, tc or combined)."
+    )
     maps: dict[str, MapOut] = Field(description="fc and tc maps in atlas space.")
 
 
@@ -84,7 +190,19 @@ class RetrievalResponse(BaseModel):
 
 
 class Problem(BaseModel):
+    """An error answer (RFC 9457), sent as application/problem+json."""
+
     type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
+    title: str = Field(min_length=1)
+    status: int = Field(ge=400, le=599)
+    detail: str = Field(min_length=1, description="What was wrong, in plain words.")
+
+
+def problem_responses(descriptions: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses, as the handlers send them."""
+    schema = Problem.model_json_schema()
+    schema.pop("title", None)
+    return {
+        status: {"description": text, "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}}}
+        for status, text in descriptions.items()
+    }
