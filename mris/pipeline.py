@@ -222,8 +222,13 @@ class Pipeline:
             {side: float(found[side][1]) for side in options.knees},
         )
 
-    def prepare(self, data: bytes | str | Path, options: RequestOptions) -> Prepared:
-        radiograph = read_radiograph(data, spacing_mm=options.spacing_mm, limits=self.limits)
+    def prepare(self, data: bytes | str | Path | Radiograph, options: RequestOptions) -> Prepared:
+        """Decode (unless given a ``Radiograph`` already decoded, as the service's decode
+        sandbox hands it), find the knees and cut their ROIs."""
+        if isinstance(data, Radiograph):
+            radiograph = data
+        else:
+            radiograph = read_radiograph(data, spacing_mm=options.spacing_mm, limits=self.limits)
         centres, confidences = self.locate(radiograph, options)
         source = "caller" if options.keypoints is not None else "localiser"
         rois = [extract_roi(radiograph, side, centres[side], self.config, source=source) for side in options.knees]

@@ -6,12 +6,24 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from mris.service.answers import json_response, npz_response, retrieval_payload, synthesis_payload
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from mris.service.answers import (
+    NPZ_MEDIA_TYPE,
+    json_response,
+    npz_response,
+    retrieval_payload,
+    synthesis_payload,
+)
 from mris.service.batching import Overloaded
 from mris.service.deps import Authorized, Upload, read_upload, serving_state
-from mris.service.problems import PROBLEM_MEDIA_TYPE, ServiceProblem
-from mris.service.schemas import Problem, RetrievalResponse, SynthesisResponse
+from mris.service.problems import ServiceProblem
+from mris.service.schemas import (
+    BINARY_SCHEMA,
+    RetrievalResponse,
+    SynthesisResponse,
+    problem_responses,
+    upload_openapi,
+)
 from mris.service.state import ServingState
 
 from mris.pipeline import KneeResult, RequestOptions
@@ -19,39 +31,18 @@ from mris.render import render_results_png
 
 router = APIRouter()
 
-_ERRORS = {
-    status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": text}
-    for status, text in {
-        400: "Unreadable or unusable DICOM",
+_ERRORS = problem_responses(
+    {
+        400: "Unreadable or unusable DICOM, or a malformed request",
         401: "Missing or wrong bearer token",
         413: "Too large",
         415: "Wrong media type",
         422: "Bad parameters, or no knee found",
         503: "Not ready, overloaded or timed out",
-    }.items()
-}
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "knees": {"type": "string", "enum": ["both", "left", "right"]},
-                        "k": {"type": "integer", "minimum": 1, "maximum": 100},
-                        "keypoints": {"type": "string", "example": '{"right": [812, 1180], "left": [2010, 1175]}'},
-                        "spacing_mm": {"type": "number"},
-                        "format": {"type": "string", "enum": ["json", "npz", "png"]},
-                    },
-                }
-            },
-            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
-        },
     }
-}
+)
+_UPLOAD_BODY = upload_openapi()  # options and body, generated from SynthesisParams and its limits
+_GUARDED = {401: _ERRORS[401]}
 
 
 @router.get("/healthz", tags=["operations"])
@@ -72,19 +63,22 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "index_version": holder.current.index_version})
 
 
-@router.get("/info", tags=["operations"], dependencies=[Authorized])
+@router.get("/info", tags=["operations"], dependencies=[Authorized],
+            responses={**_GUARDED, 503: _ERRORS[503]})
 async def info(state: Annotated[ServingState, Depends(serving_state)]) -> dict:
     """The model card and the index card of the bundle being served."""
     return state.pipeline.info()
 
 
-@router.get("/metrics", tags=["operations"], dependencies=[Authorized])
+@router.get("/metrics", tags=["operations"], dependencies=[Authorized], responses=_GUARDED,
+            response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@router.post("/admin/reload", tags=["operations"], dependencies=[Authorized], responses={503: _ERRORS[503]})
+@router.post("/admin/reload", tags=["operations"], dependencies=[Authorized],
+             responses={**_GUARDED, 503: _ERRORS[503]})
 async def reload(request: Request) -> dict:
     """Load the bundle `current` points to, check it against the encoders, swap atomically."""
     app = request.app
@@ -109,7 +103,9 @@ async def _run(request: Request, state: ServingState, upload: Upload, with_maps:
     pipeline = state.pipeline
 
     async def work() -> list[KneeResult]:
-        prepared = await loop.run_in_executor(app.state.executor, pipeline.prepare, upload.data, options)
+        # Decoding runs in the memory- and time-bounded worker processes (mris.sandbox).
+        radiograph = await app.state.decoder.read_async(upload.data, options.spacing_mm, pipeline.limits)
+        prepared = await loop.run_in_executor(app.state.executor, pipeline.prepare, radiograph, options)
         try:
             hits = await app.state.batcher.submit_many(
                 [(state, roi.image, options.k) for roi in prepared.rois]
@@ -133,7 +129,8 @@ async def _run(request: Request, state: ServingState, upload: Upload, with_maps:
     tags=["synthesis"],
     dependencies=[Authorized],
     response_model=SynthesisResponse,
-    responses={**_ERRORS, 200: {"content": {"application/x-npz": {}, "image/png": {}}}},
+    responses={**_ERRORS, 200: {"content": {NPZ_MEDIA_TYPE: {"schema": BINARY_SCHEMA},
+                                            "image/png": {"schema": BINARY_SCHEMA}}}},
     openapi_extra=_UPLOAD_BODY,
 )
 async def synthesize(
