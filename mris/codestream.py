@@ -20,6 +20,7 @@ What is read, per family:
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -164,6 +165,6 @@ def rle_segment_count(frame: bytes, expected_segments: int) -> int:
             f"the RLE frame has {segments} segments; {expected_segments} expected"
         )
     used = offsets[:segments]
-    if used[0] != 64 or any(b <= a for a, b in zip(used, used[1:])) or used[-1] >= len(frame):
+    if used[0] != 64 or any(b <= a for a, b in itertools.pairwise(used)) or used[-1] >= len(frame):
         raise UnreadableDicom("the RLE frame's segment offsets are impossible")
     return segments

@@ -41,9 +41,10 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
+from typing_extensions import Self
 
 from mris.dicom import DecodeLimits, Radiograph, read_radiograph
-from mris.errors import DecodeTimeout, DecoderCrashed, ImageTooLarge, MrisError, UnreadableDicom
+from mris.errors import DecoderCrashed, DecodeTimeout, ImageTooLarge, MrisError, UnreadableDicom
 
 DEFAULT_MEMORY_MB = 1536  # about 180 MB of imports, then 8x the 160 MB of a 40-Mpixel float image
 DEFAULT_TIMEOUT_S = 15.0  # a full-size JPEG 2000 lossless radiograph decodes in about 1 s here
@@ -207,7 +208,7 @@ class DecodeSandbox:
                 except concurrent.futures.InvalidStateError:
                     pass
 
-    def __enter__(self) -> DecodeSandbox:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -260,7 +261,7 @@ class DecodeSandbox:
         except BrokenProcessPool:
             self._restart(getattr(future, "pool", None))
             raise
-        except Exception as exc:  # a result that did not pickle, the pool shut down...
+        except Exception as exc:  # noqa: BLE001 - a result that did not pickle, the pool shut down...
             raise UnreadableDicom(
                 f"the DICOM could not be decoded: {type(exc).__name__} in the decoder pool"
             ) from None
@@ -291,8 +292,8 @@ class DecodeSandbox:
             except asyncio.CancelledError:
                 future.cancel()
                 raise
-            except Exception:
-                pass  # outcome() turns it into a typed error
+            except Exception:  # noqa: BLE001, S110 - outcome() turns it into a typed error
+                pass
             try:
                 return await asyncio.get_running_loop().run_in_executor(None, self.outcome, future) \
                     if _is_broken(future) else self.outcome(future)

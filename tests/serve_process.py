@@ -1,6 +1,6 @@
 """A real ``mris serve`` process on 127.0.0.1 for the tests and fuzzers that must see what a
 client sees: its own process (so SIGTERM, RSS and its decode workers are real), a free port,
-settings from ``MRIS_*`` variables as in production."""
+settings from ``MRIS_*`` variables as in production; and the tiny real bundle they serve."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ import time
 from pathlib import Path
 
 import httpx
+from typing_extensions import Self
+
+
+def tiny_bundle(root: Path, pairs: int = 24) -> tuple[Path, Path]:
+    """A tiny real model bundle (tests/bundle_factory.py: ONNX encoders, no localiser, so requests
+    give keypoints) and a published index of ``pairs`` tiny maps under ``root``."""
+    from bundle_factory import make_map_cohort, make_model_bundle
+    from mris.index.build import build_index_bundle
+
+    model = make_model_bundle(root / "model", encoder_px=32)
+    manifest = make_map_cohort(root / "cohort", pairs, seed=3)
+    build_index_bundle(model, manifest, root / "index", variant="separate", publish=True, threads=1)
+    return model, root / "index"
 
 
 def free_port() -> int:
@@ -73,14 +86,23 @@ class ServeProcess:
         self.env = {**os.environ, "MRIS_LOG_LEVEL": "WARNING", **(env or {})}
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self.peak_rss_mb = 0.0
+        self.peak_workers_mb = 0.0
 
-    def start(self, timeout_s: float = 60.0) -> ServeProcess:
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+    def start(self, timeout_s: float = 90.0) -> ServeProcess:
+        """Start (or restart, on the same port) and wait until ``/readyz`` answers 200."""
+        if self.log_path is not None:
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        else:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mris serve exited with {self.process.returncode} while starting")
+                raise RuntimeError(
+                    f"mris serve exited with {self.process.returncode} while starting:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return self
@@ -88,7 +110,22 @@ class ServeProcess:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("mris serve did not become ready")
+        raise RuntimeError(f"mris serve was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
+        except OSError:
+            return ""
+
+    def sample(self) -> None:
+        """Track the peak resident memory of the server and, apart, of its decode workers."""
+        if self.alive():
+            self.peak_rss_mb = max(self.peak_rss_mb, self.peak_rss_mb_now())
+            self.peak_workers_mb = max(self.peak_workers_mb, self.workers_rss_mb())
 
     @property
     def pid(self) -> int:
@@ -99,7 +136,7 @@ class ServeProcess:
         """The server's own resident memory (its decode workers are separate processes)."""
         return rss_mb(self.pid)
 
-    def peak_rss_mb(self) -> float:
+    def peak_rss_mb_now(self) -> float:
         """The server's peak resident memory since it started (the kernel's high-water mark)."""
         return rss_mb(self.pid, "VmHWM")
 
@@ -120,6 +157,7 @@ class ServeProcess:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        self.sample()
         children = descendants(self.pid)
         self.signal(signal.SIGTERM)
         if self.wait(15) is None:
@@ -129,7 +167,7 @@ class ServeProcess:
             if alive(child):
                 os.kill(child, signal.SIGKILL)
 
-    def __enter__(self) -> ServeProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

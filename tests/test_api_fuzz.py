@@ -28,13 +28,15 @@ else:
 from fuzz.api_fuzz import (
     FAILURES,
     TOKEN,
-    ServeProcess,
     Stats,
     check_replayed,
     load_schema,
     openapi_document,
     replay,
     run_case,
+)
+from fuzz.api_fuzz import (
+    fuzz_server as start_fuzz_server,
 )
 
 MAX_EXAMPLES = int(os.environ.get("MRIS_API_FUZZ_EXAMPLES", "100"))
@@ -48,7 +50,7 @@ STATS = Stats()
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    with ServeProcess(tmp_path_factory.mktemp("api-fuzz")) as server:
+    with start_fuzz_server(tmp_path_factory.mktemp("api-fuzz")) as server:
         yield server
 
 

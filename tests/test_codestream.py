@@ -22,7 +22,7 @@ from mris.dicom import DecodeLimits, read_radiograph
 from mris.errors import ImageTooLarge, UnreadableDicom
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-from mutations import _frame_bounds, _replace_first_fragment, hostile_files  # noqa: E402
+from mutations import _frame_bounds, _replace_first_fragment, hostile_files
 
 SMALL = DecodeLimits(min_side_px=8)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-from dicom_fuzz import TOKEN, campaign, regression_files, tiny_bundle  # noqa: E402
-from serve_process import ServeProcess  # noqa: E402
+from dicom_fuzz import TOKEN, campaign, regression_files
+from serve_process import ServeProcess, tiny_bundle
 
-from mris.sandbox import DecodeSandbox  # noqa: E402
+from mris.sandbox import DecodeSandbox
 
 CASES = int(os.environ.get("MRIS_FUZZ_CASES", "1200"))
 

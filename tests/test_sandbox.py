@@ -18,18 +18,18 @@ import pytest
 from conftest import knee_phantom, make_dicom_bytes
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-from mutations import hostile_files  # noqa: E402
-from serve_process import alive, rss_mb  # noqa: E402
+from mutations import hostile_files
+from serve_process import alive, rss_mb
 
-from mris.dicom import DecodeLimits, Radiograph  # noqa: E402
-from mris.errors import (  # noqa: E402
+from mris.dicom import DecodeLimits, Radiograph
+from mris.errors import (
     DecoderCrashed,
     DecodeTimeout,
     ImageTooLarge,
     NoUsableSpacing,
     UnreadableDicom,
 )
-from mris.sandbox import DecodeSandbox, worker_pids  # noqa: E402
+from mris.sandbox import DecodeSandbox, worker_pids
 
 UNCHECKED = DecodeLimits(min_side_px=8, check_codestreams=False)
 

@@ -13,15 +13,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from bundle_factory import make_map_cohort, make_model_bundle
 from conftest import knee_phantom, make_dicom_bytes
 from pydicom import uid
-from serve_process import ServeProcess, alive, descendants
-
-from mris.index.build import build_index_bundle
+from serve_process import ServeProcess, alive, descendants, tiny_bundle
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-from mutations import KEYPOINTS, PLANTED, hostile_files  # noqa: E402
+from mutations import PLANTED, hostile_files
 
 TOKEN = "decode-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -29,11 +26,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("decode")
-    model = make_model_bundle(root / "model", encoder_px=32)
-    manifest = make_map_cohort(root / "cohort", 16, seed=3)
-    build_index_bundle(model, manifest, root / "index", variant="separate", publish=True, threads=1)
-    return {"model": model, "index": root / "index"}
+    model, index = tiny_bundle(tmp_path_factory.mktemp("decode"))
+    return {"model": model, "index": index}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,7 @@ def _probe_while(url: str, busy: threading.Event, latencies: list[float]) -> Non
 
 def test_hostile_files_are_refused_and_probes_answer_during_decodes(bundles, slow_file):
     with ServeProcess(bundles["model"], bundles["index"], {"MRIS_API_TOKEN": TOKEN}) as server:
-        for name, data in hostile_files().items():
+        for data in hostile_files().values():
             _is_problem(_post(server.url, data), 400)
         # The probes keep answering while four slow decodes occupy both decode workers.
         busy, latencies, answers = threading.Event(), [], []

@@ -14,7 +14,7 @@ import socket
 import httpx
 import pytest
 from conftest import knee_phantom, make_dicom_bytes
-from fuzz.api_fuzz import build_bundle
+from serve_process import tiny_bundle
 from test_service import KEYPOINTS, TOKEN, RunningServer, _free_port
 
 from mris.errors import BadParameter
@@ -27,7 +27,7 @@ BOUNDARY = "hostile-boundary"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return build_bundle(tmp_path_factory.mktemp("hostile"))
+    return tiny_bundle(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module")

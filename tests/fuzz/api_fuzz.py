@@ -37,10 +37,7 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +50,8 @@ TESTS = HERE.parent
 FAILURES = HERE / "failures" / "api"  # failures/ beside it is the DICOM fuzzer's
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+from serve_process import ServeProcess, tiny_bundle
 
 TOKEN = "fuzz-token-0123456789"
 PHANTOM_KEYPOINTS = (
@@ -76,143 +75,21 @@ BAD_AUTH: dict[str, str | None] = {
 
 
 # ----------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def build_bundle(root: Path) -> tuple[Path, Path]:
-    """The tiny real model bundle and a published index under ``root`` (as test_service's)."""
-    from bundle_factory import make_map_cohort, make_model_bundle
-    from mris.index.build import build_index_bundle
-
-    model = make_model_bundle(root / "model", encoder_px=32)
-    manifest = make_map_cohort(root / "cohort", 24, seed=3)
-    build_index_bundle(model, manifest, root / "index", variant="separate", publish=True, threads=1)
-    return model, root / "index"
-
-
-def _proc_kib(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for path in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found += [int(p) for p in path.read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-class ServeProcess:
-    """``mris serve`` in a subprocess; ``url`` once ready. Its output goes to ``log_path``."""
-
-    def __init__(self, root: Path, token: str = TOKEN, max_upload_mb: float = MAX_UPLOAD_MB):
-        self.root = root
-        self.token = token
-        self.max_upload_mb = max_upload_mb
-        self.port = 0
-        self.process: subprocess.Popen | None = None
-        self.log_path = root / "serve.log"
-        self.peak_rss_kib = 0
-        self.peak_children_kib = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 90.0) -> ServeProcess:
-        import httpx
-
-        model, index = (self.root / "model", self.root / "index")
-        if not (index / "current").exists():
-            model, index = build_bundle(self.root)
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "MRIS_API_TOKEN": self.token,
-            "MRIS_MAX_UPLOAD_MB": str(self.max_upload_mb),
-            "MRIS_INTRA_OP_THREADS": "1",
-            "MRIS_WORKER_THREADS": "2",
-            "MRIS_REQUEST_TIMEOUT_S": "20",
-            "MRIS_LOG_LEVEL": "WARNING",
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "mris.cli",
-            "serve",
-            "--model",
-            str(model),
-            "--index-root",
-            str(index),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"mris serve exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"mris serve was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def sample_rss(self) -> None:
-        """Track the peak resident memory of the server and, apart, of its child processes."""
-        if not self.alive():
-            return
-        pid = self.process.pid
-        self.peak_rss_kib = max(self.peak_rss_kib, _proc_kib(pid, "VmHWM"), _proc_kib(pid, "VmRSS"))
-        children = sum(_proc_kib(child, "VmRSS") for child in _children(pid))
-        self.peak_children_kib = max(self.peak_children_kib, children)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.sample_rss()
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self.process = None
-
-    def __enter__(self) -> ServeProcess:  # noqa: PYI034
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def fuzz_server(root: Path, token: str = TOKEN, max_upload_mb: float = MAX_UPLOAD_MB) -> ServeProcess:
+    """The real ``mris serve`` this fuzzer targets, over the tiny bundle built under ``root``
+    (reused when already there); ``MRIS_MAX_UPLOAD_MB`` is small so 413 is reachable."""
+    if (root / "index" / "current").exists():
+        model, index = root / "model", root / "index"
+    else:
+        model, index = tiny_bundle(root)
+    env = {
+        "MRIS_API_TOKEN": token,
+        "MRIS_MAX_UPLOAD_MB": str(max_upload_mb),
+        "MRIS_INTRA_OP_THREADS": "1",
+        "MRIS_WORKER_THREADS": "2",
+        "MRIS_REQUEST_TIMEOUT_S": "20",
+    }
+    return ServeProcess(model, index, env, log_path=root / "serve.log")
 
 
 # ------------------------------------------------------------------------------- generation
@@ -566,7 +443,7 @@ def long_run(
     started = time.monotonic()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="mris-api-fuzz-") as tmp:
-        server = ServeProcess(Path(tmp)).start()
+        server = fuzz_server(Path(tmp)).start()
         try:
             schema = load_schema(server.url, seed=seed)
             case_strategy = st.one_of(_strategies(schema))
@@ -595,7 +472,7 @@ def long_run(
                         f"  {finding.kind}: {finding.message[:300]} -> {save_finding(finding)}",
                         flush=True,
                     )
-                server.sample_rss()
+                server.sample()
                 if not server.alive():
                     server.start()  # a crash is counted by the failed request; keep fuzzing
                     session.close()
@@ -604,8 +481,8 @@ def long_run(
                 hypothesis_seed(rng.getrandbits(64))(one)()
         finally:
             server.stop()
-    stats.peak_rss_mib = server.peak_rss_kib / 1024
-    stats.peak_children_mib = server.peak_children_kib / 1024
+    stats.peak_rss_mib = server.peak_rss_mb
+    stats.peak_children_mib = server.peak_workers_mb
     return stats
 
 

@@ -40,8 +40,8 @@ for path in (HERE, TESTS):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from mutations import KEYPOINTS, PLANTED, cases, hostile_files, seed_files  # noqa: E402
-from serve_process import ServeProcess  # noqa: E402
+from mutations import KEYPOINTS, PLANTED, cases, hostile_files, seed_files
+from serve_process import ServeProcess, tiny_bundle
 
 FAILURES = HERE / "failures"
 REGRESSIONS = HERE / "regressions"
@@ -176,18 +176,6 @@ def campaign(server: ServeProcess, sandbox, seed: int, count: int, slow_s: float
     return tally
 
 
-def tiny_bundle(root: Path) -> tuple[Path, Path]:
-    """A tiny real model bundle and published index (tests/bundle_factory.py)."""
-    from bundle_factory import make_map_cohort, make_model_bundle
-
-    from mris.index.build import build_index_bundle
-
-    model = make_model_bundle(root / "model", encoder_px=32)
-    manifest = make_map_cohort(root / "cohort", 16, seed=3)
-    build_index_bundle(model, manifest, root / "index", variant="separate", publish=True, threads=1)
-    return model, root / "index"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000)
@@ -196,7 +184,13 @@ def main() -> int:
     parser.add_argument("--index", type=Path, help="index root (with --model)")
     parser.add_argument("--slow-s", type=float, default=5.0, help="an answer slower than this is a finding")
     args = parser.parse_args()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from mris.sandbox import DecodeSandbox
 
@@ -212,7 +206,7 @@ def main() -> int:
                     progress=lambda t: bar.update(task, completed=t.cases,
                                                   status=f"findings {len(t.findings)}"),
                 )
-            after, peak = server.rss_mb(), server.peak_rss_mb()
+            after, peak = server.rss_mb(), server.peak_rss_mb_now()
     print(f"server RSS before {before:.0f} MB, after {after:.0f} MB, peak {peak:.0f} MB")
     print("outcomes: " + ", ".join(f"{key} {count}" for key, count in sorted(tally.outcomes.items())))
     for name, finding in tally.findings[:20]:
