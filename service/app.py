@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             state, _ = await app.state.holder.reload(app.state.executor)
             metrics.set_bundle(state.index_version, state.pipeline.variant)
+            del state  # this frame lives as long as the app: it must not pin the first bundle
         except Exception as exc:  # stay up, not ready; /readyz says why
             log.error("initial bundle load failed", extra={"detail": getattr(exc, "detail", type(exc).__name__)})
         loop = asyncio.get_running_loop()

@@ -118,22 +118,26 @@ class MicroBatcher(Generic[T, R]):
                 except asyncio.TimeoutError:
                     break
             self._report_depth()
-            live = [p for p in batch if not p.future.done()]
-            if not live:
-                continue
-            if self._on_batch is not None:
-                self._on_batch(len(live))
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._process, [p.item for p in live]
-                )
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            for pending, result in zip(live, results):
+            await self._run_batch(batch, loop)
+            # Nothing of a finished batch stays bound while this loop waits for the next one:
+            # its items hold the served state, which must be freed after a reload.
+            del batch, first
+
+    async def _run_batch(self, batch: list[_Pending[T]], loop: asyncio.AbstractEventLoop) -> None:
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(live))
+        try:
+            results = await loop.run_in_executor(self._executor, self._process, [p.item for p in live])
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            for pending in live:
                 if not pending.future.done():
-                    pending.future.set_result(result)
+                    pending.future.set_exception(exc)
+            return
+        for pending, result in zip(live, results):
+            if not pending.future.done():
+                pending.future.set_result(result)

@@ -338,6 +338,19 @@ def test_reload_during_a_burst_fails_no_request(server, bundles, dicom_bytes):
     assert httpx.get(f"{server.url}/readyz").json()["index_version"] == result.version
 
 
+def test_reloads_release_the_bundles_they_replace(server):
+    """Nothing pins a replaced bundle (the app's startup frame held the first one, the
+    micro-batcher its last batch's; repeated reloads grew a demo server from 550 MB to 2 GB)."""
+    import gc
+    import weakref
+
+    replaced = weakref.ref(server.app.state.holder.current.pipeline)
+    for _ in range(2):
+        assert httpx.post(f"{server.url}/admin/reload", headers=_auth(), timeout=30).status_code == 200
+    gc.collect()
+    assert replaced() is None
+
+
 def test_failed_reload_keeps_the_old_bundle(server, bundles, tmp_path):
     from mris.index.publish import publish
 

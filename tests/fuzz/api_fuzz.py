@@ -75,10 +75,14 @@ BAD_AUTH: dict[str, str | None] = {
 
 
 # ----------------------------------------------------------------------------------- server
-def fuzz_server(root: Path, token: str = TOKEN, max_upload_mb: float = MAX_UPLOAD_MB) -> ServeProcess:
-    """The real ``mris serve`` this fuzzer targets, over the tiny bundle built under ``root``
-    (reused when already there); ``MRIS_MAX_UPLOAD_MB`` is small so 413 is reachable."""
-    if (root / "index" / "current").exists():
+def fuzz_server(root: Path, token: str = TOKEN, max_upload_mb: float = MAX_UPLOAD_MB,
+                bundle: tuple[Path, Path] | None = None) -> ServeProcess:
+    """The real ``mris serve`` this fuzzer targets, over ``bundle`` (model, index root) or the
+    tiny bundle built under ``root`` (reused when already there); ``MRIS_MAX_UPLOAD_MB`` is small
+    so 413 is reachable."""
+    if bundle is not None:
+        model, index = bundle
+    elif (root / "index" / "current").exists():
         model, index = root / "model", root / "index"
     else:
         model, index = tiny_bundle(root)
@@ -232,6 +236,7 @@ class Stats:
     findings: list[Finding] = field(default_factory=list)
     peak_rss_mib: float = 0.0
     peak_children_mib: float = 0.0
+    rss_series_mb: list[float] = field(default_factory=list)  # start, every 1,000 cases, end
 
 
 def _request_record(method: str, url: str, headers: Any, body: Any) -> dict[str, Any]:
@@ -432,7 +437,8 @@ def _strategies(schema: Any) -> list[Any]:
 
 
 def long_run(
-    cases: int | None, seconds: float | None, seed: int, slow_s: float, chunk: int = 25
+    cases: int | None, seconds: float | None, seed: int, slow_s: float, chunk: int = 25,
+    bundle: tuple[Path, Path] | None = None,
 ) -> Stats:
     import requests
     from hypothesis import HealthCheck, given, settings
@@ -443,7 +449,8 @@ def long_run(
     started = time.monotonic()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="mris-api-fuzz-") as tmp:
-        server = fuzz_server(Path(tmp)).start()
+        server = fuzz_server(Path(tmp), bundle=bundle).start()
+        stats.rss_series_mb.append(server.rss_mb())
         try:
             schema = load_schema(server.url, seed=seed)
             case_strategy = st.one_of(_strategies(schema))
@@ -473,6 +480,8 @@ def long_run(
                         flush=True,
                     )
                 server.sample()
+                if stats.cases % 1000 == 0:
+                    stats.rss_series_mb.append(server.rss_mb())
                 if not server.alive():
                     server.start()  # a crash is counted by the failed request; keep fuzzing
                     session.close()
@@ -480,6 +489,7 @@ def long_run(
             while not done():
                 hypothesis_seed(rng.getrandbits(64))(one)()
         finally:
+            stats.rss_series_mb.append(server.rss_mb())
             server.stop()
     stats.peak_rss_mib = server.peak_rss_mb
     stats.peak_children_mib = server.peak_workers_mb
@@ -491,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
     parser.add_argument("--seconds", type=float, default=None, help="stop after this long")
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    parser.add_argument("--model", type=Path, help="model bundle (default: a tiny test bundle)")
+    parser.add_argument("--index", type=Path, help="index root, with --model")
     parser.add_argument(
         "--slow-s", type=float, default=2.0, help="a request slower than this counts as slow"
     )
@@ -499,9 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         args.cases = 500
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     print(f"seed {seed}", flush=True)
-    stats = long_run(args.cases, args.seconds, seed, args.slow_s)
+    bundle = (args.model, args.index) if args.model else None
+    stats = long_run(args.cases, args.seconds, seed, args.slow_s, bundle=bundle)
     statuses = ", ".join(f"{code}: {count}" for code, count in sorted(stats.statuses.items()))
     print(f"statuses {statuses}; {stats.requests} requests; {len(stats.findings)} findings")
+    series = stats.rss_series_mb
+    print(f"server RSS before {series[0]:.0f} MB, after {series[-1]:.0f} MB, peak "
+          f"{stats.peak_rss_mib:.0f} MB; every 1,000 cases: {', '.join(f'{v:.0f}' for v in series)}")
     print(
         f"{stats.cases} cases, 5xx={stats.server_errors}, crashes={stats.crashes}, slow={stats.slow}, "
         f"max RSS {stats.peak_rss_mib:.0f} MB (decode workers {stats.peak_children_mib:.0f} MB)"
