@@ -47,7 +47,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
-FAILURES = HERE / "failures" / "api"  # failures/ beside it is the DICOM fuzzer's
+FAILURES = HERE / "failures" / "api"  # failures/dicom beside it is the DICOM fuzzer's
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 

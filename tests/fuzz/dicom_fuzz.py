@@ -11,8 +11,9 @@ Each case (``mutations.cases``) goes
    ``detail``; any 5xx, a wrong media type, a missing detail or a dropped connection is a finding.
 
 Neither may take longer than ``--slow-s`` or echo a planted patient identifier. Findings are saved
-as ``tests/fuzz/failures/<case>.dcm`` with a ``.json`` beside it; once fixed, move the ``.dcm``
-into ``tests/fuzz/regressions/``, which the test suite replays on every run.
+as ``tests/fuzz/failures/dicom/<case>.dcm`` with a ``.json`` beside it (what happened); the test
+suite replays every file there on each run (``tests/test_fuzz_dicom.py``), so commit the file with
+its fix and it stays a regression test (the API fuzzer's are under ``failures/api/``).
 
 Long run (prints ``N cases, 5xx=0, crashes=0, slow=S, max RSS``)::
 
@@ -43,8 +44,7 @@ for path in (HERE, TESTS):
 from mutations import KEYPOINTS, PLANTED, cases, hostile_files, seed_files
 from serve_process import ServeProcess, tiny_bundle
 
-FAILURES = HERE / "failures"
-REGRESSIONS = HERE / "regressions"
+FAILURES = HERE / "failures" / "dicom"
 TOKEN = "fuzz-token"
 
 
@@ -142,9 +142,9 @@ def save_failure(name: str, data: bytes, finding: str, folder: Path = FAILURES) 
 
 
 def regression_files() -> dict[str, bytes]:
-    """The known hostile files and every saved regression, name -> bytes."""
+    """The known hostile files and every saved failure, name -> bytes."""
     files = dict(hostile_files())
-    for path in sorted(REGRESSIONS.glob("*.dcm")):
+    for path in sorted(FAILURES.glob("*.dcm")):
         files[path.stem] = path.read_bytes()
     return files
 
