@@ -237,6 +237,7 @@ class Stats:
     peak_rss_mib: float = 0.0
     peak_children_mib: float = 0.0
     rss_series_mb: list[float] = field(default_factory=list)  # start, every 1,000 cases, end
+    slowest_s: float = 0.0
 
 
 def _request_record(method: str, url: str, headers: Any, body: Any) -> dict[str, Any]:
@@ -306,6 +307,7 @@ def _send(
     stats.statuses[response.status_code] = stats.statuses.get(response.status_code, 0) + 1
     route = (case.path, response.status_code)
     stats.route_statuses[route] = stats.route_statuses.get(route, 0) + 1
+    stats.slowest_s = max(stats.slowest_s, response.elapsed)
     if response.elapsed > slow_s:
         stats.slow += 1
     findings: list[Finding] = []
@@ -520,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{stats.peak_rss_mib:.0f} MB; every 1,000 cases: {', '.join(f'{v:.0f}' for v in series)}")
     print(
         f"{stats.cases} cases, 5xx={stats.server_errors}, crashes={stats.crashes}, slow={stats.slow}, "
-        f"max RSS {stats.peak_rss_mib:.0f} MB (decode workers {stats.peak_children_mib:.0f} MB)"
+        f"max RSS {stats.peak_rss_mib:.0f} MB (decode workers {stats.peak_children_mib:.0f} MB), "
+        f"slowest {stats.slowest_s:.2f} s"
     )
     return 1 if stats.findings else 0
 
