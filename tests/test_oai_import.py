@@ -188,3 +188,17 @@ def test_cli_roi_requires_keypoints_or_a_localiser(tmp_path):
     assert result.exit_code != 0
     assert isinstance(result.exception, MrisError) and "--keypoints" in result.exception.detail
     assert "--model" in result.exception.detail
+
+
+def test_cli_roi_refuses_a_pixel_format_the_service_refuses(tmp_path):
+    """32-bit words holding float32 values (not a DX format): ``mris roi`` refuses the file as the
+    pipeline and the service do, instead of cropping garbage (issue 12)."""
+    from mris.errors import UnsupportedDicom
+
+    dicom = tmp_path / "float.dcm"
+    dicom.write_bytes(make_dicom_bytes(knee_phantom().astype(np.float32).view(np.uint32)))
+    keypoints = json.dumps({"right": [38, 48], "left": [90, 48]})
+    result = CliRunner().invoke(app, ["roi", str(dicom), "--keypoints", keypoints, "--out", str(tmp_path / "x.png")])
+    assert isinstance(result.exception, UnsupportedDicom), result.output
+    assert "BitsAllocated 32" in result.exception.detail
+    assert not (tmp_path / "x.png").exists()

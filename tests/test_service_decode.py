@@ -96,14 +96,23 @@ def test_a_decode_past_its_deadline_costs_only_its_request(bundles, slow_file):
 
 
 def test_sigterm_stops_the_server_within_seconds_during_decodes(bundles, slow_file):
+    """The 0-line JPEG-LS upload among slow decodes: 400, /healthz answers, and SIGTERM then
+    stops the server and its decode workers within seconds."""
     server = ServeProcess(bundles["model"], bundles["index"]).start()
     try:
         children = descendants(server.pid)
         assert children, "the decode workers are child processes"
-        uploads = [threading.Thread(target=lambda: _post_quietly(server.url, slow_file)) for _ in range(4)]
+        hostile = hostile_files()["jpeg-ls-sof55-zero-lines"]
+        answers: list[httpx.Response] = []
+        uploads = [threading.Thread(target=lambda: answers.append(_post(server.url, hostile)))]
+        uploads += [threading.Thread(target=lambda: _post_quietly(server.url, slow_file)) for _ in range(5)]
         for upload in uploads:
             upload.start()
+            time.sleep(0.05)
         time.sleep(0.5)  # decodes in flight
+        assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
+        uploads[0].join(timeout=10)
+        _is_problem(answers[0], 400)  # the 0-line JPEG-LS upload, refused while the others decode
         started = time.monotonic()
         server.signal(signal.SIGTERM)
         code = server.wait(15)
