@@ -23,7 +23,9 @@ Outcomes, each a typed error the service maps to one status:
 | the deadline passed | ``DecodeTimeout`` | 503 |
 
 Workers are forked from a forkserver that has already imported the decoders, so a replacement
-starts in milliseconds, not the second a fresh interpreter takes.
+starts in milliseconds, not the second a fresh interpreter takes. As with any multiprocessing
+start method but fork, a script that starts a sandbox (or ``create_app``'s lifespan) must guard
+its top level with ``if __name__ == "__main__":``; ``mris serve`` and uvicorn's own entry points do.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
-from typing_extensions import Self
 
 from mris.dicom import DecodeLimits, Radiograph, read_radiograph
 from mris.errors import DecoderCrashed, DecodeTimeout, ImageTooLarge, MrisError, UnreadableDicom
@@ -224,7 +225,7 @@ class DecodeSandbox:
                 except concurrent.futures.InvalidStateError:
                     pass
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> DecodeSandbox:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -306,7 +307,8 @@ class DecodeSandbox:
             try:
                 await asyncio.wrap_future(future)
             except asyncio.CancelledError:
-                future.cancel()
+                if not future.cancel():  # already decoded: free the pixels nobody will take
+                    _discard(future)
                 raise
             except Exception:  # noqa: BLE001, S110 - outcome() turns it into a typed error
                 pass
@@ -317,6 +319,19 @@ class DecodeSandbox:
                 if attempt == 2:
                     raise _crashed() from None
         raise AssertionError("unreachable")
+
+
+def _discard(future: concurrent.futures.Future) -> None:
+    """Free the shared-memory block of a finished decode whose result is not wanted."""
+    if future.done() and not future.cancelled() and future.exception() is None:
+        result = future.result()
+        if isinstance(result, _SharedPixels):
+            try:
+                block = shared_memory.SharedMemory(name=result.block)
+                block.close()
+                block.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _is_broken(future: concurrent.futures.Future) -> bool:

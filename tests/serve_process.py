@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-from typing_extensions import Self
 
 
 def tiny_bundle(root: Path, pairs: int = 24) -> tuple[Path, Path]:
@@ -167,7 +166,7 @@ class ServeProcess:
             if alive(child):
                 os.kill(child, signal.SIGKILL)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ServeProcess:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
