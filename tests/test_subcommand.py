@@ -79,12 +79,20 @@ def _wait_until(condition: Callable[[], object], timeout_s: float, what: str, pr
     pytest.fail(f"{what}: not within {timeout_s:g} s:\n{log.read_text()[-4000:]}")
 
 
+def _default_signals() -> None:
+    """As from a terminal: a runner that starts the tests in the background (``cmd &`` in a
+    non-interactive shell) hands SIGINT down ignored, and mris keeps an ignored signal ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _mris(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     """``mris ARGS`` in its own session (so a test can signal its whole process group as a
     terminal's Ctrl-C does) with stdout and stderr in ``log``."""
     with open(log, "wb") as handle:
         return subprocess.Popen([sys.executable, "-m", "mris.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "COLUMNS": "200", **env}, start_new_session=True)
+                                env={**os.environ, "COLUMNS": "200", **env}, start_new_session=True,
+                                preexec_fn=_default_signals)
 
 
 def _stop(process: subprocess.Popen) -> None:
