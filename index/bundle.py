@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 
 from mris.errors import BadParameter, BundleInvalid, BundleMismatch
 from mris.model_bundle import ModelCard
-from mris.synthesis import Synthesis, synthesize
+from mris.synthesis import DEFAULT_NAN_RULE, NanRule, Synthesis, synthesize
 
 INDEX_FORMAT = "mris-index/1"
 CARD_NAME = "card.json"
@@ -413,10 +413,11 @@ class IndexBundle:
     def neighbour_maps(self, cartilage: str, row_ids: np.ndarray) -> np.ndarray:
         return self.maps[cartilage].rows(row_ids)
 
-    def synthesize(self, region: str, queries: np.ndarray, k: int = 20, min_cartilage_share: float = 0.5) -> dict[str, Synthesis]:
+    def synthesize(self, region: str, queries: np.ndarray, k: int = 20, min_cartilage_share: float = 0.5,
+                   nan_rule: NanRule = DEFAULT_NAN_RULE) -> dict[str, Synthesis]:
         similarities, ids = self.search(region, queries, k)
         return {
-            cartilage: synthesize(self.neighbour_maps(cartilage, ids), similarities, min_cartilage_share)
+            cartilage: synthesize(self.neighbour_maps(cartilage, ids), similarities, min_cartilage_share, nan_rule)
             for cartilage in self.cartilages(region)
         }
 

@@ -27,25 +27,27 @@ from mris.encoders import OnnxEncoder
 from mris.errors import BadParameter, BundleMismatch
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
 from mris.roi import KneeRoi, extract_roi, parse_keypoints
-from mris.synthesis import similarity_weights, synthesize
+from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES, NanRule, similarity_weights, synthesize
 
 KNEE_CHOICES = {"both": ("RIGHT", "LEFT"), "right": ("RIGHT",), "left": ("LEFT",)}
 MAP_NAMES = ("fc", "tc")
 MAX_K = 100
 OPTION_MAX_CHARS = 32
-"""Longest text of a scalar option (knees, k, spacing_mm, format) read from a caller; longer
-texts are refused unparsed. ``keypoints`` has its own bound, ``mris.roi.KEYPOINTS_MAX_CHARS``."""
+"""Longest text of a scalar option (knees, k, spacing_mm, nan_rule, format) read from a caller;
+longer texts are refused unparsed. ``keypoints`` has its own bound, ``mris.roi.KEYPOINTS_MAX_CHARS``."""
 
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """What a caller may choose: which knees, how many neighbours, where the joints are, and a
-    spacing for files without a usable one."""
+    """What a caller may choose: which knees, how many neighbours, where the joints are, a
+    spacing for files without a usable one, and the NaN rule of the synthesis
+    (``mris.synthesis.NAN_RULES``)."""
 
     knees: tuple[str, ...] = ("RIGHT", "LEFT")
     k: int = 20
     keypoints: dict[str, tuple[float, float]] | None = None
     spacing_mm: float | None = None
+    nan_rule: NanRule = DEFAULT_NAN_RULE
 
     @classmethod
     def from_strings(
@@ -54,6 +56,7 @@ class RequestOptions:
         k: int | str = 20,
         keypoints: str | None = None,
         spacing_mm: float | str | None = None,
+        nan_rule: str = DEFAULT_NAN_RULE,
     ) -> RequestOptions:
         """Options as a caller types them (CLI flags, form fields, query parameters).
 
@@ -61,13 +64,16 @@ class RequestOptions:
         exception: texts longer than ``OPTION_MAX_CHARS`` (keypoints: ``KEYPOINTS_MAX_CHARS``)
         are refused before they are parsed, numbers must be finite and in range.
         """
-        for name, value in (("knees", knees), ("k", k), ("spacing_mm", spacing_mm)):
+        scalars = (("knees", knees), ("k", k), ("spacing_mm", spacing_mm), ("nan_rule", nan_rule))
+        for name, value in scalars:
             if isinstance(value, str) and len(value) > OPTION_MAX_CHARS:
                 raise BadParameter(
                     f"{name} must be at most {OPTION_MAX_CHARS} characters, got {len(value)}"
                 )
         if not isinstance(knees, str) or knees not in KNEE_CHOICES:
             raise BadParameter(f"knees must be both, left or right, not {knees!r}")
+        if not isinstance(nan_rule, str) or nan_rule not in NAN_RULES:
+            raise BadParameter(f"nan_rule must be {' or '.join(NAN_RULES)}, not {nan_rule!r}")
         try:
             k_value = int(k)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
@@ -77,7 +83,7 @@ class RequestOptions:
         spacing = None
         if spacing_mm is not None and spacing_mm != "":
             spacing = validate_spacing_mm(spacing_mm)
-        return cls(KNEE_CHOICES[knees], k_value, parse_keypoints(keypoints), spacing)
+        return cls(KNEE_CHOICES[knees], k_value, parse_keypoints(keypoints), spacing, nan_rule)
 
 
 @dataclass
@@ -115,6 +121,7 @@ class KneeResult:
     neighbours: dict[str, list[Neighbour]]
     maps_mm: dict[str, np.ndarray]  # "fc"/"tc" -> float32 (H, W), NaN outside cartilage
     std_mm: dict[str, np.ndarray]
+    nan_rule: str | None = None  # the rule that made maps_mm (None without maps)
 
 
 def _public_metadata(row: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +257,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stage 3: per request
     def assemble(self, prepared: Prepared, hits: Sequence[dict[str, Hits]], k: int,
-                 with_maps: bool = True) -> list[KneeResult]:
+                 with_maps: bool = True, nan_rule: NanRule = DEFAULT_NAN_RULE) -> list[KneeResult]:
+        """Neighbours (ids, similarities, weights) and, ``with_maps``, eq. 4 with ``nan_rule``."""
         results = []
         for roi, roi_hits in zip(prepared.rois, hits):
             neighbours: dict[str, list[Neighbour]] = {}
@@ -275,7 +283,7 @@ class Pipeline:
                 if with_maps:
                     for name in self.index.cartilages(region):
                         neighbour_maps = self.index.neighbour_maps(name, rows[None])
-                        out = synthesize(neighbour_maps, similarities[None])
+                        out = synthesize(neighbour_maps, similarities[None], nan_rule=nan_rule)
                         maps[name] = out.thickness_mm[0]
                         stds[name] = out.std_mm[0]
             results.append(
@@ -287,6 +295,7 @@ class Pipeline:
                     neighbours=neighbours,
                     maps_mm=maps,
                     std_mm=stds,
+                    nan_rule=nan_rule if with_maps else None,
                 )
             )
         return results
@@ -297,7 +306,7 @@ class Pipeline:
         options = options or RequestOptions()
         prepared = self.prepare(data, options)
         hits = self.search([roi.image for roi in prepared.rois], options.k)
-        return self.assemble(prepared, hits, options.k, with_maps)
+        return self.assemble(prepared, hits, options.k, with_maps, options.nan_rule)
 
 
 __all__ = [

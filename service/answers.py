@@ -55,9 +55,11 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
     return knee
 
 
-def synthesis_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:
+def synthesis_payload(results: list[KneeResult], index_version: str, variant: str, k: int,
+                      nan_rule: str) -> dict:
     knees = [_knee(result, with_maps=True) for result in results]
-    return {"index_version": index_version, "variant": variant, "k": k, "knees": knees}
+    return {"index_version": index_version, "variant": variant, "k": k, "nan_rule": nan_rule,
+            "knees": knees}
 
 
 def retrieval_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:

@@ -97,7 +97,8 @@ async def _run(request: Request, state: ServingState, upload: Upload, with_maps:
     app = request.app
     params = upload.params
     options = RequestOptions.from_strings(
-        knees=params.knees, k=params.k, keypoints=params.keypoints, spacing_mm=params.spacing_mm
+        knees=params.knees, k=params.k, keypoints=params.keypoints, spacing_mm=params.spacing_mm,
+        nan_rule=params.nan_rule,
     )
     loop = asyncio.get_running_loop()
     pipeline = state.pipeline
@@ -114,7 +115,8 @@ async def _run(request: Request, state: ServingState, upload: Upload, with_maps:
             raise ServiceProblem(503, "Overloaded", f"the service is busy ({exc}); retry shortly",
                                  {"Retry-After": "1"}) from None
         return await loop.run_in_executor(
-            app.state.executor, pipeline.assemble, prepared, hits, options.k, with_maps
+            app.state.executor, pipeline.assemble, prepared, hits, options.k, with_maps,
+            options.nan_rule,
         )
 
     try:
@@ -140,13 +142,15 @@ async def synthesize(
 ) -> Response:
     """Synthesize the femoral (fc) and tibial (tc) thickness maps of each knee (eq. 4: the
     similarity-weighted average of the k nearest database maps) with a per-pixel weighted
-    standard deviation. `format`: json (base64 float32), npz, or png."""
+    standard deviation. `nan_rule`: which pixels are cartilage (all or majority).
+    `format`: json (base64 float32), npz, or png."""
     results = await _run(request, state, upload, with_maps=True)
     params = upload.params
 
     def render() -> Response:
         # base64, JSON and PNG encoding are CPU work: off the event loop, like the rest.
-        payload = synthesis_payload(results, state.index_version, state.pipeline.variant, params.k)
+        payload = synthesis_payload(results, state.index_version, state.pipeline.variant, params.k,
+                                    params.nan_rule)
         if params.format == "npz":
             return npz_response(results, payload)
         if params.format == "png":

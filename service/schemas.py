@@ -7,7 +7,8 @@ Decisions:
   from it (``option_parameters``, ``upload_openapi``), so the schema a client reads states the
   limits the service enforces. The numbers come from their owners: ``mris.pipeline.MAX_K`` and
   ``OPTION_MAX_CHARS``, ``mris.dicom.SPACING_MIN_MM``/``SPACING_MAX_MM``,
-  ``mris.roi.KEYPOINTS_MAX_CHARS``.
+  ``mris.roi.KEYPOINTS_MAX_CHARS``; the NaN rules and their default from ``mris.synthesis``.
+  The /synthesize answer says which NaN rule made its maps (``nan_rule``).
 - Unknown options are refused (``extra="forbid"``): a misspelt ``spacing=0.2`` silently ignored
   would change the answer without telling the caller.
 - Error answers are documented as ``application/problem+json`` with a non-empty ``detail``
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mris.dicom import SPACING_MAX_MM, SPACING_MIN_MM
 from mris.pipeline import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS
 from mris.roi import KEYPOINTS_MAX_CHARS
+from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES
 
 KNEES = tuple(KNEE_CHOICES)
 FORMATS = ("json", "npz", "png")
@@ -59,6 +61,12 @@ class SynthesisParams(BaseModel):
         le=SPACING_MAX_MM,
         allow_inf_nan=False,
         description="Pixel spacing (mm) for files with no usable spacing tag.",
+    )
+    nan_rule: Literal[NAN_RULES] = Field(  # type: ignore[valid-type]
+        DEFAULT_NAN_RULE,
+        description="Which pixels of /synthesize's maps are cartilage: `all` (the paper's "
+        "reference: where every one of the k neighbours has cartilage) or `majority` (where "
+        "neighbours with cartilage carry at least half the weight).",
     )
     format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
         "json", description="Answer of /synthesize: json, npz or png."
@@ -173,6 +181,9 @@ class SynthesisResponse(BaseModel):
     index_version: str
     variant: str
     k: int
+    nan_rule: Literal[NAN_RULES] = Field(  # type: ignore[valid-type]
+        description="The NaN rule that made the maps (all or majority)."
+    )
     knees: list[KneeSynthesis]
 
 

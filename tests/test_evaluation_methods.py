@@ -1,7 +1,10 @@
-"""The compared methods' map rules: the mean map is eq. 4 with equal weights, the oracle finds
-the true map when the database holds it and cannot win by covering little."""
+"""The compared methods' map rules: MRIS maps use the NaN rule asked (the paper's ``all`` by
+default, also from ``mris evaluate --nan-rule``), the mean map is eq. 4 with equal weights, the
+oracle finds the true map when the database holds it and cannot win by covering little."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -47,3 +50,44 @@ def test_oracle_does_not_pick_a_map_that_covers_little():
     oracle = OracleMethod.from_arrays({"fc": np.stack([exact_corner, close_everywhere]),
                                      "tc": np.stack([close_everywhere] * 2)})
     assert oracle.best_rows("fc", truth).tolist() == [1]
+
+
+def test_mris_maps_use_the_papers_all_rule_unless_told(tmp_path):
+    from conftest import knee_phantom, make_dicom_bytes
+    from serve_process import tiny_bundle
+    from test_service import KEYPOINTS
+
+    from mris.evaluation.methods import MrisMethod
+    from mris.pipeline import Pipeline, Prepared, RequestOptions
+    from mris.roi import parse_keypoints
+
+    model, index = tiny_bundle(tmp_path)
+    pipeline = Pipeline.load(model, index, device="cpu", intra_op_threads=1)
+    options = RequestOptions(keypoints=parse_keypoints(json.dumps(KEYPOINTS)))
+    rois = pipeline.prepare(make_dicom_bytes(knee_phantom(), imager_spacing=(0.2, 0.2)), options).rois
+    hits = pipeline.search([roi.image for roi in rois], 5)
+    prepared = Prepared(rois=rois, spacing_source="", confidences={})
+    method = MrisMethod(pipeline, 5)
+    assert method.nan_rule == "all"
+    strict, majority = method.predict(rois), MrisMethod(pipeline, 5, "majority").predict(rois)
+    for rule, answer in (("all", strict), ("majority", majority)):
+        expected = pipeline.assemble(prepared, hits, 5, nan_rule=rule)
+        for name in ("fc", "tc"):
+            np.testing.assert_array_equal(answer[name], np.stack([r.maps_mm[name] for r in expected]))
+    assert np.isnan(strict.fc).sum() > np.isnan(majority.fc).sum()  # the rules differ on this bundle
+
+
+def test_evaluate_takes_a_nan_rule_and_defaults_to_all(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mris.cli import app
+    from mris.errors import BadParameter
+    from mris.evaluation.run import EvaluateRequest
+
+    assert EvaluateRequest(tmp_path, tmp_path, tmp_path, tmp_path).nan_rule == "all"
+    evaluate = typer.main.get_command(app).commands["evaluate"]
+    assert next(p for p in evaluate.params if p.name == "nan_rule").default == "all"
+    result = CliRunner().invoke(app, ["evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", str(tmp_path),
+                                      "--index", str(tmp_path), "--out", str(tmp_path / "r"), "--nan-rule", "any"])
+    assert isinstance(result.exception, BadParameter) and "--nan-rule" in str(result.exception)

@@ -26,6 +26,7 @@ from mris.constants import PreprocessConfig
 from mris.dicom import read_radiograph
 from mris.manifest import read_manifest
 from mris.roi import extract_roi
+from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES
 from mris.thickness import load_thickness_map, map_to_input
 
 PLANTED = ("Secret^Patient", "PID-SECRET-123", "19500101")
@@ -121,8 +122,8 @@ def _onnx_embed(path: Path, images: np.ndarray) -> np.ndarray:
     return session.run(None, {"image": images.astype(np.float32)})[0]
 
 
-def _expected(bundles, dicom: bytes, side: str, region: str):
-    """Exact search and eq. 4 with the documented NaN rule, from the ONNX files and the maps."""
+def _expected(bundles, dicom: bytes, side: str, region: str, nan_rule: str):
+    """Exact search and eq. 4 with the NaN rule asked, from the ONNX files and the maps."""
     config = PreprocessConfig(encoder_px=32)
     manifest = read_manifest(bundles["manifest"])
     rows = manifest.select(["database"])
@@ -142,7 +143,10 @@ def _expected(bundles, dicom: bytes, side: str, region: str):
     share = np.tensordot(w, valid.astype(np.float64), axes=1)
     total = np.tensordot(w, np.where(valid, neighbour_maps, 0.0), axes=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        expected = np.where(share >= 0.5 - 1e-6, total / share, np.nan)
+        if nan_rule == "all":  # the reference: a NaN-propagating weighted sum of the k maps
+            expected = np.tensordot(w, neighbour_maps, axes=1)
+        else:
+            expected = np.where(share >= 0.5 - 1e-6, total / share, np.nan)
     return [rows[i].pair_id for i in order], s, w, expected
 
 
@@ -158,16 +162,18 @@ def test_health_ready_info_metrics(server):
     assert "mris_requests_total" in metrics and "mris_bundle_info" in metrics
 
 
-def test_synthesize_equals_eq4_computed_independently(server, bundles, dicom_bytes):
-    response = _post(server, "/synthesize", dicom_bytes)
+@pytest.mark.parametrize("nan_rule", NAN_RULES)
+def test_synthesize_equals_eq4_computed_independently(server, bundles, dicom_bytes, nan_rule):
+    response = _post(server, "/synthesize", dicom_bytes, {"nan_rule": nan_rule})
     assert response.status_code == 200, response.text
     answer = response.json()
+    assert answer["nan_rule"] == nan_rule
     assert [knee["side"] for knee in answer["knees"]] == ["RIGHT", "LEFT"]
     for knee in answer["knees"]:
         assert knee["roi"]["source"] == "caller" and knee["roi"]["spacing_source"] == "ImagerPixelSpacing"
         assert knee["roi"]["size_px"] == pytest.approx(140 / 0.2)
         for region in ("fc", "tc"):
-            ids, similarities, weights, expected = _expected(bundles, dicom_bytes, knee["side"], region)
+            ids, similarities, weights, expected = _expected(bundles, dicom_bytes, knee["side"], region, nan_rule)
             got = knee["neighbours"][region]
             assert [n["id"] for n in got] == ids
             np.testing.assert_allclose([n["similarity"] for n in got], similarities, atol=1e-5)
@@ -182,6 +188,7 @@ def test_synthesize_equals_eq4_computed_independently(server, bundles, dicom_byt
 def test_retrieve_agrees_with_synthesize(server, dicom_bytes):
     synthesized = _post(server, "/synthesize", dicom_bytes).json()
     retrieved = _post(server, "/retrieve", dicom_bytes).json()
+    assert synthesized["nan_rule"] == DEFAULT_NAN_RULE  # no nan_rule given: the service's default
     for a, b in zip(synthesized["knees"], retrieved["knees"]):
         for region in ("fc", "tc"):
             assert [n["id"] for n in a["neighbours"][region]] == [n["id"] for n in b["neighbours"][region]]
@@ -190,14 +197,14 @@ def test_retrieve_agrees_with_synthesize(server, dicom_bytes):
 
 
 def test_dicom_body_with_query_parameters_and_formats(server, dicom_bytes):
-    params = {"keypoints": json.dumps(KEYPOINTS), "knees": "left", "k": "3", "format": "npz"}
+    params = {"keypoints": json.dumps(KEYPOINTS), "knees": "left", "k": "3", "format": "npz", "nan_rule": "all"}
     response = httpx.post(f"{server.url}/synthesize", content=dicom_bytes, params=params,
                           headers={**_auth(), "Content-Type": "application/dicom"}, timeout=30)
     assert response.status_code == 200, response.text
     arrays = np.load(io.BytesIO(response.content))
     assert {"left_fc", "left_fc_std", "left_tc", "left_tc_std", "meta"} <= set(arrays.files)
     meta = json.loads(str(arrays["meta"]))
-    assert meta["k"] == 3 and [k["side"] for k in meta["knees"]] == ["LEFT"]
+    assert meta["k"] == 3 and meta["nan_rule"] == "all" and [k["side"] for k in meta["knees"]] == ["LEFT"]
     png = _post(server, "/synthesize", dicom_bytes, {"format": "png"})
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 

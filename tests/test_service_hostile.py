@@ -192,6 +192,9 @@ HOSTILE_OPTIONS = {
     "knees long": ({"knees": "x" * 100}, "knees"),
     "knees unknown": ({"knees": "middle"}, "knees"),
     "format unknown": ({"format": "xml"}, "format"),
+    "nan_rule unknown": ({"nan_rule": "any"}, "nan_rule"),
+    "nan_rule upper case": ({"nan_rule": "ALL"}, "nan_rule"),
+    "nan_rule too long": ({"nan_rule": "a" * 100}, "nan_rule"),
     "unknown option": ({"spacing": "0.2"}, "spacing"),
 }
 
@@ -293,11 +296,22 @@ def test_parse_keypoints_any_text_is_bad_parameter_or_centres(monkeypatch):
         {"spacing_mm": float("inf")},
         {"spacing_mm": "3"},
         {"keypoints": "[" * 5000},
+        {"nan_rule": "any"},
+        {"nan_rule": None},
+        {"nan_rule": "a" * 5000},
     ],
 )
 def test_request_options_from_strings_refuses_with_bad_parameter(options):
     with pytest.raises(BadParameter):
         RequestOptions.from_strings(**options)
+
+
+def test_request_options_carry_the_nan_rule():
+    from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES
+
+    assert RequestOptions.from_strings().nan_rule == DEFAULT_NAN_RULE == RequestOptions().nan_rule
+    for rule in NAN_RULES:
+        assert RequestOptions.from_strings(nan_rule=rule).nan_rule == rule
 
 
 # ------------------------------------------------------------------- multipart and headers
@@ -406,6 +420,7 @@ def test_malformed_framing_is_refused_by_uvicorn_and_the_server_stays_up(server)
 def test_openapi_states_the_enforced_limits(server):
     from mris.dicom import SPACING_MAX_MM, SPACING_MIN_MM
     from mris.roi import KEYPOINTS_MAX_CHARS
+    from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES
 
     document = httpx.get(f"{server.url}/openapi.json").json()
     for route in ("/synthesize", "/retrieve"):
@@ -419,6 +434,8 @@ def test_openapi_states_the_enforced_limits(server):
                 SPACING_MAX_MM,
             )
             assert fields["keypoints"]["maxLength"] == KEYPOINTS_MAX_CHARS
+            assert tuple(fields["nan_rule"]["enum"]) == NAN_RULES
+            assert fields["nan_rule"]["default"] == DEFAULT_NAN_RULE
         for status in ("400", "401", "413", "415", "422", "503"):
             problem = operation["responses"][status]["content"]["application/problem+json"][
                 "schema"

@@ -1,11 +1,11 @@
-"""mris.synthesis: eq. 4 by hand, the NaN rule, non-positive similarities, the std."""
+"""mris.synthesis: eq. 4 by hand, the NaN rules (majority, all), non-positive similarities, the std."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mris.synthesis import similarity_weights, synthesize
+from mris.synthesis import NAN_RULES, similarity_weights, synthesize
 
 
 def test_eq4_by_hand_without_nan():
@@ -53,6 +53,45 @@ def test_nan_rule_weight_share_and_renormalisation():
     maps = np.array([nan, 2.0, 3.0], np.float32).reshape(1, 3, 1, 1)
     assert synthesize(maps, sims).cartilage_share[0, 0, 0] == pytest.approx(0.5)
     assert np.isnan(synthesize(maps, sims, min_cartilage_share=0.6).thickness_mm[0, 0, 0])
+
+
+def test_all_rule_is_the_reference_nan_propagating_weighted_sum():
+    rng = np.random.default_rng(2)
+    maps = rng.uniform(0.5, 5.0, (2, 6, 9, 8)).astype(np.float32)
+    maps[rng.uniform(size=maps.shape) < 0.1] = np.nan
+    sims = rng.uniform(0.2, 0.9, (2, 6)).astype(np.float32)
+    out = synthesize(maps, sims, nan_rule="all")
+    assert out.nan_rule == "all"
+    for q in range(2):
+        w = sims[q].astype(np.float64) / sims[q].astype(np.float64).sum()
+        reference = np.sum(w[:, None, None] * maps[q].astype(np.float64), axis=0)  # NaN propagates
+        assert np.isnan(reference).any() and np.isfinite(reference).any()
+        np.testing.assert_array_equal(np.isnan(out.thickness_mm[q]), np.isnan(reference))
+        np.testing.assert_allclose(out.thickness_mm[q], reference, atol=1e-5, equal_nan=True)
+
+
+def test_the_rules_differ_where_some_neighbours_lack_cartilage():
+    nan = np.nan
+    sims = np.array([[0.5, 0.3, 0.2]])
+    cases = [  # neighbour values at one pixel -> (majority, all)
+        ([1.0, 2.0, 3.0], 0.5 * 1 + 0.3 * 2 + 0.2 * 3, 0.5 * 1 + 0.3 * 2 + 0.2 * 3),
+        ([1.0, 2.0, nan], (0.5 * 1 + 0.3 * 2) / 0.8, nan),
+        ([1.0, nan, nan], 1.0, nan),
+        ([nan, 2.0, nan], nan, nan),
+    ]
+    for values, majority, every in cases:
+        maps = np.array(values, np.float32).reshape(1, 3, 1, 1)
+        for rule, expected in zip(NAN_RULES, (majority, every)):
+            got = synthesize(maps, sims, nan_rule=rule).thickness_mm[0, 0, 0]
+            assert got == pytest.approx(expected, abs=1e-6, nan_ok=True), (values, rule)
+    # A neighbour with weight 0 (similarity <= 0) still counts for `all`, as in the reference's
+    # sum (NaN * 0 is NaN); a FAISS "no result" slot is no neighbour and does not.
+    maps = np.array([2.0, 3.0, nan], np.float32).reshape(1, 3, 1, 1)
+    assert np.isnan(synthesize(maps, np.array([[0.6, 0.4, -0.1]]), nan_rule="all").thickness_mm[0, 0, 0])
+    no_result = synthesize(maps, np.array([[0.6, 0.4, -3.4e38]]), nan_rule="all").thickness_mm[0, 0, 0]
+    assert no_result == pytest.approx(0.6 * 2 + 0.4 * 3, abs=1e-6)
+    with pytest.raises(ValueError, match="nan_rule"):
+        synthesize(maps, np.array([[0.6, 0.4, 0.2]]), nan_rule="any")
 
 
 def test_non_positive_similarities():

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from mris.synthesis import NAN_RULES, PAPER_NAN_RULE
+
 
 def _command_line(context: typer.Context) -> str:
     """The command as the options were understood (every option spelled out, defaults included),
@@ -39,6 +41,8 @@ def register(app: typer.Typer) -> None:
         combined_model: Path | None = typer.Option(None, help="A model bundle with the combined variant, when --model lacks it."),
         rois: str = typer.Option("auto", help="auto (the localiser when the bundle has one) | localiser | keypoints (the manifest's)."),
         k: int = typer.Option(20, min=1, max=100, help="Neighbours per synthesis."),
+        nan_rule: str = typer.Option(PAPER_NAN_RULE, help=f"NaN rule of the MRIS maps: {' | '.join(NAN_RULES)} "
+                                     "(all: the reference's, cartilage where every neighbour has it)."),
         bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples of subjects for the 95 % intervals."),
         seed: int = typer.Option(0, help="Seed of the bootstrap, the classifier folds, the examples and any training."),
         threads: int | None = typer.Option(None, min=1, help="CPU threads (default: all usable cores)."),
@@ -56,8 +60,8 @@ def register(app: typer.Typer) -> None:
 
         request = EvaluateRequest(
             manifest=manifest, model=model, index=index, out=out, methods=methods, profile=profile, epochs=epochs,
-            unet=unet, combined_model=combined_model, rois=rois, k=k, resamples=bootstrap, seed=seed, threads=threads,
-            device=device, examples=examples, command=_command_line(context),
+            unet=unet, combined_model=combined_model, rois=rois, k=k, nan_rule=nan_rule, resamples=bootstrap, seed=seed,
+            threads=threads, device=device, examples=examples, command=_command_line(context),
         )
         with progress_bar(enabled=not quiet) as bars:
             def stage(description: str, total: int):

@@ -2,15 +2,18 @@
 the cartilage the method claims, from the same radiograph ROI.
 
 - ``mris-s`` / ``mris-c``: ``MrisMethod`` runs ``mris.pipeline.Pipeline.search`` and
-  ``assemble`` — the very code the service runs — on the ROIs (k neighbours, eq. 4 with the
-  documented NaN rule, plus the per-pixel weighted standard deviation).
+  ``assemble`` — the very code the service runs — on the ROIs (k neighbours, eq. 4 with the NaN
+  rule asked, ``mris.synthesis.PAPER_NAN_RULE`` (``all``) unless told otherwise, as every
+  comparison with the paper must; plus the per-pixel weighted standard deviation).
 - ``unet``: ``UnetMethod`` runs ``unet.onnx`` (onnxruntime, no torch) on the same ROI and
   resizes its [2, S, S] output back to the map grid with the shared resize. The network predicts
   a value everywhere; a user has no true mask, so its maps carry the ATLAS mask: the cartilage of
   the database mean map (``MeanMethod``), which holds no information about the knee.
 - ``mean``: ``MeanMethod``, the database mean map — eq. 4 with EQUAL weights over every database
-  map (the same NaN rule: cartilage where at least half of the maps have cartilage), the same map
-  for every knee: what one can say without looking at the radiograph.
+  map (NaN rule ``majority``: cartilage where at least half of the maps have cartilage), the same
+  map for every knee: what one can say without looking at the radiograph. It keeps the majority
+  rule whatever ``--nan-rule`` says: it is no retrieval of k neighbours, and ``all`` over every
+  database map would keep only the cartilage every knee shares.
 - ``oracle``: ``OracleMethod``, per knee and per cartilage the ONE database map closest to the
   true map — the best any single retrieval from this database could do. Chosen by the mean
   absolute error over the true map's cartilage pixels with the candidate's missing pixels counted
@@ -36,6 +39,7 @@ from mris.fsutil import sha256_file
 from mris.imageops import resize
 from mris.manifest import Manifest, ManifestRow
 from mris.roi import KneeRoi
+from mris.synthesis import PAPER_NAN_RULE, NanRule
 
 ORACLE_SHORTLIST = 16
 MEAN_CHUNK_ROWS = 256
@@ -122,15 +126,17 @@ def collect_rois(pipeline, manifest: Manifest, rows: Sequence[ManifestRow], use_
 class MrisMethod:
     """MRIS-S or MRIS-C through the serving pipeline."""
 
-    def __init__(self, pipeline, k: int):
+    def __init__(self, pipeline, k: int, nan_rule: NanRule = PAPER_NAN_RULE):
         self.pipeline = pipeline
         self.k = k
+        self.nan_rule = nan_rule
 
     def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
         from mris.pipeline import Prepared
 
         hits = self.pipeline.search([roi.image for roi in rois], self.k)
-        results = self.pipeline.assemble(Prepared(rois=list(rois), spacing_source="", confidences={}), hits, self.k)
+        results = self.pipeline.assemble(Prepared(rois=list(rois), spacing_source="", confidences={}), hits, self.k,
+                                         nan_rule=self.nan_rule)
         return MethodMaps(
             fc=np.stack([r.maps_mm["fc"] for r in results]),
             tc=np.stack([r.maps_mm["tc"] for r in results]),

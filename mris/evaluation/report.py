@@ -115,7 +115,8 @@ def markdown(report: dict[str, Any]) -> str:
     out = ["# MRIS evaluation report", ""]
     out += [f"Made by `{report['command']}` on {report['created']} in {report['seconds']['total']:.0f} s.", ""]
     rois = report["rois"]
-    out += [f"Methods: {', '.join(METHOD_LABELS[m] for m in report['methods'])}; k = {report['k']}; ROIs from the "
+    out += [f"Methods: {', '.join(METHOD_LABELS[m] for m in report['methods'])}; k = {report['k']}; "
+            f"NaN rule of the MRIS maps: {report.get('nan_rule', 'majority')}; ROIs from the "
             f"{rois['source']} (the same ROI for every method); 95 % intervals from {report['bootstrap_resamples']} "
             "bootstrap resamples of subjects.", ""]
     for split in ("test", "downstream"):

@@ -13,7 +13,9 @@ would type, so an interrupted evaluation resumes where it stopped):
 
 Every method sees the same ROIs (``methods.collect_rois``: the localiser of ``--model`` when
 it has one, as the service finds knees, else the manifest's keypoints). The MRIS database is the
-index's rows (the ``database`` split); the U-Net trains on the same split.
+index's rows (the ``database`` split); the U-Net trains on the same split. MRIS maps use the NaN
+rule ``nan_rule`` (default ``all``, the reference's, ``mris.synthesis.PAPER_NAN_RULE``): the
+tables are comparisons with the paper; the report records the rule.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from mris.evaluation.tables import (
 )
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import ModelBundle, load_model_bundle
+from mris.synthesis import NAN_RULES, PAPER_NAN_RULE, NanRule
 from mris.thickness import load_thickness_map
 
 METHODS = ("mris-c", "mris-s", "unet", "mean", "oracle")
@@ -72,6 +75,7 @@ class EvaluateRequest:
     combined_model: Path | None = None
     rois: str = "auto"
     k: int = 20
+    nan_rule: NanRule = PAPER_NAN_RULE
     resamples: int = 1000
     seed: int = 0
     threads: int | None = None
@@ -270,6 +274,8 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         raise BadParameter(f"--rois must be one of {', '.join(ROI_CHOICES)}, got {request.rois!r}")
     if not 1 <= request.k <= 100:
         raise BadParameter(f"--k must be from 1 to 100, got {request.k}")
+    if request.nan_rule not in NAN_RULES:
+        raise BadParameter(f"--nan-rule must be {' or '.join(NAN_RULES)}, got {request.nan_rule!r}")
     manifest = read_manifest(request.manifest)
     test_rows = manifest.select(["test"])
     downstream_rows = manifest.select(["downstream"])
@@ -339,9 +345,9 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     mean_method = MeanMethod.from_index(separate.index)
     predictors: dict[str, Any] = {}
     if "mris-c" in methods:
-        predictors["mris-c"] = MrisMethod(pipelines["combined"], request.k)
+        predictors["mris-c"] = MrisMethod(pipelines["combined"], request.k, request.nan_rule)
     if "mris-s" in methods:
-        predictors["mris-s"] = MrisMethod(separate, request.k)
+        predictors["mris-s"] = MrisMethod(separate, request.k, request.nan_rule)
     if "unet" in methods:
         predictors["unet"] = UnetMethod(unet_path, mean_method.atlas_masks, device=request.device, threads=request.threads)
     if "mean" in methods:
@@ -398,6 +404,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         "methods": methods,
         "warnings": warnings,
         "k": request.k,
+        "nan_rule": request.nan_rule,
         "bootstrap_resamples": request.resamples,
         "seed": request.seed,
         "rois": {"source": "localiser" if use_localiser else "keypoints",
