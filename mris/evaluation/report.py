@@ -135,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [f"{_pct(row['recall'][k])}{_ci(row['ci95'][k], _pct)}" for k in ("R@1", "R@5", "R@10", "R@20")]
         out.append(f"| {label} | {row['gallery']} | " + " | ".join(cells) + f" | {_pct(row['chance']['R@20'])} | {row['median_rank']:.0f} |")
     paper = PAPER["table1_combined"]
-    out.append(f"| paper, combined, OAI (~4,300 test knees) | | {100 * paper['R@1']:.1f} | {100 * paper['R@5']:.1f} | "
+    out.append(f"| paper, combined, OAI (gallery of 1,794 baseline test pairs, 897 subjects) | | {100 * paper['R@1']:.1f} | {100 * paper['R@5']:.1f} | "
                f"{100 * paper['R@10']:.1f} | {100 * paper['R@20']:.1f} | | |")
     out += ["", "![recall@k](recall_at_k.png)", ""]
 
