@@ -16,6 +16,10 @@ Ctrl-C loses at most the epoch in progress (a SIGTERM too: ``mris.cli.main`` tur
 ``KeyboardInterrupt``; the message names the epoch ``last.pt`` really holds, ``saved_epoch``, even
 when the interruption lands while a checkpoint is being written).
 
+``RegionTrainer.loss_fn`` is the loss the steps minimise, ``(f embeddings [N, 512], g embeddings
+[N, 512], margin) -> scalar``; it defaults to ``losses.triplet_loss`` (eq. 3) and exists so that
+``tests/test_training_learns.py`` can prove a sign error in the loss is caught. Runs never change it.
+
 Determinism: seeds for python/numpy/torch, ``torch.use_deterministic_algorithms`` (warn only),
 cuDNN benchmark off; the sampler's and the augmentation's random draws are pure functions of
 (seed, epoch, batch). On CUDA, forward passes run under bf16 autocast (no loss scaling needed);
@@ -111,6 +115,8 @@ class RegionTrainer:
     log: Callable[[str], None] = print
     on_batch: Callable[[int, int], None] | None = None  # (batch done, batches per epoch)
     on_epoch: Callable[[dict[str, Any]], None] | None = None
+    # (f embeddings [N, 512], g embeddings [N, 512], margin) -> scalar; eq. 3 unless a test swaps it
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = triplet_loss
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -211,7 +217,7 @@ class RegionTrainer:
                 x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index))
             with self._autocast():
                 fx, gy = self.f(x), self.g(y)
-            loss = triplet_loss(fx.float(), gy.float(), self.profile.margin)
+            loss = self.loss_fn(fx.float(), gy.float(), self.profile.margin)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.f.parameters(), self.profile.grad_clip)
