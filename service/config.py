@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mris.pipeline import MAX_K
 from mris.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 
 
@@ -29,7 +30,7 @@ class Settings(BaseSettings):
         None, description="Bearer token required on every route but /healthz and /readyz."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    default_k: int = Field(20, ge=1, le=100)
+    default_k: int = Field(20, ge=1, le=MAX_K)
     max_upload_mb: float = Field(64.0, gt=0, description="Larger request bodies get 413.")
     max_batch: int = Field(16, ge=1, description="Most knee ROIs encoded and searched together.")
     max_wait_ms: float = Field(3.0, ge=0, description="Longest a ROI waits for others to batch with.")
