@@ -53,8 +53,28 @@ def test_error_table_by_hand():
     assert u["all"]["median"] == pytest.approx(0.3) and u["all"]["mad"] == pytest.approx(0.2)
     assert u["by_klg"]["0"] == pytest.approx({"median": 0.2, "mad": 0.1, "n": 2})
     assert u["by_klg"]["3"]["median"] == pytest.approx(0.5) and u["by_klg"]["4"]["n"] == 0
-    paired = table["paired"]["fc"]
+    paired = table["paired"]["mris-s vs unet"]["fc"]
     assert paired["first_better_share"] == 1.0 and paired["median_difference_mm"] == pytest.approx(-0.3)
+    assert paired["mean_difference_mm"] == pytest.approx(-0.3) and (paired["n"], paired["subjects"]) == (3, 3)
+    low, high = paired["mean_difference_ci95"]
+    assert -0.5 <= low <= -0.3 <= high <= -0.1  # resampled subjects: differences of 0.1, 0.3, 0.5 mm
+    assert paired["first_better_share_ci95"] == [1.0, 1.0]
+    assert "mris-s vs mris-c" not in table["paired"]  # no MRIS-C errors here
+
+
+def test_paired_intervals_resample_subjects_not_knee_visits():
+    """Ten knee-visits of ONE subject carry one subject's worth of evidence: resampling subjects
+    leaves a single draw, so the interval is that subject's value, not a narrow knee-level one."""
+    errors = KneeErrors()
+    errors.add_rows([_row("s1", "LEFT", 12 * i, 0, 0) for i in range(10)])
+    truth = np.ones((10, 2, 2), np.float32)
+    shifts = np.linspace(-0.2, 0.2, 10).astype(np.float32)[:, None, None]
+    for name in ("fc", "tc"):
+        errors.add("mris-s", name, truth + 0.1 + shifts, truth)
+        errors.add("unet", name, truth + 0.1, truth)
+    paired = error_table(errors, resamples=50, seed=1)["paired"]["mris-s vs unet"]["fc"]
+    assert paired["subjects"] == 1 and paired["n"] == 10
+    assert paired["mean_difference_ci95"][0] == pytest.approx(paired["mean_difference_ci95"][1])
 
 
 def test_downstream_table_by_hand():

@@ -67,12 +67,20 @@ def findings(report: dict[str, Any]) -> list[str]:
             lines.append(f"Synthesis error ({label}): MRIS-S median {_num(s)} mm vs U-Net {_num(u)} mm: "
                          f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral medians "
                          f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs {PAPER['table2_fc_median_mm']['unet']:.3f} mm).")
-        paired = report["table2_error"].get("paired")
-        if paired:
+        for comparison in (report["table2_error"].get("paired") or {}).values():
+            labels = {"mris-s": "MRIS-S", "mris-c": "MRIS-C", "unet": "the U-Net"}
+            first, second = labels[comparison["first"]], labels[comparison["second"]]
             for name in ("fc", "tc"):
-                p = paired[name]
-                lines.append(f"Paired ({name}): MRIS-S closer than the U-Net on {_pct(p['first_better_share'])} % of "
-                             f"{p['n']} test knee-visits (Wilcoxon signed-rank p = {p['wilcoxon_p']:.2g}).")
+                p = comparison[name]
+                if not p.get("n"):
+                    continue
+                low, high = p["mean_difference_ci95"]
+                share_low, share_high = p["first_better_share_ci95"]
+                lines.append(
+                    f"Paired ({name}, {first} - {second}): mean difference {p['mean_difference_mm']:+.3f} mm "
+                    f"(95 % subject-bootstrap interval {low:+.3f} to {high:+.3f}); {first} closer on "
+                    f"{_pct(p['first_better_share'])} % ({_pct(share_low)}-{_pct(share_high)} %) of {p['n']} "
+                    f"test knee-visits of {p['subjects']} subjects.")
     if "mris-s" in t2 and "mean" in t2:
         s, m = t2["mris-s"]["fc"]["all"]["median"], t2["mean"]["fc"]["all"]["median"]
         lines.append(f"Against the database mean map (no information from the radiograph): MRIS-S femoral median "
