@@ -240,7 +240,7 @@ def _check_header(ds: Any, limits: DecodeLimits) -> _Geometry:
     samples = _int_tag(ds, "SamplesPerPixel", 1)
     bits_allocated = _int_tag(ds, "BitsAllocated")
     bits_stored = _int_tag(ds, "BitsStored", bits_allocated)
-    signed = _int_tag(ds, "PixelRepresentation", 0) == 1
+    representation = _int_tag(ds, "PixelRepresentation", 0)
     if rows > limits.max_rows or columns > limits.max_columns:
         raise ImageTooLarge(
             f"the image is {rows} x {columns} pixels; the limit is "
@@ -279,10 +279,9 @@ def _check_header(ds: Any, limits: DecodeLimits) -> _Geometry:
         raise UnreadableDicom(
             f"BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}"
         )
-    representation = _int_tag(ds, "PixelRepresentation", 0)
     if representation not in (0, 1):
         raise UnreadableDicom(f"PixelRepresentation {representation} is neither 0 nor 1")
-    return _Geometry(rows, columns, frames, bits_allocated, bits_stored, signed, photometric)
+    return _Geometry(rows, columns, frames, bits_allocated, bits_stored, representation == 1, photometric)
 
 
 # ----------------------------------------------------------------------------- codestreams

@@ -175,7 +175,6 @@ class DecodeSandbox:
         self._pool = None
         self._lock = threading.Lock()
         self._pending: weakref.WeakSet[concurrent.futures.Future] = weakref.WeakSet()
-        self.restarts = 0
 
     def _new_pool(self):
         from pebble import ProcessPool
@@ -208,7 +207,6 @@ class DecodeSandbox:
                 broken.stop()
                 broken.join(timeout=5)
                 self._pool = self._new_pool()
-                self.restarts += 1
 
     def close(self) -> None:
         """Kill the workers now; decodes in flight fail with ``DecoderCrashed``."""
@@ -313,8 +311,9 @@ class DecodeSandbox:
             except Exception:  # noqa: BLE001, S110 - outcome() turns it into a typed error
                 pass
             try:
-                return await asyncio.get_running_loop().run_in_executor(None, self.outcome, future) \
-                    if _is_broken(future) else self.outcome(future)
+                # Off the event loop: copying the pixels out (tens of MB) or replacing a broken
+                # pool blocks for milliseconds to seconds.
+                return await asyncio.get_running_loop().run_in_executor(None, self.outcome, future)
             except BrokenProcessPool:
                 if attempt == 2:
                     raise _crashed() from None
@@ -332,11 +331,6 @@ def _discard(future: concurrent.futures.Future) -> None:
                 block.unlink()
             except FileNotFoundError:
                 pass
-
-
-def _is_broken(future: concurrent.futures.Future) -> bool:
-    """A broken pool is replaced in ``outcome``, which blocks: do that off the event loop."""
-    return future.done() and not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
 
 
 def _crashed() -> DecoderCrashed:
