@@ -20,10 +20,9 @@ import random
 import httpx
 import pytest
 
-if os.environ.get("CI", "").lower() == "true":
-    import schemathesis  # noqa: F401  (a missing library must fail in CI)
-else:
-    pytest.importorskip("schemathesis")
+from conftest import require
+
+require("schemathesis")
 
 from fuzz.api_fuzz import (
     FAILURES,

@@ -349,7 +349,7 @@ def test_cohort_like_knee_phantom_full_path(tmp_path):
 def test_cohort_generator_files_read_back(tmp_path):
     """The synthetic cohort's own DICOM writer (when present): every syntax and photometric it
     uses reads back to the same bone-bright pixels, with no identifier in the metadata."""
-    writer = pytest.importorskip("mris.cohort.dicom_writer")
+    from mris.cohort import dicom_writer as writer
     image = knee_phantom(64, 96, seed=5)
     photometrics = {scanner[2]: index for index, scanner in enumerate(writer.SCANNERS)}
     for photometric, scanner in photometrics.items():

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("torch")
+from conftest import require
+
+require("torch")
 
 from mris.cli import app  # noqa: E402
 from mris.manifest import read_manifest, write_manifest  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bundle_factory import make_encoder_onnx, make_map_cohort, make_model_bundle
-from conftest import write_tiny_cohort
+from conftest import require, write_tiny_cohort
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists() and os.environ.get("CI") != "true",
@@ -204,7 +204,7 @@ def _separate_only_bundle(root: Path, encoder_px: int) -> Path:
 
 
 def test_sigterm_to_evaluate_stops_its_training_which_then_resumes(tmp_path):
-    pytest.importorskip("torch")
+    require("torch")
     epochs = 3
     manifest = write_tiny_cohort(tmp_path / "cohort", subjects=12)
     model = _separate_only_bundle(tmp_path / "model", encoder_px=64)  # the quick profile's input size

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import require
+
+torch = require("torch")
 
 from mris.training.losses import triplet_loss, triplet_loss_from_similarity  # noqa: E402
 from mris.training.models import ModelConfig, build_model  # noqa: E402

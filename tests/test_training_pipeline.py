@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import require
+
+torch = require("torch")
 
 from mris.constants import PreprocessConfig  # noqa: E402
 from mris.errors import KneeNotFound, ManifestError  # noqa: E402
