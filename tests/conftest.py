@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib
 import io
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -179,6 +180,34 @@ def make_dicom_bytes(
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     return write_dataset(ds)
+
+
+def first_frame(data: bytes) -> bytes:
+    """The first compressed frame of an encapsulated DICOM."""
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def replace_frame(data: bytes, frame: bytes) -> bytes:
+    """The same DICOM with its compressed frame replaced by ``frame``."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = encapsulate([bytes(frame)])
+    return write_dataset(ds)
+
+
+def bare_dataset(data: bytes, implicit: bool = False) -> bytes:
+    """The dataset of a Part 10 file without preamble and file meta (what old archives export),
+    implicit or explicit VR little endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset as write_bare
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_bare(out, ds)
+    return out.getvalue()
 
 
 def rewrap_encapsulated(source_path: str, **overrides: Any) -> bytes:

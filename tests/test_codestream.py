@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import knee_phantom, make_dicom_bytes, rewrap_encapsulated
+from conftest import first_frame, knee_phantom, make_dicom_bytes, replace_frame, rewrap_encapsulated
 from pydicom import uid
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
@@ -22,19 +22,9 @@ from mris.dicom import DecodeLimits, read_radiograph
 from mris.errors import ImageTooLarge, UnreadableDicom
 
 sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-from mutations import _frame_bounds, _replace_first_fragment, hostile_files
+from mutations import hostile_files  # noqa: E402
 
 SMALL = DecodeLimits(min_side_px=8)
-
-
-def _frame(data: bytes) -> bytearray:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    return bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
-
-
-def _with_frame(data: bytes, frame: bytes) -> bytes:
-    start, end = _frame_bounds(data)
-    return _replace_first_fragment(data, start, end, bytes(frame))
 
 
 def _refused(data: bytes, error=UnreadableDicom, limits: DecodeLimits = SMALL) -> str:
@@ -62,12 +52,12 @@ def j2k() -> bytes:
 
 
 def test_frame_headers_of_good_files():
-    header = codestream.jpeg_frame_header(bytes(_frame(rewrap_encapsulated(
-        get_testdata_file("MR_small_jpeg_ls_lossless.dcm")))))
+    header = codestream.jpeg_frame_header(first_frame(rewrap_encapsulated(
+        get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))))
     assert (header.kind, header.rows, header.columns, header.components, header.precision) == (
         "JPEG-LS", 64, 64, 1, 16)
-    j2k_header = codestream.j2k_frame_header(bytes(_frame(make_dicom_bytes(
-        knee_phantom(), uid.JPEG2000Lossless, bits_stored=12))))
+    j2k_header = codestream.j2k_frame_header(first_frame(make_dicom_bytes(
+        knee_phantom(), uid.JPEG2000Lossless, bits_stored=12)))
     assert (j2k_header.rows, j2k_header.columns, j2k_header.components, j2k_header.tiles) == (96, 128, 1, 1)
 
 
@@ -77,7 +67,7 @@ def test_zero_lines_are_refused_before_decoding(name):
 
 
 def test_jpeg_width_zero_components_precision_dnl(jpeg_lossless):
-    frame = _frame(jpeg_lossless)
+    frame = bytearray(first_frame(jpeg_lossless))
     sof = frame.find(b"\xff\xc3")
     cases = {
         "width 0": (sof + 7, b"\x00\x00", "header says"),
@@ -87,36 +77,36 @@ def test_jpeg_width_zero_components_precision_dnl(jpeg_lossless):
     for at, value, message in cases.values():
         edited = bytearray(frame)
         edited[at : at + len(value)] = value
-        assert message in _refused(_with_frame(jpeg_lossless, edited))
+        assert message in _refused(replace_frame(jpeg_lossless, edited))
     with_dnl = bytearray(frame)
     with_dnl[len(with_dnl) - 2 : len(with_dnl) - 2] = b"\xff\xdc\x00\x04\x00\x60"
-    assert "DNL" in _refused(_with_frame(jpeg_lossless, with_dnl))
+    assert "DNL" in _refused(replace_frame(jpeg_lossless, with_dnl))
     two_sofs = bytearray(frame)
     two_sofs[sof:sof] = frame[sof : sof + 13]
-    assert "more than one frame header" in _refused(_with_frame(jpeg_lossless, two_sofs))
+    assert "more than one frame header" in _refused(replace_frame(jpeg_lossless, two_sofs))
 
 
 def test_jpeg_ls_oversize_dimension_segment(jpeg_ls):
-    frame = _frame(jpeg_ls)
+    frame = bytearray(first_frame(jpeg_ls))
     sof = frame.find(b"\xff\xf7")
     # LSE ID 4 with 3-byte fields claiming 5000 x 5000: it overrides the SOF55's 64 x 64.
     lse = b"\xff\xf8" + struct.pack(">HBB", 10, 4, 3) + (5000).to_bytes(3, "big") * 2
     edited = bytearray(frame)
     edited[sof:sof] = lse
-    assert "5000 x 5000" in _refused(_with_frame(jpeg_ls, edited))
+    assert "5000 x 5000" in _refused(replace_frame(jpeg_ls, edited))
     huge = bytearray(frame)
     huge[sof:sof] = b"\xff\xf8" + struct.pack(">HBB", 10, 4, 3) + (100_000).to_bytes(3, "big") * 2
-    _refused(_with_frame(jpeg_ls, huge), ImageTooLarge)
+    _refused(replace_frame(jpeg_ls, huge), ImageTooLarge)
 
 
 def test_j2k_siz_checks(j2k):
-    frame = _frame(j2k)
+    frame = bytearray(first_frame(j2k))
     siz = frame.find(b"\xff\x51")
 
     def edit(offset: int, fmt: str, value: int) -> str:
         edited = bytearray(frame)
         struct.pack_into(fmt, edited, siz + offset, value)
-        return _refused(_with_frame(j2k, edited))
+        return _refused(replace_frame(j2k, edited))
 
     assert "empty image" in edit(6, ">I", 0)  # Xsiz 0
     assert "empty image" in edit(18, ">I", 200)  # YOsiz beyond Ysiz
@@ -127,16 +117,16 @@ def test_j2k_siz_checks(j2k):
     assert "malformed" in edit(38, ">H", 3)  # Csiz 3 without their bytes
     subsampled = bytearray(frame)
     subsampled[siz + 41] = 2
-    assert "subsamples" in _refused(_with_frame(j2k, subsampled))
+    assert "subsamples" in _refused(replace_frame(j2k, subsampled))
 
 
 def test_rle_header_offsets(phantom):
     data = make_dicom_bytes(phantom, uid.RLELossless, bits_stored=12)
-    frame = _frame(data)
+    frame = bytearray(first_frame(data))
     for slot, value in ((1, 0), (1, 10**6), (2, 60)):
         edited = bytearray(frame)
         struct.pack_into("<I", edited, 4 * slot, value)
-        assert "offsets are impossible" in _refused(_with_frame(data, edited))
+        assert "offsets are impossible" in _refused(replace_frame(data, edited))
 
 
 def test_htj2k_is_checked_like_jpeg_2000(j2k):
@@ -147,7 +137,7 @@ def test_htj2k_is_checked_like_jpeg_2000(j2k):
     struct.pack_into(">I", frame, siz + 6, 0)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
-    assert "HTJ2K" in _refused(_with_frame(out.getvalue(), frame))
+    assert "HTJ2K" in _refused(replace_frame(out.getvalue(), frame))
 
 
 def test_checks_can_be_disabled_only_explicitly(jpeg_ls):

@@ -11,10 +11,17 @@ import zlib
 import numpy as np
 import pydicom
 import pytest
-from conftest import knee_phantom, make_dicom_bytes, rewrap_encapsulated, write_dataset
+from conftest import (
+    bare_dataset,
+    first_frame,
+    knee_phantom,
+    make_dicom_bytes,
+    replace_frame,
+    rewrap_encapsulated,
+    write_dataset,
+)
 from pydicom import uid
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate, generate_frames
 
 from mris.dicom import DecodeLimits, Radiograph, read_radiograph
 from mris.errors import (
@@ -279,23 +286,12 @@ def test_no_pixel_data(phantom):
     _raises_fast(UnsupportedDicom, write_dataset(ds))
 
 
-def _replace_frame(data: bytes, frame: bytes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    ds.PixelData = encapsulate([frame])
-    return write_dataset(ds)
-
-
-def _first_frame(data: bytes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    return next(generate_frames(ds.PixelData, number_of_frames=1))
-
-
 def test_corrupt_rle_segment_panic_becomes_unreadable(phantom):
     data = make_dicom_bytes(phantom, uid.RLELossless, bits_stored=12)
-    frame = bytearray(_first_frame(data))
+    frame = bytearray(first_frame(data))
     (first_segment,) = struct.unpack("<I", frame[4:8])
     frame[first_segment] = 0x81  # a replicate run that overruns the segment: a Rust panic
-    error = _raises_fast(UnreadableDicom, _replace_frame(data, bytes(frame)))
+    error = _raises_fast(UnreadableDicom, replace_frame(data, bytes(frame)))
     # pylibjpeg-rle raised pyo3's PanicException, a BaseException but not an Exception.
     assert isinstance(error.__cause__, BaseException)
     assert not isinstance(error.__cause__, Exception)
@@ -304,23 +300,23 @@ def test_corrupt_rle_segment_panic_becomes_unreadable(phantom):
 @pytest.mark.parametrize("corruption", ["garbage", "segments", "offset"])
 def test_corrupt_rle_frames(phantom, corruption):
     data = make_dicom_bytes(phantom, uid.RLELossless, bits_stored=12)
-    frame = bytearray(_first_frame(data))
+    frame = bytearray(first_frame(data))
     if corruption == "garbage":
         frame[64:] = bytes([0x7F]) * (len(frame) - 64)
     elif corruption == "segments":
         frame[0:4] = struct.pack("<I", 15)
     else:
         frame[8:12] = struct.pack("<I", 10**6)
-    _raises_fast(UnreadableDicom, _replace_frame(data, bytes(frame)))
+    _raises_fast(UnreadableDicom, replace_frame(data, bytes(frame)))
 
 
 def test_codestream_dimensions_checked_before_decoding(phantom):
     data = make_dicom_bytes(phantom, uid.JPEG2000Lossless, bits_stored=12)
-    frame = bytearray(_first_frame(data))
+    frame = bytearray(first_frame(data))
     siz = frame.find(b"\xff\x51")
     # Xsiz / Ysiz claim 30000 x 30000: refused from the codestream header alone.
     frame[siz + 6 : siz + 14] = struct.pack(">II", 30000, 30000)
-    _raises_fast(ImageTooLarge, _replace_frame(data, bytes(frame)))
+    _raises_fast(ImageTooLarge, replace_frame(data, bytes(frame)))
     # A codestream that disagrees with the header.
     ds = pydicom.dcmread(io.BytesIO(data))
     ds.Rows = 64
@@ -371,22 +367,10 @@ def test_cohort_generator_files_read_back(tmp_path):
 # ----------------------------------------------------------------------------- issue 12
 
 
-def _bare(data: bytes, implicit: bool) -> bytes:
-    """The dataset of a Part 10 file without preamble and file meta."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset as write_bare
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, implicit
-    write_bare(out, ds)
-    return out.getvalue()
-
-
 @pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
 def test_a_bare_dataset_without_preamble_and_file_meta_is_read(phantom, implicit):
     data = make_dicom_bytes(phantom, bits_stored=12)
-    radiograph = read_radiograph(_bare(data, implicit))
+    radiograph = read_radiograph(bare_dataset(data, implicit))
     np.testing.assert_array_equal(radiograph.pixels, phantom.astype(np.float32))
     expected = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
     assert radiograph.metadata["transfer_syntax_uid"] == expected
@@ -394,7 +378,7 @@ def test_a_bare_dataset_without_preamble_and_file_meta_is_read(phantom, implicit
 
 def test_a_bare_dataset_with_compressed_pixels_is_refused(phantom):
     data = make_dicom_bytes(phantom, uid.RLELossless, bits_stored=12)
-    assert "codec" in _raises_fast(UnsupportedDicom, _bare(data, implicit=False)).detail
+    assert "codec" in _raises_fast(UnsupportedDicom, bare_dataset(data, implicit=False)).detail
 
 
 def test_pixel_formats_are_those_dx_and_cr_allow(phantom):

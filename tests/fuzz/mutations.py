@@ -29,7 +29,7 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from conftest import knee_phantom, make_dicom_bytes, rewrap_encapsulated
+from conftest import bare_dataset, knee_phantom, make_dicom_bytes, rewrap_encapsulated  # noqa: E402
 
 PLANTED = ("Secret^Patient", "PID-SECRET-123", "19500101", "S0001")
 # The phantom's knee centres (column, row) in a 128 x 96 image; scaled for other sizes.
@@ -74,19 +74,6 @@ _TAG_VALUES = {
 # ----------------------------------------------------------------------------- seeds
 
 
-def _bare(data: bytes) -> bytes:
-    """The same dataset without preamble and file meta (what old archives export)."""
-    import pydicom
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    write_dataset(out, ds)
-    return out.getvalue()
-
-
 def seed_files() -> dict[str, bytes]:
     """Name -> bytes of every seed file (deterministic)."""
     from pydicom import uid
@@ -115,7 +102,7 @@ def seed_files() -> dict[str, bytes]:
     seeds["PixelSpacingOnly"] = make_dicom_bytes(image, imager_spacing=None, pixel_spacing=(0.2, 0.2), bits_stored=12)
     seeds["JPEGLSLossless"] = rewrap_encapsulated(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
     seeds["JPEGExtended12Bit"] = rewrap_encapsulated(get_testdata_file("JPGExtended.dcm"))
-    seeds["bare-ExplicitVRLittleEndian"] = _bare(make_dicom_bytes(image, bits_stored=12))
+    seeds["bare-ExplicitVRLittleEndian"] = bare_dataset(make_dicom_bytes(image, bits_stored=12))
     return seeds
 
 
