@@ -116,6 +116,12 @@ def main() -> None:
     except (FileExistsError, PermissionError) as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         sys.exit(2)
+    except Exception:
+        # A KeyboardInterrupt raised inside C code (an extension module's import, say) can come
+        # out as another exception: after a signal, that is the interruption, not a bug.
+        if _interrupted_by is not None:
+            _exit_interrupted()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -252,6 +252,14 @@ class RegionTrainer:
         """Train to ``profile.epochs``; ``stop_after_epoch`` (tests) returns early after that
         many epochs in total, leaving ``last.pt`` as a Ctrl-C would."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Imported now, not at the first epoch's plot: a Ctrl-C/SIGTERM landing inside an
+        # extension module's import comes out as ImportError, not KeyboardInterrupt, and would
+        # skip the checkpoint message below.
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
         if resume:
             if not self.last_path.is_file():
                 raise FileNotFoundError(f"--resume: no checkpoint {self.last_path}")
