@@ -1,6 +1,7 @@
 """The evaluation report: ``report.json`` (every number), ``report.md`` (the three tables, the
 paper's figures beside ours, what agrees and what does not, the cohort, the model card, the exact
-command), ``knees.csv`` (per test knee-visit errors) and the figures:
+command), ``knees.csv`` (per test knee-visit: the MAE, the coverage, the reference's median and
+MAD) and the figures:
 
 - ``recall_at_k.png``: recall@k curves of Table 1 with the chance line;
 - ``error_by_klg.png``: box plots of the per-knee MAE by KL grade, per method, fc and tc;
@@ -23,6 +24,13 @@ import numpy as np
 from mris.evaluation.tables import KL_GRADES, KLG_CLASSES
 from mris.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+# The paper's figures (Chen & Niethammer, MICCAI 2023), as transcribed into this file when the
+# evaluation was written (commit 1db4987); only these cells are transcribed, no other cell of the
+# paper's tables is in this repository. Table 1: the combined embedding's recall on OAI, gallery
+# = the 1,794 baseline test pairs of 897 subjects. Table 2: the femoral "all grades" median of the
+# reference statistic (mean over test pairs of each pair's median absolute error at 256 x 256),
+# the statistic of our main Table 2 (``reference_stats``), not of the per-pair MAE table.
+PAPER_TABLE1_GALLERY = 1794
 PAPER = {
     "table1_combined": {"R@1": 0.452, "R@5": 0.755, "R@10": 0.847, "R@20": 0.906},
     "table2_fc_median_mm": {"mris-s": 0.275, "unet": 0.304},
@@ -59,17 +67,25 @@ def findings(report: dict[str, Any]) -> list[str]:
         r20, chance = row["recall"]["R@20"], row["chance"]["R@20"]
         lines.append(f"Retrieval ({label}): R@20 {_pct(r20)} % against {_pct(chance)} % by chance "
                      f"({r20 / chance:.1f}x) on a gallery of {row['gallery']} test knees.")
-    t2 = report["table2_error"]["methods"]
+    if "combined" in t1:
+        paper_chance = 20 / PAPER_TABLE1_GALLERY
+        lines.append(f"The paper's combined R@20 {_pct(PAPER['table1_combined']['R@20'])} % is on a gallery of "
+                     f"{PAPER_TABLE1_GALLERY:,} baseline test pairs (chance {_pct(paper_chance)} %, "
+                     f"{PAPER['table1_combined']['R@20'] / paper_chance:.0f}x); recall falls as the gallery grows, so "
+                     "only the ratios to chance are comparable across galleries, and even they only roughly.")
+    t2 = (report.get("table2_reference") or {}).get("methods", {})
+    label_of = {"mris-s": "MRIS-S", "mris-c": "MRIS-C", "unet": "the U-Net", "pix2pix": "pix2pix"}
     if "mris-s" in t2 and "unet" in t2:
         for name, label in (("fc", "femoral"), ("tc", "tibial")):
             s, u = t2["mris-s"][name]["all"]["median"], t2["unet"][name]["all"]["median"]
             verdict = "AGREES with" if s < u else "does NOT agree with"
-            lines.append(f"Synthesis error ({label}): MRIS-S median {_num(s)} mm vs U-Net {_num(u)} mm: "
-                         f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral medians "
+            lines.append(f"Synthesis error ({label}, the reference's statistic): MRIS-S {_num(s)} mm vs U-Net {_num(u)} mm: "
+                         f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral figures "
                          f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs {PAPER['table2_fc_median_mm']['unet']:.3f} mm).")
-        for comparison in (report["table2_error"].get("paired") or {}).values():
-            labels = {"mris-s": "MRIS-S", "mris-c": "MRIS-C", "unet": "the U-Net"}
-            first, second = labels[comparison["first"]], labels[comparison["second"]]
+    for table_key, statistic in (("table2_reference", "per-pair median absolute error"), ("table2_error", "per-pair MAE")):
+        for comparison in ((report.get(table_key) or {}).get("paired") or {}).values():
+            first = label_of.get(comparison["first"], comparison["first"])
+            second = label_of.get(comparison["second"], comparison["second"])
             for name in ("fc", "tc"):
                 p = comparison[name]
                 if not p.get("n"):
@@ -77,18 +93,19 @@ def findings(report: dict[str, Any]) -> list[str]:
                 low, high = p["mean_difference_ci95"]
                 share_low, share_high = p["first_better_share_ci95"]
                 lines.append(
-                    f"Paired ({name}, {first} - {second}): mean difference {p['mean_difference_mm']:+.3f} mm "
-                    f"(95 % subject-bootstrap interval {low:+.3f} to {high:+.3f}); {first} closer on "
+                    f"Paired ({statistic}, {name}, {first} - {second}): mean difference {p['mean_difference_mm']:+.3f} mm "
+                    f"(95 % subject-bootstrap interval {low:+.3f} to {high:+.3f}"
+                    + ("; excludes 0" if low > 0 or high < 0 else "; includes 0") + f"); {first} lower on "
                     f"{_pct(p['first_better_share'])} % ({_pct(share_low)}-{_pct(share_high)} %) of {p['n']} "
                     f"test knee-visits of {p['subjects']} subjects.")
     if "mris-s" in t2 and "mean" in t2:
         s, m = t2["mris-s"]["fc"]["all"]["median"], t2["mean"]["fc"]["all"]["median"]
-        lines.append(f"Against the database mean map (no information from the radiograph): MRIS-S femoral median "
+        lines.append(f"Against the database mean map (no information from the radiograph): MRIS-S femoral error "
                      f"{_num(s)} vs {_num(m)} mm: " + ("the radiograph adds information." if s < m else
                                                      "the radiograph adds NO measurable information here."))
     if "mris-s" in t2 and "oracle" in t2:
         s, o = t2["mris-s"]["fc"]["all"]["median"], t2["oracle"]["fc"]["all"]["median"]
-        lines.append(f"Oracle neighbour (best single database map, uses the truth): femoral median {_num(o)} mm vs "
+        lines.append(f"Oracle neighbour (best single database map, uses the truth): femoral error {_num(o)} mm vs "
                      f"MRIS-S {_num(s)} mm; averaging 20 neighbours " + ("beats" if s < o else "does not beat")
                      + " the best single map.")
     t3 = report.get("table3_downstream")
@@ -136,40 +153,7 @@ def markdown(report: dict[str, Any]) -> str:
     out += ["", "## What agrees with the paper and what does not", ""]
     out += [f"- {line}" for line in findings(report)]
 
-    out += ["", "## Table 1: retrieval (test split, first visit of each knee)", "",
-            "Radiograph to the thickness map of the same knee-visit among the test knees' maps; % with 95 % interval.", "",
-            "| embedding | gallery | R@1 | R@5 | R@10 | R@20 | chance R@20 | median rank |", "|---|---|---|---|---|---|---|---|"]
-    for label, row in report["table1_retrieval"].items():
-        cells = [f"{_pct(row['recall'][k])}{_ci(row['ci95'][k], _pct)}" for k in ("R@1", "R@5", "R@10", "R@20")]
-        out.append(f"| {label} | {row['gallery']} | " + " | ".join(cells) + f" | {_pct(row['chance']['R@20'])} | {row['median_rank']:.0f} |")
-    paper = PAPER["table1_combined"]
-    out.append(f"| paper, combined, OAI (gallery of 1,794 baseline test pairs, 897 subjects) | | {100 * paper['R@1']:.1f} | {100 * paper['R@5']:.1f} | "
-               f"{100 * paper['R@10']:.1f} | {100 * paper['R@20']:.1f} | | |")
-    out += ["", "![recall@k](recall_at_k.png)", ""]
-
-    t2 = report["table2_error"]
-    out += ["## Table 2: synthesis error by KL grade (test split, every knee-visit pair)", "",
-            f"Per knee-visit: mean absolute error (mm) over the cartilage both the true and the synthesized map cover; "
-            f"median (MAD) over {t2['knees']} pairs; `coverage` = mean share of the true cartilage the map covers.", ""]
-    for name, label in (("fc", "femoral"), ("tc", "tibial")):
-        out += [f"**{label} ({name})**", "",
-                "| method | " + " | ".join(f"KL{g}" for g in KL_GRADES) + " | all | 95 % interval of the median | coverage |",
-                "|---|" + "---|" * (len(KL_GRADES) + 3)]
-        for method, entry in t2["methods"].items():
-            e = entry[name]
-            cells = [f"{_num(e['by_klg'][str(g)]['median'])} ({_num(e['by_klg'][str(g)]['mad'])})" for g in KL_GRADES]
-            total = e["all"]
-            out.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells)
-                       + f" | {_num(total['median'])} ({_num(total['mad'])}) | {_ci(total['median_ci95'], _num).strip(' ()')} "
-                       f"| {_pct(e['coverage_mean'])} % |")
-        counts = next(iter(t2["methods"].values()))[name]["by_klg"] if t2["methods"] else {}
-        out.append("| pairs | " + " | ".join(str(counts.get(str(g), {}).get("n", 0)) for g in KL_GRADES)
-                   + f" | {t2['knees']} | | |")
-        out.append("")
-    paper_error = PAPER["table2_fc_median_mm"]
-    out += [f"Paper (OAI), overall femoral median: MRIS-S {paper_error['mris-s']:.3f} mm, U-Net {paper_error['unet']:.3f} mm.", "",
-            "![error by KL grade](error_by_klg.png)", "", "![test knees](examples.png)", ""]
-
+    out += table1_markdown(report) + table2_markdown(report)
     t3 = report.get("table3_downstream")
     out += ["## Table 3: downstream tasks (train on `downstream`, test on `test`)", ""]
     if not t3 or not t3["methods"]:
@@ -215,6 +199,109 @@ def markdown(report: dict[str, Any]) -> str:
             f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`",
             "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()), ""]
     return "\n".join(out)
+
+
+def _label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def table1_markdown(report: dict[str, Any]) -> list[str]:
+    ks = ("R@1", "R@5", "R@10", "R@20")
+    out = ["", "## Table 1: retrieval (test split, first visit of each knee)", "",
+           "Radiograph to the thickness map of the same knee-visit among the test knees' maps (one query per knee, "
+           "the gallery = those knees' maps); recall in % with its 95 % interval (subjects resampled), then its "
+           "ratio to chance (chance R@k = k / gallery) with the interval divided by chance.", "",
+           "| embedding | gallery | " + " | ".join(ks) + " | median rank |", "|---|---|" + "---|" * len(ks) + "---|"]
+    rows = report["table1_retrieval"]
+    for label, row in rows.items():
+        cells = [f"{_pct(row['recall'][k])}{_ci(row['ci95'][k], _pct)}" for k in ks]
+        out.append(f"| {label} | {row['gallery']} | " + " | ".join(cells) + f" | {row['median_rank']:.0f} |")
+        if "ratio_to_chance" in row:
+            ratios = [f"{row['ratio_to_chance'][k]:.1f}x{_ci(row['ratio_ci95'][k], lambda v: f'{v:.1f}')}" for k in ks]
+            out.append(f"| {label}: ratio to chance | | " + " | ".join(ratios) + " | |")
+    if rows:
+        row = next(iter(rows.values()))
+        out.append("| chance | | " + " | ".join(_pct(row["chance"][k]) for k in ks) + " | |")
+    paper = PAPER["table1_combined"]
+    out.append(f"| paper, combined, OAI (gallery of {PAPER_TABLE1_GALLERY:,} baseline test pairs, 897 subjects) | "
+               f"{PAPER_TABLE1_GALLERY} | " + " | ".join(f"{100 * paper[k]:.1f}" for k in ks) + " | |")
+    out.append(f"| paper: ratio to chance | | " + " | ".join(
+        f"{paper[k] / (int(k[2:]) / PAPER_TABLE1_GALLERY):.0f}x" for k in ks) + " | |")
+    out += ["", "![recall@k](recall_at_k.png)", ""]
+    return out
+
+
+def table2_markdown(report: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    t2 = report.get("table2_reference")
+    if t2:
+        strata = t2["strata"]
+        size = "x".join(str(v) for v in t2["size"])
+        out += ["## Table 2: synthesis error by KL grade (test split, every knee-visit pair; the reference's statistic)", "",
+                f"As the reference's `synthesis.get_synthesis_stat`: per pair, true and synthesized map resized to {size} "
+                "with the NaN-aware resize, the median and the MAD of the per-pixel absolute error; the cell is the mean "
+                f"over pairs of each, `median ± MAD` in mm, over {t2['pairs']} pairs; the interval is the 95 % "
+                "subject-bootstrap interval of the `all` median. MRIS maps use the NaN rule "
+                f"`{report.get('nan_rule', 'majority')}`.", ""]
+        paper = PAPER["table2_fc_median_mm"]
+        for name, label in (("fc", "femoral"), ("tc", "tibial")):
+            out += [f"**{label} ({name})**", "",
+                    "| method | " + " | ".join(strata) + " | 95 % interval of the all median |",
+                    "|---|" + "---|" * (len(strata) + 1)]
+            for method, entry in t2["methods"].items():
+                cells = [f"{_num(entry[name][st]['median'])} ± {_num(entry[name][st]['mad'])}" for st in strata]
+                out.append(f"| {_label(method)} | " + " | ".join(cells)
+                           + f" | {_ci(entry[name]['all']['median_ci95'], _num).strip(' ()')} |")
+            counts = next(iter(t2["methods"].values()))[name] if t2["methods"] else {}
+            out.append("| pairs | " + " | ".join(str(counts.get(st, {}).get("n", 0)) for st in strata) + " | |")
+            if name == "fc":
+                for method in ("mris-s", "unet"):
+                    out.append(f"| paper (OAI), {_label(method)} | " + " | ".join("n/t" for _ in strata[:-1])
+                               + f" | {paper[method]:.3f} (median; MAD n/t) | |")
+            out.append("")
+        out += ["`n/t`: not transcribed — only the femoral all-grades medians of the paper's Table 2 are in this "
+                "repository (mris/evaluation/report.py, PAPER).", ""]
+        out += _paired_markdown(t2.get("paired") or {}, "per-pair median absolute error")
+    t2b = report["table2_error"]
+    out += ["## Table 2b: per-pair MAE by KL grade (our statistic, not the paper's)", "",
+            "Per knee-visit: mean absolute error (mm) over the cartilage both the true and the synthesized map cover, at "
+            f"the maps' own size; median (MAD) over {t2b['knees']} pairs; `coverage` = mean share of the true cartilage "
+            "the map covers. Not comparable with the paper's figures.", ""]
+    for name, label in (("fc", "femoral"), ("tc", "tibial")):
+        out += [f"**{label} ({name})**", "",
+                "| method | " + " | ".join(f"KL{g}" for g in KL_GRADES) + " | all | 95 % interval of the median | coverage |",
+                "|---|" + "---|" * (len(KL_GRADES) + 3)]
+        for method, entry in t2b["methods"].items():
+            e = entry[name]
+            cells = [f"{_num(e['by_klg'][str(g)]['median'])} ({_num(e['by_klg'][str(g)]['mad'])})" for g in KL_GRADES]
+            total = e["all"]
+            out.append(f"| {_label(method)} | " + " | ".join(cells)
+                       + f" | {_num(total['median'])} ({_num(total['mad'])}) | {_ci(total['median_ci95'], _num).strip(' ()')} "
+                       f"| {_pct(e['coverage_mean'])} % |")
+        counts = next(iter(t2b["methods"].values()))[name]["by_klg"] if t2b["methods"] else {}
+        out.append("| pairs | " + " | ".join(str(counts.get(str(g), {}).get("n", 0)) for g in KL_GRADES)
+                   + f" | {t2b['knees']} | | |")
+        out.append("")
+    out += _paired_markdown(t2b.get("paired") or {}, "per-pair MAE")
+    out += ["![error by KL grade](error_by_klg.png)", "", "![test knees](examples.png)", ""]
+    return out
+
+
+def _paired_markdown(paired: dict[str, Any], statistic: str) -> list[str]:
+    if not paired:
+        return []
+    out = [f"Paired comparisons ({statistic}, first - second, on the knee-visits both have; 95 % intervals "
+           "resample subjects):", "",
+           "| comparison | map | pairs (subjects) | mean difference (mm) | first lower on |", "|---|---|---|---|---|"]
+    for comparison in paired.values():
+        for name in ("fc", "tc"):
+            p = comparison[name]
+            if not p.get("n"):
+                continue
+            out.append(f"| {_label(comparison['first'])} - {_label(comparison['second'])} | {name} | {p['n']} ({p['subjects']}) | "
+                       f"{p['mean_difference_mm']:+.3f}{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} | "
+                       f"{_pct(p['first_better_share'])} %{_ci(p['first_better_share_ci95'], _pct)} |")
+    return out + [""]
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -328,15 +415,22 @@ def knees_csv(report: dict[str, Any]) -> str:
     methods = list(per_knee["mae"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    reference = {kind: per_knee.get(f"reference_{kind}") or {} for kind in ("median", "mad")}
     writer.writerow(["pair_id", "subject_id", "klg"] + [f"{m}_{n}_{kind}" for m in methods for n in ("fc", "tc")
-                                                         for kind in ("mae_mm", "coverage")])
+                                                         for kind in ("mae_mm", "coverage", "ref_median_mm", "ref_mad_mm")])
     for i, pair in enumerate(per_knee["pair_ids"]):
         values = []
         for m in methods:
             for n in ("fc", "tc"):
                 values += [f"{per_knee['mae'][m][n][i]:.4f}", f"{per_knee['coverage'][m][n][i]:.4f}"]
+                values += [_cell(reference[kind].get(m, {}).get(n), i) for kind in ("median", "mad")]
         writer.writerow([pair, per_knee["subjects"][i], "" if per_knee["klg"][i] is None else per_knee["klg"][i]] + values)
     return buffer.getvalue()
+
+
+def _cell(values, i: int) -> str:
+    value = None if values is None else values[i]
+    return "" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
 def write_report(out: Path, report: dict[str, Any], examples) -> None:

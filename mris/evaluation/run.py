@@ -42,6 +42,7 @@ from mris.evaluation.methods import (
     UnetMethod,
     collect_rois,
 )
+from mris.evaluation.reference_stats import ReferenceErrors, reference_table
 from mris.evaluation.tables import (
     KL_GRADES,
     KneeErrors,
@@ -355,6 +356,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     oracle = OracleMethod.from_index(separate.index) if "oracle" in methods else None
 
     errors = KneeErrors()
+    reference = ReferenceErrors()  # Table 2 as the reference computes it
     features = {split: SplitFeatures() for split in roi_sets}
     examples = Examples(pair_ids=choose_examples(test.rows, request.examples, request.seed))
     for split, roi_set in roi_sets.items():
@@ -373,6 +375,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
                 features[split].add(name, [map_features(fc, tc) for fc, tc in zip(answer.fc, answer.tc)])
             if split == "test":
                 errors.add_rows(rows)
+                reference.add(rows, truth, {name: answer for name, answer in answers.items() if name != "mr"})
                 for name, answer in answers.items():
                     if name != "mr":
                         for cartilage in ("fc", "tc"):
@@ -391,7 +394,8 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
 
     # -- Tables 2 and 3 -------------------------------------------------------------------
     mark = time.perf_counter()
-    table2 = error_table(errors, request.resamples, request.seed)
+    table2 = reference_table(reference, request.resamples, request.seed)
+    table2_mae = error_table(errors, request.resamples, request.seed)
     table3 = None
     if "downstream" in features and features["downstream"].rows:
         table3 = downstream_table(features["downstream"], features["test"], ["mr", *methods], request.resamples, request.seed)
@@ -417,11 +421,13 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         "model_card": _card_summary(model.card),
         "cohort": _cohort_stats(request.manifest),
         "table1_retrieval": table1,
-        "table2_error": table2,
+        "table2_reference": table2,
+        "table2_error": table2_mae,
         "table3_downstream": table3,
         "oracle_rows": {c: len(set(v)) for c, v in (oracle.chosen.items() if oracle else [])},
         "per_knee": {"pair_ids": errors.pair_ids, "subjects": errors.subjects, "klg": errors.klg,
-                     "mae": errors.mae, "coverage": errors.coverage},
+                     "mae": errors.mae, "coverage": errors.coverage,
+                     "reference_median": reference.median, "reference_mad": reference.mad},
     }
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {name: round(value, 1) for name, value in seconds.items()}

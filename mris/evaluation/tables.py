@@ -1,16 +1,19 @@
 """The paper's three tables from per-knee results (numbers only; ``report`` writes them).
 
-- ``retrieval_table`` (Table 1): recall@1/5/10/20 of each radiograph encoder against its
-  thickness encoder on the TEST split's first visits (one query per knee; the gallery is those
-  knees' maps, so chance is k / gallery), femoral (MRIS-S fc), tibial (MRIS-S tc) and combined
-  (MRIS-C) embeddings, with 95 % bootstrap intervals over subjects (queries resampled by
-  subject, the gallery fixed).
-- ``error_table`` (Table 2): per test knee-visit pair and method, the MAE (mm) of the fc and tc
-  map over the cartilage both maps cover, and the coverage; median and MAD by KL grade 0-4 and
-  overall, a bootstrap interval of the overall median, and paired comparisons (MRIS-S against
-  the U-Net and against MRIS-C, on the same knee-visits): the mean paired difference and the
-  share of knee-visits where MRIS-S is closer, each with a 95 % interval from resampling
-  SUBJECTS (a subject's knee-visits are not independent, so no knee-visit-level test).
+- ``retrieval_row`` (Table 1): recall@1/5/10/20 of a radiograph encoder against its thickness
+  encoder on the TEST split's first visits (one query per knee; the gallery is those knees'
+  maps, so chance is k / gallery), with the ratio to chance and 95 % bootstrap intervals over
+  subjects (queries resampled by subject, the gallery fixed); ``mris train`` writes the same row
+  for its held-out validation knees into the model card.
+- Table 2, main: ``reference_stats.reference_table`` (the reference's per-pair median and MAD of
+  the pixel errors at 256 x 256, by KL stratum).
+- ``error_table`` (Table 2, second: per-pair MAE): per test knee-visit pair and method, the MAE
+  (mm) of the fc and tc map over the cartilage both maps cover, and the coverage; median and MAD
+  over pairs by KL grade 0-4 and overall, a bootstrap interval of the overall median, and paired
+  comparisons (MRIS-S against the U-Net, MRIS-C and pix2pix, on the same knee-visits): the mean
+  paired difference and the share of knee-visits where MRIS-S is closer, each with a 95 %
+  interval from resampling SUBJECTS (a subject's knee-visits are not independent, so no
+  knee-visit-level test).
 - ``downstream_table`` (Table 3): per method the classifier of ``classify`` trained on the
   method's ``downstream`` maps and tested on its ``test`` maps: KL grade (0 and 1 merged, 4
   classes) on every knee-visit pair with a grade, accuracy and balanced accuracy; progression on
@@ -28,6 +31,7 @@ import numpy as np
 
 from mris.evaluation import metrics
 from mris.evaluation.classify import fit_with_cv
+from mris.evaluation.reference_stats import PAIRED, paired_difference
 from mris.manifest import ManifestRow
 
 KL_GRADES = (0, 1, 2, 3, 4)
@@ -55,12 +59,16 @@ def retrieval_row(queries: np.ndarray, keys: np.ndarray, subjects: Sequence[str]
     (same order; the gallery is all of ``keys``)."""
     ranks = metrics.retrieval_ranks(queries @ keys.T)
     gallery = keys.shape[0]
-    row: dict[str, Any] = {"queries": int(ranks.size), "gallery": int(gallery), "recall": {}, "ci95": {}, "chance": {}}
+    row: dict[str, Any] = {"queries": int(ranks.size), "gallery": int(gallery), "recall": {}, "ci95": {}, "chance": {},
+                           "ratio_to_chance": {}, "ratio_ci95": {}}
     for k in metrics.RECALL_AT:
         hits = (ranks < k).astype(np.float64)
         row["recall"][f"R@{k}"] = float(hits.mean())
         row["ci95"][f"R@{k}"] = list(metrics.bootstrap_ci(lambda p, hits=hits: float(hits[p].mean()), subjects, resamples, seed))
-        row["chance"][f"R@{k}"] = min(1.0, k / gallery)
+        chance = min(1.0, k / gallery)
+        row["chance"][f"R@{k}"] = chance
+        row["ratio_to_chance"][f"R@{k}"] = row["recall"][f"R@{k}"] / chance
+        row["ratio_ci95"][f"R@{k}"] = [v / chance for v in row["ci95"][f"R@{k}"]]
     row["curve"] = metrics.recall_curve(ranks, min(RETRIEVAL_CURVE_K, gallery)).tolist()
     row["median_rank"] = float(np.median(ranks) + 1)
     return row
@@ -115,41 +123,20 @@ def error_table(errors: KneeErrors, resamples: int, seed: int) -> dict[str, Any]
     return table
 
 
-PAIRED_COMPARISONS = (("mris-s", "unet"), ("mris-s", "mris-c"))
+PAIRED_COMPARISONS = PAIRED  # MRIS-S against the U-Net, MRIS-C and pix2pix, when they ran
 
 
 def paired_comparison(
     errors: KneeErrors, first: str, second: str, resamples: int = 1000, seed: int = 0
 ) -> dict[str, Any] | None:
-    """``first`` against ``second`` on the knee-visits both have an error for, per map: the mean
-    and median of the paired difference (first - second, mm; negative = first closer), the share
-    of knee-visits where ``first`` is closer, and subject-bootstrap 95 % intervals of the mean
-    difference and of that share."""
+    """``first`` against ``second`` on the knee-visits both have an MAE for, per map
+    (``reference_stats.paired_difference``: first - second in mm, negative = first closer, with
+    subject-bootstrap intervals)."""
     if first not in errors.mae or second not in errors.mae:
         return None
-    subjects = np.asarray(errors.subjects)
-    out: dict[str, Any] = {"first": first, "second": second}
-    for name in ("fc", "tc"):
-        a = np.asarray(errors.mae[first][name], np.float64)
-        b = np.asarray(errors.mae[second][name], np.float64)
-        ok = np.isfinite(a) & np.isfinite(b)
-        difference = a[ok] - b[ok]
-        if not ok.any():
-            out[name] = {"n": 0, "subjects": 0}
-            continue
-        groups = subjects[ok]
-        out[name] = {
-            "n": int(ok.sum()),
-            "subjects": int(np.unique(groups).size),
-            "mean_difference_mm": float(difference.mean()),
-            "mean_difference_ci95": list(metrics.bootstrap_ci(
-                lambda p, d=difference: float(d[p].mean()), groups, resamples, seed)),
-            "median_difference_mm": float(np.median(difference)),
-            "first_better_share": float(np.mean(difference < 0)),
-            "first_better_share_ci95": list(metrics.bootstrap_ci(
-                lambda p, d=difference: float(np.mean(d[p] < 0)), groups, resamples, seed)),
-        }
-    return out
+    return {"first": first, "second": second, "statistic": "per-pair MAE (mm)",
+            **{name: paired_difference(errors.mae[first][name], errors.mae[second][name], errors.subjects,
+                                       resamples, seed) for name in ("fc", "tc")}}
 
 
 # ---------------------------------------------------------------------------------- Table 3
