@@ -98,5 +98,6 @@ def test_mris_s_rows_equal_a_hand_computation(evaluated):
             assert cell["median"] == pytest.approx(np.nanmean(values), abs=1e-5)
             assert cell["mad"] == pytest.approx(np.nanmean(np.asarray(mads[name])[where]), abs=1e-5)
             assert cell["n"] == int(np.isfinite(values).sum())
+    assert report["model_card"]["validation_first_visit"] == {}  # a card from before the field still loads
     text = (out / "report.md").read_text()
     assert "the reference's statistic" in text and "Table 2b: per-pair MAE" in text

@@ -177,6 +177,18 @@ def test_card_metrics_are_json(trained):
     card = json.loads((out / "card.json").read_text())
     assert card["metrics"]["regions"].keys() == summary["regions"].keys()
     assert "localiser" in card["metrics"]
+    for region in card["metrics"]["regions"].values():
+        # first-visit recall of the held-out validation subjects against chance, with subject intervals
+        held_out = region["validation_first_visit"]
+        assert held_out["gallery"] == held_out["queries"] == card["training"]["validation_knees"]
+        for k in ("R@1", "R@5", "R@10", "R@20"):
+            assert held_out["chance"][k] == pytest.approx(min(1.0, int(k[2:]) / held_out["gallery"]))
+            assert held_out["ratio_to_chance"][k] == pytest.approx(held_out["recall"][k] / held_out["chance"][k])
+            low, high = held_out["ci95"][k]
+            assert low <= held_out["recall"][k] <= high
+        test = region["test"]["first_visit"]
+        assert test["ratio_to_chance"]["R@20"] == pytest.approx(test["recall"]["R@20"] / test["chance"]["R@20"])
+        assert "ci95" in test and "curve" not in test
 
 
 def test_roi_command_finds_knees_with_the_trained_localiser(trained, tiny_cohort, tmp_path):

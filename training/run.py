@@ -263,17 +263,25 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
                                       val_x, val_y, threads=request.threads)
         rep.log(f"{name}: ONNX parity max abs diff {max(parity.max_abs_diff_radiograph, parity.max_abs_diff_thickness):.1e}, "
                 f"top-20 order identical on {parity.val_queries - parity.top20_order_mismatches}/{parity.val_queries} validation queries")
+        val_subjects = [database[p].subject_id for p in np.sort(val_first)]
         region_summary: dict[str, Any] = {
-            "best_epoch": result.best_epoch, "validation": result.best_metrics, "parity": parity.to_dict(),
+            "best_epoch": result.best_epoch, "validation": result.best_metrics,
+            "validation_first_visit": onnx_recall(export_dir / names["radiograph"], export_dir / names["thickness"],
+                                                  val_x, val_y, val_subjects, request.threads, request.seed),
+            "parity": parity.to_dict(),
             "train_seconds": round(result.seconds, 1), "images_per_second": round(result.images_per_second, 1),
         }
+        held_out = region_summary["validation_first_visit"]
+        rep.log(f"{name}: validation recall (held-out subjects' first visits, gallery {held_out['gallery']}): "
+                + ", ".join(f"{k} {100 * r:.1f} % ({held_out['ratio_to_chance'][k]:.1f}x chance)"
+                            for k, r in held_out["recall"].items()))
         if test_cache is not None:
             region_summary["test"] = test_recall(export_dir / names["radiograph"], export_dir / names["thickness"],
-                                                 test_cache, region_array(region), request.threads)
+                                                 test_cache, region_array(region), request.threads, request.seed)
             t = region_summary["test"]["first_visit"]
             rep.log(f"{name}: test recall (first visits, gallery {t['gallery']}): "
                     + ", ".join(f"{k} {100 * v:.1f} %" for k, v in t["recall"].items())
-                    + f"; chance R@20 {100 * t['chance']['R@20']:.1f} %")
+                    + f"; chance R@20 {100 * t['chance']['R@20']:.1f} % ({t['ratio_to_chance']['R@20']:.1f}x)")
         summary["regions"][name] = region_summary
         card_variants.setdefault(variant, {"regions": {}})["regions"][region] = {
             "radiograph": names["radiograph"], "thickness": names["thickness"],
@@ -301,10 +309,37 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
     return summary
 
 
-def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, threads: int | None) -> dict[str, Any]:
+RECALL_RESAMPLES = 1000
+
+
+def recall_vs_chance(queries: np.ndarray, keys: np.ndarray, subjects: list[str], seed: int) -> dict[str, Any]:
+    """Recall@1/5/10/20 of queries [Q, D] against their own keys [Q, D] (the gallery = all keys):
+    recall, chance (k / gallery), the ratio to chance and 95 % intervals from resampling subjects
+    (``mris.evaluation.tables.retrieval_row``, the evaluation's Table 1 row, without its curve)."""
+    from mris.evaluation.tables import retrieval_row
+
+    row = retrieval_row(queries, keys, subjects, RECALL_RESAMPLES, seed)
+    row.pop("curve")
+    return row
+
+
+def onnx_recall(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndarray, thickness: np.ndarray,
+                subjects: list[str], threads: int | None, seed: int) -> dict[str, Any]:
+    """``recall_vs_chance`` with the exported ONNX encoders (the serving path) on [N, 1, S, S]
+    inputs, one per knee (first visits)."""
+    from mris.encoders import OnnxEncoder
+
+    f = OnnxEncoder(radiograph_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
+    g = OnnxEncoder(thickness_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
+    return recall_vs_chance(f.embed(radiographs), g.embed(thickness), subjects, seed)
+
+
+def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, threads: int | None,
+                seed: int = 0) -> dict[str, Any]:
     """Recall@k on the test split with the exported ONNX encoders (the serving path).
 
-    ``first_visit``: one query per knee (its first visit), gallery = those knees' maps (DESIGN.md).
+    ``first_visit``: one query per knee (its first visit), gallery = those knees' maps (DESIGN.md),
+    with the ratio to chance and subject-bootstrap intervals (``recall_vs_chance``).
     ``all_visits``: every knee-visit pair is a query, gallery = every test map (other visits of
     the same knee are competitors), a larger gallery and so a lower chance level.
     """
@@ -317,12 +352,13 @@ def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, 
     queries = f.embed(np.asarray(cache["radiograph"], np.float32)[:, None])
     keys = g.embed(np.asarray(cache[array], np.float32)[:, None])
     rows = cache.rows
-    first = first_visits([r.knee_id for r in rows], [r.visit_month for r in rows])
-    out = {}
-    for label, positions in (("first_visit", first), ("all_visits", list(range(len(rows))))):
-        similarity = queries[positions] @ keys[positions].T
-        out[label] = {"gallery": len(positions), "recall": recall_at_k(similarity),
-                      "chance": {f"R@{k}": min(1.0, k / len(positions)) for k in RECALL_AT}}
+    first = sorted(first_visits([r.knee_id for r in rows], [r.visit_month for r in rows]))
+    out = {"first_visit": recall_vs_chance(queries[first], keys[first], [rows[i].subject_id for i in first], seed)}
+    everything = list(range(len(rows)))
+    recall = recall_at_k(queries @ keys.T)
+    chance = {f"R@{k}": min(1.0, k / len(everything)) for k in RECALL_AT}
+    out["all_visits"] = {"gallery": len(everything), "recall": recall, "chance": chance,
+                         "ratio_to_chance": {k: recall[k] / chance[k] for k in chance}}
     return out
 
 

@@ -194,6 +194,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"- model bundle `{artefacts['model']}` (created {card['created']}, profile {card['profile']}, "
             f"{card['epochs']} epochs, {card['init']})",
             f"- preprocessing: {', '.join(f'{k} {v}' for k, v in card['preprocess'].items())}",
+            *[f"- validation recall in the card ({name}, held-out database subjects' first visits, gallery "
+              f"{row['gallery']}): " + ", ".join(f"{k} {_pct(r)} %{_ci(row['ci95'][k], _pct)}, "
+                                                 f"{row['ratio_to_chance'][k]:.1f}x chance" for k, r in row["recall"].items())
+              for name, row in (card.get("validation_first_visit") or {}).items()],
             f"- indexes: {', '.join(f'{v} {p}' for v, p in artefacts['index_versions'].items())}; "
             f"{artefacts['database_rows']} database maps",
             f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`",

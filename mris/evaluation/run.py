@@ -468,7 +468,12 @@ def _card_summary(card) -> dict[str, Any]:
     return {"created": card.created, "preprocess": card.preprocess, "variants": sorted(card.variants),
             "profile": (training.get("profile") or {}).get("name"), "epochs": (training.get("profile") or {}).get("epochs"),
             "init": training.get("init"), "manifest_sha256": training.get("manifest_sha256"),
-            "files": card.files}
+            "files": card.files,
+            # recall of the held-out validation subjects' first visits against chance (cards
+            # written before it was measured have none)
+            "validation_first_visit": {name: region["validation_first_visit"]
+                                       for name, region in ((card.metrics or {}).get("regions") or {}).items()
+                                       if isinstance(region, dict) and region.get("validation_first_visit")}}
 
 
 def _cohort_stats(manifest_path: Path) -> dict[str, Any] | None:
