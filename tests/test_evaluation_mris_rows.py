@@ -11,15 +11,14 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import require
 
 skimage_transform = require("skimage.transform")
 
-from scipy.stats import median_abs_deviation  # noqa: E402
+from scipy.stats import median_abs_deviation
 
-from mris.manifest import read_manifest  # noqa: E402
-from mris.thickness import load_thickness_map  # noqa: E402
+from mris.manifest import read_manifest
+from mris.thickness import load_thickness_map
 
 K = 5
 
@@ -38,9 +37,9 @@ def _reference_resize(img: np.ndarray, size=(256, 256)) -> np.ndarray:
 def evaluated(tmp_path_factory):
     from bundle_factory import make_model_bundle
     from conftest import write_tiny_cohort
+    from mris.index.build import build_index_bundle
 
     from mris.evaluation.run import EvaluateRequest, evaluate
-    from mris.index.build import build_index_bundle
 
     root = tmp_path_factory.mktemp("mris-rows")
     manifest = write_tiny_cohort(root / "cohort", subjects=12)

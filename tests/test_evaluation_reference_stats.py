@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import require
-from scipy.stats import median_abs_deviation  # noqa: E402
+from scipy.stats import median_abs_deviation
 
-from mris.evaluation.reference_stats import (  # noqa: E402
+from mris.evaluation.reference_stats import (
     ReferenceErrors,
     paired_difference,
     reference_table,
     resize_ignore_nan,
     skimage_resize,
 )
-from mris.manifest import ManifestRow  # noqa: E402
+from mris.manifest import ManifestRow
 
 skimage_transform = require("skimage.transform")  # a dev dependency: the reference's own resize
 

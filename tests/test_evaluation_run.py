@@ -52,12 +52,19 @@ def test_every_table_and_figure_is_written(evaluated):
     assert report["methods"] == ["mris-c", "mris-s", "unet", "mean", "oracle"]
     assert set(report["table1_retrieval"]) == {"femoral", "tibial", "combined"}
     assert set(report["table2_error"]["methods"]) == {"mris-c", "mris-s", "unet", "mean", "oracle"}
+    main = report["table2_reference"]
+    assert set(main["methods"]) == {"mris-c", "mris-s", "unet", "mean", "oracle"} and main["size"] == [256, 256]
+    assert set(main["paired"]) == {"mris-s vs unet", "mris-s vs mris-c"}  # no pix2pix ran
+    for method in main["methods"].values():
+        assert set(method["fc"]) == {"KLG01", "KLG2", "KLG3", "KLG4", "all"}
+        assert method["fc"]["all"]["n"] == main["pairs"] == report["table2_error"]["knees"]
     assert set(report["table3_downstream"]["methods"]) == {"mr", "mris-c", "mris-s", "unet", "mean", "oracle"}
     # what was missing was made under OUT/work by the user's commands
     for folder in ("model-combined/card.json", "unet/unet-card.json", "index-separate/current", "index-combined/current"):
         assert (out / "work" / folder).exists(), folder
     text = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "What agrees with the paper", "## Cohort", "mris evaluate"):
+    for heading in ("Table 1", "Table 2", "Table 2b", "Table 3", "What agrees with the paper", "## Cohort", "mris evaluate",
+                    "ratio to chance", "Paired comparisons"):
         assert heading in text
     assert "Table 1: retrieval" in output and "report:" in output
 

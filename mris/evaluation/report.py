@@ -230,7 +230,7 @@ def table1_markdown(report: dict[str, Any]) -> list[str]:
     paper = PAPER["table1_combined"]
     out.append(f"| paper, combined, OAI (gallery of {PAPER_TABLE1_GALLERY:,} baseline test pairs, 897 subjects) | "
                f"{PAPER_TABLE1_GALLERY} | " + " | ".join(f"{100 * paper[k]:.1f}" for k in ks) + " | |")
-    out.append(f"| paper: ratio to chance | | " + " | ".join(
+    out.append("| paper: ratio to chance | | " + " | ".join(
         f"{paper[k] / (int(k[2:]) / PAPER_TABLE1_GALLERY):.0f}x" for k in ks) + " | |")
     out += ["", "![recall@k](recall_at_k.png)", ""]
     return out
