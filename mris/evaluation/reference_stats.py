@@ -79,13 +79,15 @@ def resize_ignore_nan(image: np.ndarray, shape: Sequence[int] = REFERENCE_SIZE) 
 
 def pair_statistic(predicted_resized: np.ndarray, true_resized: np.ndarray) -> tuple[float, float]:
     """(median, MAD) in mm of |predicted - true| over the pixels finite in both (maps already
-    resized by ``resize_ignore_nan``); NaNs when no pixel is."""
-    from scipy.stats import median_abs_deviation
-
+    resized by ``resize_ignore_nan``); NaNs when no pixel is. The same numbers as the reference's
+    ``np.nanmedian`` and ``median_abs_deviation(..., nan_policy='omit')`` (median of the absolute
+    deviations from the median, scale 1) on the finite pixels, without scipy's slower NaN path."""
     error = np.abs(np.asarray(predicted_resized, np.float64) - np.asarray(true_resized, np.float64)).ravel()
-    if not np.isfinite(error).any():
+    error = error[np.isfinite(error)]
+    if error.size == 0:
         return float("nan"), float("nan")
-    return float(np.nanmedian(error)), float(median_abs_deviation(error, nan_policy="omit"))
+    median = np.median(error)
+    return float(median), float(np.median(np.abs(error - median)))
 
 
 # ------------------------------------------------------------------------------ per pair
