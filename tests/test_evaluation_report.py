@@ -38,3 +38,16 @@ def test_json_safe_turns_nan_into_null():
     value = {"a": float("nan"), "b": [np.float32(1.5), np.int64(2), math.inf], 3: "x"}
     text = json.dumps(json_safe(value), allow_nan=False)
     assert json.loads(text) == {"a": None, "b": [1.5, 2, None], "3": "x"}
+
+
+def test_paired_lines_give_the_subject_interval_and_say_whether_it_excludes_zero():
+    report = _report(0.27, 0.30, 0.79, 0.78)
+    paired = {"n": 40, "subjects": 10, "mean_difference_mm": -0.03, "mean_difference_ci95": [-0.05, -0.01],
+              "first_better_share": 0.7, "first_better_share_ci95": [0.55, 0.85]}
+    report["table2_reference"]["paired"] = {"mris-s vs pix2pix": {"first": "mris-s", "second": "pix2pix",
+                                                                  "fc": paired, "tc": {"n": 0, "subjects": 0}}}
+    text = " ".join(findings(report))
+    assert ("Paired (per-pair median absolute error, fc, MRIS-S - pix2pix): mean difference -0.030 mm "
+            "(95 % subject-bootstrap interval -0.050 to -0.010; excludes 0)") in text
+    assert "of 40 test knee-visits of 10 subjects" in text and ", tc, " not in text
+    assert "p =" not in text and "Wilcoxon" not in text
