@@ -59,7 +59,7 @@ def test_every_table_and_figure_is_written(evaluated):
         assert (out / "work" / folder).exists(), folder
     text = (out / "report.md").read_text()
     for heading in ("Table 1", "Table 2", "Table 3", "What agrees with the paper", "## Cohort", "mris evaluate",
-                    "| pix2pix |"):
+                    "| pix2pix |", "- pix2pix: U-Net width 16 at 64 px (quick profile"):
         assert heading in text
     assert "Table 1: retrieval" in output and "report:" in output
 

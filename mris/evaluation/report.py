@@ -214,6 +214,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{artefacts['database_rows']} database maps",
             f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`; "
             f"pix2pix: `{artefacts.get('pix2pix') or '-'}`",
+            *[f"- {METHOD_LABELS[method]}: {note}" for method, note in artefacts.get("baseline_notes", {}).items() if note],
             "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()), ""]
     return "\n".join(out)
 

@@ -320,8 +320,11 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
                                  f"than {request.model}")
     baseline_paths = {method: baseline_dir(request, method, config.encoder_px, warnings)
                       for method in BASELINES if method in methods}
+    baseline_notes: dict[str, str] = {}  # method -> its card's width note (the quick profile shrinks the U-Net)
     for method, path in baseline_paths.items():
-        if json.loads((path / BASELINES[method].card).read_text()).get("preprocess") != model.card.preprocess:
+        baseline_card = json.loads((path / BASELINES[method].card).read_text())
+        baseline_notes[method] = baseline_card.get("width_note", "")
+        if baseline_card.get("preprocess") != model.card.preprocess:
             raise BundleMismatch(f"{BASELINES[method].title} {path} was trained with other preprocessing constants "
                                  f"than {request.model}")
     seconds["train_missing"] = time.perf_counter() - mark
@@ -437,7 +440,8 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
                       "indexes": {v: str(p) for v, p in indexes.items()},
                       "index_versions": {v: p.index_version for v, p in pipelines.items()},
                       "database_rows": separate.index.card.rows,
-                      **{method: str(baseline_paths[method]) if method in baseline_paths else None for method in BASELINES}},
+                      **{method: str(baseline_paths[method]) if method in baseline_paths else None for method in BASELINES},
+                      "baseline_notes": baseline_notes},
         "model_card": _card_summary(model.card),
         "cohort": _cohort_stats(request.manifest),
         "table1_retrieval": table1,
