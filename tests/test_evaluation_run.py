@@ -1,5 +1,5 @@
 """``mris evaluate`` end to end on a tiny cohort: it trains what is missing (combined encoders,
-U-Net) with the same commands a user types, builds the indexes, and writes every table, the
+U-Net, pix2pix) with the same commands a user types, builds the indexes, and writes every table, the
 report and the figures; the mean-map row is checked against an independent computation, and a
 radiograph that cannot be read is skipped and counted."""
 
@@ -49,22 +49,25 @@ def test_every_table_and_figure_is_written(evaluated):
     for name in ("recall_at_k.png", "error_by_klg.png", "examples.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())  # strict JSON: NaN became null
-    assert report["methods"] == ["mris-c", "mris-s", "unet", "mean", "oracle"]
+    assert report["methods"] == ["mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle"]
     assert set(report["table1_retrieval"]) == {"femoral", "tibial", "combined"}
-    assert set(report["table2_error"]["methods"]) == {"mris-c", "mris-s", "unet", "mean", "oracle"}
+    all_methods = {"mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle"}
+    assert set(report["table2_error"]["methods"]) == all_methods
     main = report["table2_reference"]
-    assert set(main["methods"]) == {"mris-c", "mris-s", "unet", "mean", "oracle"} and main["size"] == [256, 256]
-    assert set(main["paired"]) == {"mris-s vs unet", "mris-s vs mris-c"}  # no pix2pix ran
+    assert set(main["methods"]) == all_methods and main["size"] == [256, 256]
+    assert set(main["paired"]) == {"mris-s vs unet", "mris-s vs mris-c", "mris-s vs pix2pix"}
     for method in main["methods"].values():
         assert set(method["fc"]) == {"KLG01", "KLG2", "KLG3", "KLG4", "all"}
         assert method["fc"]["all"]["n"] == main["pairs"] == report["table2_error"]["knees"]
-    assert set(report["table3_downstream"]["methods"]) == {"mr", "mris-c", "mris-s", "unet", "mean", "oracle"}
+    assert set(report["table3_downstream"]["methods"]) == {"mr"} | all_methods
     # what was missing was made under OUT/work by the user's commands
-    for folder in ("model-combined/card.json", "unet/unet-card.json", "index-separate/current", "index-combined/current"):
+    for folder in ("model-combined/card.json", "unet/unet-card.json", "pix2pix/pix2pix-card.json",
+                   "index-separate/current", "index-combined/current"):
         assert (out / "work" / folder).exists(), folder
     text = (out / "report.md").read_text()
     for heading in ("Table 1", "Table 2", "Table 2b", "Table 3", "What agrees with the paper", "## Cohort", "mris evaluate",
-                    "ratio to chance", "Paired comparisons"):
+                    "ratio to chance", "Paired comparisons",
+                    "| pix2pix |", "- pix2pix: U-Net width 16 at 64 px (quick profile"):
         assert heading in text
     assert "Table 1: retrieval" in output and "report:" in output
 
@@ -107,8 +110,9 @@ def test_oracle_and_downstream_sanity(evaluated):
     _, _, out, _ = evaluated
     report = json.loads((out / "report.json").read_text())
     for name in ("fc", "tc"):
-        coverage = report["table2_error"]["methods"]["unet"][name]["coverage_mean"]
-        assert 0.0 < coverage <= 1.0
+        for method in ("unet", "pix2pix"):
+            coverage = report["table2_error"]["methods"][method][name]["coverage_mean"]
+            assert 0.0 < coverage <= 1.0
     t3 = report["table3_downstream"]
     mean_entry = t3["methods"]["mean"]
     # the mean map gives every knee the same features: the classifier can only learn the prior
@@ -173,7 +177,7 @@ from typer.testing import CliRunner
 from mris.cli import app
 r = CliRunner().invoke(app, ["evaluate", "--manifest", r"{manifest}", "--model", r"{model}",
     "--index", r"{work / 'index-separate'}", "--combined-model", r"{work / 'model-combined'}",
-    "--unet", r"{work / 'unet'}", "--out", r"{tmp_path / 'report'}", "--bootstrap", "10", "--quiet"])
+    "--unet", r"{work / 'unet'}", "--pix2pix", r"{work / 'pix2pix'}", "--out", r"{tmp_path / 'report'}", "--bootstrap", "10", "--quiet"])
 assert r.exit_code == 0, (r.output, r.exception)
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"
 print("OK")

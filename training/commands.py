@@ -1,4 +1,4 @@
-"""CLI: ``mris train``, ``mris train-unet`` and ``mris evaluate-localiser``. Torch is imported inside the commands,
+"""CLI: ``mris train``, ``mris train-unet``, ``mris train-pix2pix`` and ``mris evaluate-localiser``. Torch is imported inside the commands,
 so ``mris --help`` stays fast."""
 
 from __future__ import annotations
@@ -72,36 +72,47 @@ def register(app: typer.Typer) -> None:
                           f"both knees found {100 * loc['all_knees_found_fraction']:.1f} %")
         console.print(f"model bundle: {out}")
 
-    @app.command("train-unet")
-    def train_unet_command(
-        manifest: Path = typer.Option(..., help="Manifest CSV/Parquet; trains on its 'database' split."),
-        out: Path = typer.Option(..., help="Folder for unet.onnx and unet-card.json (training state goes to OUT.training/)."),
-        profile: str = typer.Option("quick", help="quick | paper: the encoders' profiles (input size, epochs, batch, optimiser)."),
-        epochs: Optional[int] = typer.Option(None, min=1, help="Override the profile's epochs."),
-        batch_size: Optional[int] = typer.Option(None, min=2, help="Override the profile's batch size."),
-        device: str = typer.Option("auto", help="auto | cpu | cuda."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT.training/ exactly where it stopped."),
-        force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT and restart its training run."),
-        seed: int = typer.Option(0, help="Seed of every random draw (split, init, batches, augmentation)."),
-        threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime (default: all usable cores)."),
-        width: int = typer.Option(8, min=2, help="U-Net channels at the first level (3 levels: width, 2x, 4x)."),
-    ) -> None:
-        """Train the direct-synthesis U-Net baseline (radiograph ROI -> fc and tc maps in mm) and export unet.onnx."""
-        from mris.encoders import default_threads
-        from mris.progress import console
-        from mris.training.unet import UnetRequest, train_unet
+    def baseline_command(gan: bool):
+        kind, title = ("pix2pix", "pix2pix") if gan else ("unet", "U-Net")
 
-        request = UnetRequest(manifest=manifest, out=out, profile=profile, epochs=epochs, batch_size=batch_size,
-                              device=device, resume=resume, force=force, seed=seed,
-                              threads=threads or default_threads(), width=width)
+        def command(
+            manifest: Path = typer.Option(..., help="Manifest CSV/Parquet; trains on its 'database' split."),
+            out: Path = typer.Option(..., help=f"Folder for {kind}.onnx and {kind}-card.json (training state goes to OUT.training/)."),
+            profile: str = typer.Option("quick", help="quick | paper: the encoders' profiles (input size, epochs, batch, sampler, U-Net width)."),
+            epochs: Optional[int] = typer.Option(None, min=1, help="Override the profile's epochs."),
+            batch_size: Optional[int] = typer.Option(None, min=2, help="Override the profile's batch size."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda."),
+            resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT.training/ exactly where it stopped."),
+            force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT and restart its training run."),
+            seed: int = typer.Option(0, help="Seed of every random draw (split, init, batches, augmentation)."),
+            threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime (default: all usable cores)."),
+            width: Optional[int] = typer.Option(None, min=2, help="U-Net channels at the first level (doubling over 4 levels); default the profile's (paper 64, quick 16)."),
+        ) -> None:
+            from mris.encoders import default_threads
+            from mris.progress import console
+            from mris.training.unet import UnetRequest, train_unet
 
-        def epoch(record: dict) -> None:
-            console.print(f"unet epoch {record['epoch']}: loss {record['loss_mm']:.3f} mm  validation MAE "
-                          f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc {record['val_mae_tc_mm']:.3f})")
+            request = UnetRequest(manifest=manifest, out=out, profile=profile, epochs=epochs, batch_size=batch_size,
+                                  device=device, resume=resume, force=force, seed=seed,
+                                  threads=threads or default_threads(), width=width, gan=gan)
 
-        metrics = train_unet(request, log=console.print, on_epoch=epoch)
-        console.print(f"U-Net: best epoch {metrics['best_epoch']}, validation MAE "
-                      f"{metrics['validation']['val_mae_mm']:.3f} mm; {out / 'unet.onnx'} ({metrics['seconds']:.0f} s)")
+            def epoch(record: dict) -> None:
+                gan_losses = f" (adversarial {record['loss_gan']:.3f}, D {record['loss_d']:.3f})" if gan else ""
+                console.print(f"{kind} epoch {record['epoch']}: L1 {record['loss_mm']:.3f} mm{gan_losses}  validation MAE "
+                              f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc {record['val_mae_tc_mm']:.3f})")
+
+            metrics = train_unet(request, log=console.print, on_epoch=epoch)
+            console.print(f"{title}: best epoch {metrics['best_epoch']}, validation MAE "
+                          f"{metrics['validation']['val_mae_mm']:.3f} mm; {out / (kind + '.onnx')} ({metrics['seconds']:.0f} s)")
+
+        command.__doc__ = (
+            "Train the pix2pix baseline (the U-Net generator with a PatchGAN discriminator; ROI -> fc and tc maps in mm) and export pix2pix.onnx."
+            if gan else
+            "Train the direct-synthesis U-Net baseline (radiograph ROI -> fc and tc maps in mm) and export unet.onnx.")
+        return command
+
+    app.command("train-unet")(baseline_command(gan=False))
+    app.command("train-pix2pix")(baseline_command(gan=True))
 
     @app.command("evaluate-localiser")
     def evaluate_localiser_command(

@@ -14,12 +14,16 @@ Kinds:
   preprocessing's outputs (radiograph ROI with 99th pct -> 0.99; thickness mm / 3).
 - ``localiser_global`` / ``localiser_refine``: the two stages of the knee localiser
   (``mris.localiser`` documents their inputs and outputs).
-- ``unet``: the direct-synthesis baseline (``training/unet.py``): radiograph ROI ``[N, 1, S, S]``
-  -> thickness ``[N, 2, S, S]`` (fc, tc) in mm; ``width`` is the first level's channels.
+- ``unet``: the direct-synthesis baseline (``training/unet.py``), the published U-Net from MONAI:
+  radiograph ROI ``[N, 1, S, S]`` -> thickness ``[N, 2, S, S]`` (fc, tc) in mm; ``width`` is the
+  first level's channels (64 in the paper). Also pix2pix's generator.
+- ``patchgan``: pix2pix's discriminator (``training/unet.py``, ``--gan``): ROI and maps
+  ``[N, 3, S, S]`` -> a real/fake logit per patch; ``layers`` strided convs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +37,10 @@ EMBEDDING_DIM = 512
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str  # encoder | localiser_global | localiser_refine | unet
+    kind: str  # encoder | localiser_global | localiser_refine | unet | patchgan
     init_weights: str | None = None  # local path to a torchvision resnet18 state_dict
-    width: int = 16  # localiser channel width
+    width: int = 16  # localiser channel width; U-Net / PatchGAN first-level channels
+    layers: int = 3  # PatchGAN strided layers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,34 +165,82 @@ class RefineLocaliser(nn.Module):
         return offset, torch.sigmoid(logit)
 
 
-class ThicknessUNet(nn.Module):
-    """Direct synthesis baseline: a 3-level U-Net (``width``, 2x, 4x channels).
+UNET_LEVELS = 4  # down-sampling steps of the published U-Net (Ronneberger et al. 2015)
 
-    Input ``image`` ``[N, 1, S, S]`` (S divisible by 4), the encoders' radiograph ROI. Output
+
+def unet_features(width: int) -> tuple[int, ...]:
+    """MONAI ``BasicUNet`` channels: ``width`` doubling over 4 down-samplings (64 -> 1024 at the
+    bottom for the published network), then ``width`` at the last up-sampling."""
+    return tuple(width * 2**level for level in range(UNET_LEVELS + 1)) + (width,)
+
+
+class ThicknessUNet(nn.Module):
+    """Direct synthesis baseline: the published U-Net (Ronneberger et al. 2015) from MONAI.
+
+    ``monai.networks.nets.BasicUNet``: per level two 3 x 3 conv + batch norm + ReLU, 2 x 2 max
+    pooling down, 2 x 2 transposed conv up with skip concatenation, 4 down-samplings, channels
+    ``width`` doubling to ``16 * width`` at the bottom (``width`` 64: 64 ... 1024, 31.1 M
+    parameters), a 1 x 1 head. Padded convolutions, so the output has the input's size (the
+    paper's valid convolutions shrink it); batch norm, which the 2015 paper predates.
+    Receptive field 188 px whatever the input size (measured by gradient,
+    ``tests/test_training_unet.py``): the whole input at 64 px; at 256 px an output pixel sees
+    +-94 px (51 mm of the 140 mm ROI) around itself, so only output pixels within 94 px of the
+    ROI centre (each axis) see the joint centre, as with the published network.
+
+    Input ``image`` ``[N, 1, S, S]`` (S divisible by 16), the encoders' radiograph ROI. Output
     ``thickness`` ``[N, 2, S, S]``: channel 0 femoral, channel 1 tibial, in mm (the last conv
     predicts mm / ``scale_mm`` like the encoders' thickness inputs; the forward multiplies by
     ``scale_mm``). Finite everywhere: the caller masks outside cartilage.
     """
 
-    def __init__(self, width: int = 16, scale_mm: float = 3.0) -> None:
+    def __init__(self, width: int = 64, scale_mm: float = 3.0) -> None:
         super().__init__()
+        from monai.networks.nets import BasicUNet
+
         self.scale_mm = float(scale_mm)
-        self.enc1 = _block(1, width, 1)
-        self.enc2 = _block(width, 2 * width, 2)
-        self.enc3 = _block(2 * width, 4 * width, 2)
-        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
-        self.dec2 = _block(4 * width, 2 * width, 1)
-        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
-        self.dec1 = _block(2 * width, width, 1)
-        self.head = nn.Conv2d(width, 2, 1)
+        self.net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=unet_features(width),
+                             act="relu", norm="batch", dropout=0.0, upsample="deconv")
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(image)
-        e2 = self.enc2(e1)
-        e3 = self.enc3(e2)
-        d2 = self.dec2(torch.cat([self.up2(e3), e2], dim=1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
-        return self.head(d1) * self.scale_mm
+        return self.net(image) * self.scale_mm
+
+
+def patch_layers(input_px: int) -> int:
+    """PatchGAN depth for an input side: 3 strided layers (the 70 x 70 patch) at 256 px, the
+    patch kept at about a quarter of the side elsewhere (64 px: 1 layer, a 16 x 16 patch)."""
+    return max(1, round(math.log2(input_px / 32)))
+
+
+def patch_receptive_px(layers: int) -> int:
+    """Receptive field of ``PatchDiscriminator(layers)``: 4 x 4 convs, ``layers`` with stride 2
+    then two with stride 1 (3 layers: 70 px)."""
+    size = 1
+    for stride in reversed([2] * layers + [1, 1]):
+        size = size * stride + (4 - stride)
+    return size
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN (Isola et al. 2017; ``NLayerDiscriminator`` of the reference code):
+    4 x 4 convs, ``layers`` with stride 2 (the first without norm), then one with stride 1,
+    batch norm, LeakyReLU 0.2, channels ``width`` doubling up to 8x, a 1-channel stride-1 conv
+    giving one real/fake logit per patch. Input: the ROI and the two maps, ``[N, 3, S, S]``
+    (conditioned on the ROI, as pix2pix conditions on the input image)."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        parts: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        channels = width
+        for n in range(1, layers + 1):
+            out = width * min(2**n, 8)
+            parts += [nn.Conv2d(channels, out, 4, stride=2 if n < layers else 1, padding=1, bias=False),
+                      nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+            channels = out
+        parts.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*parts)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        return self.net(pair)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -203,4 +256,6 @@ def build_model(config: ModelConfig) -> nn.Module:
         return RefineLocaliser(config.width)
     if config.kind == "unet":
         return ThicknessUNet(config.width)
+    if config.kind == "patchgan":
+        return PatchDiscriminator(3, config.width, config.layers)
     raise ValueError(f"unknown model kind {config.kind!r}")

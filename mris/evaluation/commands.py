@@ -33,11 +33,12 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., help="Model bundle with the separate variant (and its localiser)."),
         index: Path = typer.Option(..., help="Index root (or bundle) of the model's separate variant; missing indexes are built under OUT/work/."),
         out: Path = typer.Option(..., help="Report folder: report.md, report.json, figures; OUT/work/ keeps what the evaluation trains or builds."),
-        methods: str = typer.Option(",".join(("mris-c", "mris-s", "unet", "mean", "oracle")),
-                                    help="Comma-separated: mris-c, mris-s, unet, mean, oracle."),
-        profile: str = typer.Option("quick", help="Profile for what must be trained (U-Net, combined encoders): quick | paper."),
+        methods: str = typer.Option(",".join(("mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle")),
+                                    help="Comma-separated: mris-c, mris-s, unet, pix2pix, mean, oracle."),
+        profile: str = typer.Option("quick", help="Profile for what must be trained (U-Net, pix2pix, combined encoders): quick | paper."),
         epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs for what is trained here."),
         unet: Path | None = typer.Option(None, help="A trained U-Net folder (mris train-unet) instead of training one."),
+        pix2pix: Path | None = typer.Option(None, help="A trained pix2pix folder (mris train-pix2pix) instead of training one."),
         combined_model: Path | None = typer.Option(None, help="A model bundle with the combined variant, when --model lacks it."),
         rois: str = typer.Option("auto", help="auto (the localiser when the bundle has one) | localiser | keypoints (the manifest's)."),
         k: int = typer.Option(20, min=1, max=100, help="Neighbours per synthesis."),
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
 
         request = EvaluateRequest(
             manifest=manifest, model=model, index=index, out=out, methods=methods, profile=profile, epochs=epochs,
-            unet=unet, combined_model=combined_model, rois=rois, k=k, nan_rule=nan_rule, resamples=bootstrap, seed=seed,
+            unet=unet, pix2pix=pix2pix, combined_model=combined_model, rois=rois, k=k, nan_rule=nan_rule, resamples=bootstrap, seed=seed,
             threads=threads, device=device, examples=examples, command=_command_line(context),
         )
         with progress_bar(enabled=not quiet) as bars:

@@ -9,6 +9,8 @@ the cartilage the method claims, from the same radiograph ROI.
   resizes its [2, S, S] output back to the map grid with the shared resize. The network predicts
   a value everywhere; a user has no true mask, so its maps carry the ATLAS mask: the cartilage of
   the database mean map (``MeanMethod``), which holds no information about the knee.
+- ``pix2pix``: ``UnetMethod`` on ``pix2pix.onnx`` (the generator of ``mris train-pix2pix``), the
+  same way, with the same atlas mask.
 - ``mean``: ``MeanMethod``, the database mean map — eq. 4 with EQUAL weights over every database
   map (NaN rule ``majority``: cartilage where at least half of the maps have cartilage), the same
   map for every knee: what one can say without looking at the radiograph. It keeps the majority
@@ -184,22 +186,24 @@ class MeanMethod:
 
 
 class UnetMethod:
-    """``unet.onnx`` (``mris train-unet``): ROI [N, 1, S, S] -> [N, 2, S, S] mm (fc, tc)."""
+    """``unet.onnx`` (``mris train-unet``) or ``pix2pix.onnx`` (``mris train-pix2pix``, ``card``
+    ``pix2pix-card.json``): ROI [N, 1, S, S] -> [N, 2, S, S] mm (fc, tc)."""
 
     def __init__(self, unet_dir: str | Path, atlas_masks: dict[str, np.ndarray], device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, card: str = "unet-card.json"):
         import onnxruntime as ort
 
         from mris.encoders import default_threads, select_providers
 
         unet_dir = Path(unet_dir)
-        card_path = unet_dir / "unet-card.json"
+        card_path = unet_dir / card
         if not card_path.is_file():
-            raise BundleInvalid(f"{unet_dir} is not a U-Net folder: unet-card.json is missing (train it with mris train-unet)")
+            raise BundleInvalid(f"{unet_dir} is not a trained baseline folder: {card} is missing "
+                                "(train it with mris train-unet or mris train-pix2pix)")
         self.card = json.loads(card_path.read_text())
         onnx_path = unet_dir / self.card["file"]
         if not onnx_path.is_file() or sha256_file(onnx_path) != self.card["sha256"][self.card["file"]]:
-            raise BundleInvalid(f"{onnx_path} is missing or does not match its sha256 in unet-card.json")
+            raise BundleInvalid(f"{onnx_path} is missing or does not match its sha256 in {card}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1

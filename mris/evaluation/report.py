@@ -38,7 +38,7 @@ PAPER = {
     "table3_klg_accuracy": {"mris-s": 0.789, "mr": 0.775},
     "table3_progression_auc": {"mris-s": 0.702, "mr": 0.739},
 }
-METHOD_LABELS = {"mr": "MR maps (truth)", "mris-c": "MRIS-C", "mris-s": "MRIS-S", "unet": "U-Net", "mean": "database mean map",
+METHOD_LABELS = {"mr": "MR maps (truth)", "mris-c": "MRIS-C", "mris-s": "MRIS-S", "unet": "U-Net", "pix2pix": "pix2pix", "mean": "database mean map",
                  "oracle": "oracle neighbour"}
 CLOSE_DOWNSTREAM = 0.05  # |synthesized - MR| at most this counts as "close" on accuracy / AUC
 THICKNESS_MAX_MM = 4.5
@@ -201,7 +201,9 @@ def markdown(report: dict[str, Any]) -> str:
               for name, row in (card.get("validation_first_visit") or {}).items()],
             f"- indexes: {', '.join(f'{v} {p}' for v, p in artefacts['index_versions'].items())}; "
             f"{artefacts['database_rows']} database maps",
-            f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`",
+            f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`; "
+            f"pix2pix: `{artefacts.get('pix2pix') or '-'}`",
+            *[f"- {METHOD_LABELS[method]}: {note}" for method, note in artefacts.get("baseline_notes", {}).items() if note],
             "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()), ""]
     return "\n".join(out)
 

@@ -10,6 +10,8 @@ would type, so an interrupted evaluation resumes where it stopped):
   ``mris train --variant combined --no-localiser`` into ``work/model-combined`` with
   ``--profile``; its index likewise (``work/index-combined``).
 - U-Net: ``--unet``, else ``mris train-unet`` into ``work/unet`` with ``--profile``.
+- pix2pix: ``--pix2pix``, else ``mris train-pix2pix`` into ``work/pix2pix`` with ``--profile``
+  (``BASELINES`` lists the direct-synthesis methods; each is evaluated by ``UnetMethod``).
 
 Every method sees the same ROIs (``methods.collect_rois``: the localiser of ``--model`` when
 it has one, as the service finds knees, else the manifest's keypoints). The MRIS database is the
@@ -57,10 +59,23 @@ from mris.model_bundle import ModelBundle, load_model_bundle
 from mris.synthesis import NAN_RULES, PAPER_NAN_RULE, NanRule
 from mris.thickness import load_thickness_map
 
-METHODS = ("mris-c", "mris-s", "unet", "mean", "oracle")
+METHODS = ("mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle")
 ROI_CHOICES = ("auto", "localiser", "keypoints")
 BATCH = 32
 REPORT_FORMAT = "mris-evaluation/1"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A direct-synthesis method: the command that trains it and the card its folder holds."""
+
+    command: str
+    card: str
+    title: str
+
+
+BASELINES = {"unet": Baseline("train-unet", "unet-card.json", "the U-Net"),
+             "pix2pix": Baseline("train-pix2pix", "pix2pix-card.json", "pix2pix")}
 
 
 @dataclass
@@ -73,6 +88,7 @@ class EvaluateRequest:
     profile: str = "quick"
     epochs: int | None = None
     unet: Path | None = None
+    pix2pix: Path | None = None
     combined_model: Path | None = None
     rois: str = "auto"
     k: int = 20
@@ -175,27 +191,31 @@ def combined_model(request: EvaluateRequest, model: ModelBundle, warnings: list[
     return load_model_bundle(out)
 
 
-def _unet_manifest(folder: Path) -> str | None:
-    card = folder / "unet-card.json"
-    return json.loads(card.read_text()).get("manifest_sha256") if card.is_file() else None
+def _baseline_manifest(folder: Path, card: str) -> str | None:
+    path = folder / card
+    return json.loads(path.read_text()).get("manifest_sha256") if path.is_file() else None
 
 
-def unet_dir(request: EvaluateRequest, encoder_px: int, warnings: list[str]) -> Path:
+def baseline_dir(request: EvaluateRequest, method: str, encoder_px: int, warnings: list[str]) -> Path:
+    """The trained folder of a ``BASELINES`` method: given (``--unet`` / ``--pix2pix``), else
+    ``work/<method>``, trained there by its command when missing (resumed when interrupted)."""
     from mris.subcommand import run_mris
 
-    if request.unet is not None:
-        if not (request.unet / "unet-card.json").is_file():
-            raise BundleInvalid(f"--unet {request.unet} is not a U-Net folder: unet-card.json is missing")
-        _trained_on(request, _unet_manifest(request.unet), "the U-Net", False, warnings)
-        return request.unet
-    out = request.work / "unet"
-    if (out / "unet-card.json").is_file():
-        _trained_on(request, _unet_manifest(out), "the U-Net", True, warnings)
+    baseline = BASELINES[method]
+    given = {"unet": request.unet, "pix2pix": request.pix2pix}[method]
+    if given is not None:
+        if not (given / baseline.card).is_file():
+            raise BundleInvalid(f"--{method} {given} is not a {method} folder: {baseline.card} is missing")
+        _trained_on(request, _baseline_manifest(given, baseline.card), baseline.title, False, warnings)
+        return given
+    out = request.work / method
+    if (out / baseline.card).is_file():
+        _trained_on(request, _baseline_manifest(out, baseline.card), baseline.title, True, warnings)
     else:
-        _needs_torch("The U-Net baseline")
+        _needs_torch(f"The {method} baseline")
         _check_profile(request, encoder_px)
-        resume = ["--resume"] if (request.work / "unet.training" / "run.json").is_file() else ["--force"]
-        run_mris("train-unet", "--manifest", str(request.manifest), "--out", str(out), *_train_args(request), *resume)
+        resume = ["--resume"] if (request.work / f"{method}.training" / "run.json").is_file() else ["--force"]
+        run_mris(baseline.command, "--manifest", str(request.manifest), "--out", str(out), *_train_args(request), *resume)
     return out
 
 
@@ -299,10 +319,15 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         if models["combined"].card.preprocess != model.card.preprocess:
             raise BundleMismatch(f"the combined model {models['combined'].root} uses other preprocessing constants "
                                  f"than {request.model}")
-    unet_path = unet_dir(request, config.encoder_px, warnings) if "unet" in methods else None
-    unet_card = json.loads((unet_path / "unet-card.json").read_text()) if unet_path is not None else None
-    if unet_card is not None and unet_card.get("preprocess") != model.card.preprocess:
-        raise BundleMismatch(f"the U-Net {unet_path} was trained with other preprocessing constants than {request.model}")
+    baseline_paths = {method: baseline_dir(request, method, config.encoder_px, warnings)
+                      for method in BASELINES if method in methods}
+    baseline_notes: dict[str, str] = {}  # method -> its card's width note (the quick profile shrinks the U-Net)
+    for method, path in baseline_paths.items():
+        baseline_card = json.loads((path / BASELINES[method].card).read_text())
+        baseline_notes[method] = baseline_card.get("width_note", "")
+        if baseline_card.get("preprocess") != model.card.preprocess:
+            raise BundleMismatch(f"{BASELINES[method].title} {path} was trained with other preprocessing constants "
+                                 f"than {request.model}")
     seconds["train_missing"] = time.perf_counter() - mark
     mark = time.perf_counter()
     indexes = {variant: index_for(request, variant, bundle) for variant, bundle in models.items()}
@@ -349,8 +374,9 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         predictors["mris-c"] = MrisMethod(pipelines["combined"], request.k, request.nan_rule)
     if "mris-s" in methods:
         predictors["mris-s"] = MrisMethod(separate, request.k, request.nan_rule)
-    if "unet" in methods:
-        predictors["unet"] = UnetMethod(unet_path, mean_method.atlas_masks, device=request.device, threads=request.threads)
+    for method, path in baseline_paths.items():
+        predictors[method] = UnetMethod(path, mean_method.atlas_masks, device=request.device, threads=request.threads,
+                                        card=BASELINES[method].card)
     if "mean" in methods:
         predictors["mean"] = mean_method
     oracle = OracleMethod.from_index(separate.index) if "oracle" in methods else None
@@ -417,7 +443,9 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         "artefacts": {"model": str(request.model), "combined_model": str(models["combined"].root) if "combined" in models else "",
                       "indexes": {v: str(p) for v, p in indexes.items()},
                       "index_versions": {v: p.index_version for v, p in pipelines.items()},
-                      "database_rows": separate.index.card.rows, "unet": str(unet_path) if unet_path else None},
+                      "database_rows": separate.index.card.rows,
+                      **{method: str(baseline_paths[method]) if method in baseline_paths else None for method in BASELINES},
+                      "baseline_notes": baseline_notes},
         "model_card": _card_summary(model.card),
         "cohort": _cohort_stats(request.manifest),
         "table1_retrieval": table1,
