@@ -201,7 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"({', '.join(f'{k} {v}' for k, v in cohort.get('pairs_per_split', {}).items())})",
                 "- baseline KL0-4: " + " / ".join(f"{100 * mix.get(str(g), 0):.1f}" for g in KL_GRADES) + " %",
                 f"- mean FC / TC thickness {cohort.get('mean_fc_mm')} / {cohort.get('mean_tc_mm')} mm; progressors "
-                f"{_pct(cohort.get('progressor_share_latent'))} % (KL increase by 48 months)", ""]
+                f"{_pct(cohort.get('progressor_share_latent'))} % (progressor label: KL increase within 72 months)", ""]
     else:
         out += ["No `cohort_stats.json` beside the manifest (not a synthetic cohort).", ""]
     card = report["model_card"]
