@@ -37,6 +37,7 @@ def evaluated(tmp_path_factory):
     result = CliRunner().invoke(app, [
         "evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(root / "no-index-yet"),
         "--out", str(out), "--epochs", "1", "--bootstrap", "50", "--threads", "2", "--examples", "3", "--quiet",
+        "--classifier-epochs", "1",
     ])
     assert result.exit_code == 0, result.output
     return manifest, model, out, result.output
@@ -53,6 +54,8 @@ def test_every_table_and_figure_is_written(evaluated):
     assert set(report["table1_retrieval"]) == {"femoral", "tibial", "combined"}
     assert set(report["table2_error"]["methods"]) == {"mris-c", "mris-s", "unet", "mean", "oracle"}
     assert set(report["table3_downstream"]["methods"]) == {"mr", "mris-c", "mris-s", "unet", "mean", "oracle"}
+    assert set(report["table3_downstream"]["classifiers"]) == {"resnet18", "logistic"}
+    assert report["table3_downstream"]["settings"]["resnet18"]["klg"]["epochs"] == 1
     # what was missing was made under OUT/work by the user's commands
     for folder in ("model-combined/card.json", "unet/unet-card.json", "index-separate/current", "index-combined/current"):
         assert (out / "work" / folder).exists(), folder
