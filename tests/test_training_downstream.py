@@ -37,7 +37,8 @@ def test_paper_settings_match_design():
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-4)
     assert rates[10] == pytest.approx(2e-5) and rates[20] == pytest.approx(4e-6)
     quick = settings_for("klg", "quick", epochs=3)
-    assert quick.epochs == 3 and quick.step_epochs == 1 and quick.map_px == (32, 32)
+    assert quick.epochs == 3 and quick.step_epochs == 2 and quick.map_px == (24, 24)
+    assert settings_for("klg", "quick").epochs == 4
 
 
 def test_input_is_fc_above_tc_with_nan_as_zero_in_three_channels():

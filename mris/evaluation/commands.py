@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         classifiers: str = typer.Option("resnet18,logistic", help="Table 3's classifiers: resnet18 (the paper's, "
                                         "needs torch), logistic (8 x 8 cell means, scikit-learn); comma-separated."),
         classifier_epochs: int | None = typer.Option(None, min=1, help="Epochs of Table 3's ResNet-18 (default: the profile's, "
-                                                     "quick 6, paper 30)."),
+                                                     "quick 4, paper 30)."),
         classifier_weights: Path | None = typer.Option(None, help="A local ResNet-18 state dict (e.g. ImageNet) to "
                                                        "fine-tune from in Table 3; nothing is downloaded."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),

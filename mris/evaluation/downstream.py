@@ -35,9 +35,10 @@ CLASSIFIERS = ("resnet18", "logistic")
 TASKS = ("klg", "progression")
 KLG_METRICS = ("accuracy", "balanced_accuracy")
 PROGRESSION_METRICS = ("average_precision", "roc_auc")
-# the quick profile's ResNet-18 sees each map as 32 x 32 cell means (fc above tc: 64 x 32); here,
-# torch-free, because the maps are reduced while the methods run
-QUICK_MAP_PX = (32, 32)
+# the quick profile's ResNet-18 sees each map as 24 x 24 cell means (fc above tc: 48 x 24), chosen
+# for the budget (all rows x 2 tasks in minutes on 2 cores); here, torch-free, because the maps are
+# reduced while the methods run
+QUICK_MAP_PX = (24, 24)
 
 
 @dataclass
