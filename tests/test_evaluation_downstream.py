@@ -73,3 +73,14 @@ def test_logistic_rows_and_paired_differences_to_mr():
     for expected in ("| MR maps (truth) | 1.000 (1.000 to 1.000)", "| database mean map |", "| database mean map - MR |",
                      "| copy - MR | +0.000 (+0.000 to +0.000)", "KL4 accuracy", "logistic regression"):
         assert expected in text, expected
+
+
+def test_resampled_klg_metrics_agree_with_scikit_learn():
+    from mris.evaluation.downstream import _resample_values
+
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+    positions = rng.integers(0, 50, 50)
+    values = _resample_values("klg", truth, predicted, positions)
+    assert values["accuracy"] == pytest.approx(accuracy_score(truth[positions], predicted[positions]))
+    assert values["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth[positions], predicted[positions]))

@@ -106,9 +106,17 @@ def progression_metrics(truth: np.ndarray, score: np.ndarray) -> dict[str, float
 
 def _resample_values(task: str, truth: np.ndarray, answer: np.ndarray, positions: np.ndarray) -> dict[str, float]:
     if task == "klg":
-        found = klg_metrics(truth[positions], answer[positions])
-        out = {name: found[name] for name in KLG_METRICS}
-        out.update({f"class_accuracy.{name}": value for name, value in found["class_accuracy"].items()})
+        # one scikit-learn confusion matrix per resample; accuracy and balanced accuracy read off it
+        # exactly as accuracy_score and balanced_accuracy_score define them (the point estimates
+        # call those; tests check they agree)
+        from sklearn.metrics import confusion_matrix
+
+        matrix = confusion_matrix(truth[positions], answer[positions], labels=np.arange(len(KLG_CLASSES)))
+        totals = matrix.sum(axis=1)
+        per_class = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
+        out = {"accuracy": float(np.trace(matrix) / max(1, matrix.sum())),
+               "balanced_accuracy": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")}
+        out.update({f"class_accuracy.{name}": float(value) for name, value in zip(KLG_CLASSES, per_class)})
         return out
     return progression_metrics(truth[positions], answer[positions])
 
