@@ -62,6 +62,8 @@ class ManifestRow:
     keypoint_x: float | None = None
     keypoint_y: float | None = None
     klg: int | None = None
+    # 1 when the knee's KL grade rises within 72 months of its first visit (the paper's
+    # progression task; the synthetic cohort's mris.cohort.latent.PROGRESSION_MONTHS), 0 when not
     progressor: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 

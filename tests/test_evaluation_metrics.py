@@ -58,28 +58,6 @@ def test_median_mad():
     assert np.isnan(median) and np.isnan(mad) and n == 0
 
 
-def test_accuracy_and_balanced_accuracy_by_hand():
-    truth = [0, 0, 0, 1]
-    predicted = [0, 0, 0, 0]
-    assert metrics.accuracy(truth, predicted) == 0.75
-    assert metrics.balanced_accuracy(truth, predicted) == 0.5  # (1 + 0) / 2
-
-
-def test_average_precision_by_hand():
-    # ranked: + - + -  -> precision at the positives 1/1 and 2/3
-    assert metrics.average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx((1 + 2 / 3) / 2)
-    # a tie of a positive and a negative is one step: precision 1/2 at recall 1
-    assert metrics.average_precision([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
-    assert np.isnan(metrics.average_precision([0, 0], [0.1, 0.2]))
-
-
-def test_roc_auc_by_hand():
-    # positive pairs won: 0.9 beats both negatives, 0.7 beats 0.1 only -> 3 of 4
-    assert metrics.roc_auc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(0.75)
-    assert metrics.roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)  # a tie counts one half
-    assert np.isnan(metrics.roc_auc([1, 1], [0.1, 0.2]))
-
-
 def test_bootstrap_resamples_whole_groups():
     values = np.array([1.0, 1.0, 5.0])  # subject a has two samples of 1, subject b one of 5
     groups = ["a", "a", "b"]

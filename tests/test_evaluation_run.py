@@ -37,6 +37,7 @@ def evaluated(tmp_path_factory):
     result = CliRunner().invoke(app, [
         "evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(root / "no-index-yet"),
         "--out", str(out), "--epochs", "1", "--bootstrap", "50", "--threads", "2", "--examples", "3", "--quiet",
+        "--classifier-epochs", "1",
     ])
     assert result.exit_code == 0, result.output
     return manifest, model, out, result.output
@@ -60,6 +61,8 @@ def test_every_table_and_figure_is_written(evaluated):
         assert set(method["fc"]) == {"KLG01", "KLG2", "KLG3", "KLG4", "all"}
         assert method["fc"]["all"]["n"] == main["pairs"] == report["table2_error"]["knees"]
     assert set(report["table3_downstream"]["methods"]) == {"mr"} | all_methods
+    assert set(report["table3_downstream"]["classifiers"]) == {"resnet18", "logistic"}
+    assert report["table3_downstream"]["settings"]["resnet18"]["klg"]["epochs"] == 1
     # what was missing was made under OUT/work by the user's commands
     for folder in ("model-combined/card.json", "unet/unet-card.json", "pix2pix/pix2pix-card.json",
                    "index-separate/current", "index-combined/current"):
@@ -143,7 +146,7 @@ def test_an_unreadable_radiograph_and_a_missing_map_are_skipped_and_counted(eval
     out = tmp_path / "report"
     result = CliRunner().invoke(app, [
         "evaluate", "--manifest", str(copy), "--model", str(model), "--index", str(first / "work" / "index-separate"),
-        "--out", str(out), "--methods", "mris-s,mean", "--bootstrap", "10", "--quiet",
+        "--out", str(out), "--methods", "mris-s,mean", "--bootstrap", "10", "--quiet", "--classifiers", "logistic",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -177,7 +180,8 @@ from typer.testing import CliRunner
 from mris.cli import app
 r = CliRunner().invoke(app, ["evaluate", "--manifest", r"{manifest}", "--model", r"{model}",
     "--index", r"{work / 'index-separate'}", "--combined-model", r"{work / 'model-combined'}",
-    "--unet", r"{work / 'unet'}", "--pix2pix", r"{work / 'pix2pix'}", "--out", r"{tmp_path / 'report'}", "--bootstrap", "10", "--quiet"])
+    "--unet", r"{work / 'unet'}", "--pix2pix", r"{work / 'pix2pix'}", "--out", r"{tmp_path / 'report'}", "--bootstrap", "10", "--quiet",
+    "--classifiers", "logistic"])  # Table 3's ResNet-18 is the one part that needs torch
 assert r.exit_code == 0, (r.output, r.exception)
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"
 print("OK")

@@ -7,8 +7,6 @@ import pytest
 
 from mris.evaluation.tables import (
     KneeErrors,
-    SplitFeatures,
-    downstream_table,
     error_table,
     first_visit_positions,
     merge_klg,
@@ -75,25 +73,3 @@ def test_paired_intervals_resample_subjects_not_knee_visits():
     paired = error_table(errors, resamples=50, seed=1)["paired"]["mris-s vs unet"]["fc"]
     assert paired["subjects"] == 1 and paired["n"] == 10
     assert paired["mean_difference_ci95"][0] == pytest.approx(paired["mean_difference_ci95"][1])
-
-
-def test_downstream_table_by_hand():
-    def split(name: str, subjects: int, offset: int) -> SplitFeatures:
-        features = SplitFeatures()
-        for i in range(subjects):
-            grade = [0, 2, 3, 4][i % 4]
-            features.rows.append(_row(f"{name}{i}", "LEFT", 0, grade, int(grade >= 3), split=name))
-        labels = np.array([merge_klg(r.klg) for r in features.rows])
-        rng = np.random.default_rng(offset)
-        features.add("mr", list(np.eye(4)[labels] * 5 + rng.normal(0, 0.1, (subjects, 4))))  # separable
-        features.add("mean", list(np.ones((subjects, 4))))  # the same for every knee
-        return features
-
-    table = downstream_table(split("downstream", 40, 1), split("test", 20, 2), ["mr", "mean"], resamples=20, seed=0)
-    mr, mean = table["methods"]["mr"], table["methods"]["mean"]
-    assert mr["klg"]["accuracy"] == 1.0 and mr["klg"]["balanced_accuracy"] == 1.0
-    assert mr["progression"]["roc_auc"] == 1.0 and mr["progression"]["average_precision"] == 1.0
-    assert mean["klg"]["balanced_accuracy"] == 0.25  # one class predicted for all
-    assert mean["progression"]["roc_auc"] == 0.5
-    assert table["counts"]["klg"] == {"train": 40, "test": 20, "test_class_counts": {"0": 5, "1": 5, "2": 5, "3": 5}}
-    assert np.trace(np.array(mr["klg"]["confusion"])) == 20

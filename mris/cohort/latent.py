@@ -316,7 +316,12 @@ def knee_state(knee: KneeLatent, month: int) -> KneeState:
     )
 
 
+# The progression label's horizon: the paper's progression task asks whether the KL grade rises
+# within 72 months (DESIGN.md, Table 3), the cohort's 72-month visit (constants.VISIT_MONTHS).
+PROGRESSION_MONTHS = 72
+
+
 def is_progressor(knee: KneeLatent) -> int:
-    """1 when the knee's KL grade rises between month 0 and month 48 (true latent trajectory,
-    defined even when the month-48 visit was not attended)."""
-    return int(knee_state(knee, 48).klg > knee_state(knee, 0).klg)
+    """1 when the knee's KL grade rises between month 0 and month ``PROGRESSION_MONTHS`` (72;
+    true latent trajectory, defined even when that visit was not attended)."""
+    return int(knee_state(knee, PROGRESSION_MONTHS).klg > knee_state(knee, 0).klg)

@@ -49,6 +49,12 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, min=1, help="CPU threads (default: all usable cores)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda (onnxruntime, FAISS)."),
         examples: int = typer.Option(6, min=0, help="Test knees in examples.png."),
+        classifiers: str = typer.Option("resnet18,logistic", help="Table 3's classifiers: resnet18 (the paper's, "
+                                        "needs torch), logistic (8 x 8 cell means, scikit-learn); comma-separated."),
+        classifier_epochs: int | None = typer.Option(None, min=1, help="Epochs of Table 3's ResNet-18 (default: the profile's, "
+                                                     "quick 4, paper 30)."),
+        classifier_weights: Path | None = typer.Option(None, help="A local ResNet-18 state dict (e.g. ImageNet) to "
+                                                       "fine-tune from in Table 3; nothing is downloaded."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     ) -> None:
         """Reproduce the paper's tables (retrieval, error by KL grade, downstream) as a report with figures."""
@@ -63,6 +69,7 @@ def register(app: typer.Typer) -> None:
             manifest=manifest, model=model, index=index, out=out, methods=methods, profile=profile, epochs=epochs,
             unet=unet, pix2pix=pix2pix, combined_model=combined_model, rois=rois, k=k, nan_rule=nan_rule, resamples=bootstrap, seed=seed,
             threads=threads, device=device, examples=examples, command=_command_line(context),
+            classifiers=classifiers, classifier_epochs=classifier_epochs, classifier_weights=classifier_weights,
         )
         with progress_bar(enabled=not quiet) as bars:
             def stage(description: str, total: int):

@@ -1,5 +1,6 @@
-"""The numbers of the three tables, as plain numpy functions (no torch, no scikit-learn), each
-small enough to check by hand (``tests/test_evaluation_metrics.py``).
+"""The numbers of Tables 1 and 2 and the subject bootstrap, as plain numpy functions (no torch),
+each small enough to check by hand (``tests/test_evaluation_metrics.py``). Table 3's
+classification metrics are scikit-learn's (``mris.evaluation.downstream``).
 
 - Retrieval: ``retrieval_ranks`` / ``recall_at_k`` — query q's true match sits at gallery
   position q; its rank is the number of gallery items scoring STRICTLY higher, and it counts as
@@ -10,17 +11,13 @@ small enough to check by hand (``tests/test_evaluation_metrics.py``).
   covers, so a method cannot look good by leaving hard pixels out.
 - Summaries: ``median_mad`` (the raw median absolute deviation, unscaled, as
   ``scipy.stats.median_abs_deviation`` with its default ``scale=1``).
-- Classification: ``accuracy``, ``balanced_accuracy`` (mean per-class recall over the classes
-  present in the truth), ``average_precision`` (step-wise: sum over positives of the precision
-  at its rank, divided by the positives; tied scores are grouped), ``roc_auc`` (the
-  Mann-Whitney probability that a positive outscores a negative, ties counting one half).
 - Uncertainty: ``bootstrap_ci`` resamples SUBJECTS with replacement (the unit of independence:
   both knees and every visit of a subject go together) and recomputes the statistic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -76,52 +73,6 @@ def median_mad(values: Sequence[float]) -> tuple[float, float, int]:
     return median, float(np.median(np.abs(array - median))), int(array.size)
 
 
-# ------------------------------------------------------------------------------ classification
-def accuracy(truth: Sequence[int], predicted: Sequence[int]) -> float:
-    truth, predicted = np.asarray(truth), np.asarray(predicted)
-    return float(np.mean(truth == predicted)) if truth.size else float("nan")
-
-
-def balanced_accuracy(truth: Sequence[int], predicted: Sequence[int]) -> float:
-    """Mean recall over the classes present in ``truth``."""
-    truth, predicted = np.asarray(truth), np.asarray(predicted)
-    if truth.size == 0:
-        return float("nan")
-    return float(np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)]))
-
-
-def average_precision(truth: Sequence[int], score: Sequence[float]) -> float:
-    """Average precision of binary labels ``truth`` (1 = positive) ranked by ``score``
-    (higher = more likely positive). Tied scores form one step. NaN without positives."""
-    truth = np.asarray(truth, dtype=np.int64)
-    score = np.asarray(score, dtype=np.float64)
-    positives = int(truth.sum())
-    if positives == 0:
-        return float("nan")
-    order = np.argsort(-score, kind="mergesort")
-    truth, score = truth[order], score[order]
-    # the last position of each group of tied scores is where the step is taken
-    last_of_group = np.r_[np.diff(score) != 0, True]
-    true_positives = np.cumsum(truth)[last_of_group]
-    seen = (np.arange(truth.size) + 1)[last_of_group]
-    precision = true_positives / seen
-    recall_gain = np.diff(np.r_[0, true_positives]) / positives
-    return float(np.sum(precision * recall_gain))
-
-
-def roc_auc(truth: Sequence[int], score: Sequence[float]) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties 1/2."""
-    from scipy.stats import rankdata
-
-    truth = np.asarray(truth, dtype=np.int64)
-    score = np.asarray(score, dtype=np.float64)
-    positives, negatives = int(truth.sum()), int((truth == 0).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    ranks = rankdata(score)  # average ranks for ties
-    return float((ranks[truth == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 # ----------------------------------------------------------------------------------- bootstrap
 def bootstrap_ci(
     statistic: Callable[[np.ndarray], float],
@@ -135,21 +86,31 @@ def bootstrap_ci(
     ``statistic`` receives int64 positions into the samples (a position repeats when its group is
     drawn more than once) and returns a number; resamples giving NaN are dropped.
     """
+    values = [statistic(positions) for positions in subject_resamples(groups, resamples, seed)]
+    return percentile_interval(values, level)
+
+
+def subject_resamples(groups: Sequence[str], resamples: int = 1000, seed: int = 0) -> Iterator[np.ndarray]:
+    """``resamples`` int64 position arrays, each the samples of as many subjects as there are,
+    drawn with replacement (the draws ``bootstrap_ci`` uses: one sequence serves several paired
+    statistics)."""
     groups = np.asarray(groups)
     if groups.size == 0 or resamples < 1:
-        return float("nan"), float("nan")
+        return
     unique, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(unique.size)]
     rng = np.random.default_rng([seed, 8])
-    values = []
     for _ in range(resamples):
         drawn = rng.integers(0, unique.size, unique.size)
-        positions = np.concatenate([members[g] for g in drawn])
-        value = statistic(positions)
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
+        yield np.concatenate([members[g] for g in drawn])
+
+
+def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the finite ``values`` (NaN, NaN when there are none)."""
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    if array.size == 0:
         return float("nan"), float("nan")
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(np.asarray(values), [tail, 1.0 - tail])
+    low, high = np.quantile(array, [tail, 1.0 - tail])
     return float(low), float(high)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mris.evaluation.tables import KL_GRADES, KLG_CLASSES
+from mris.evaluation.tables import KL_GRADES
 from mris.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # The paper's figures (Chen & Niethammer, MICCAI 2023), as transcribed into this file when the
@@ -123,8 +123,12 @@ def findings(report: dict[str, Any]) -> list[str]:
                 if ours is None or reference is None or not (math.isfinite(ours) and math.isfinite(reference)):
                     continue
                 difference = ours - reference
+                paired = (((t3.get("classifiers") or {}).get(t3.get("primary")) or {}).get("paired_vs_mr") or {})
+                interval = ((paired.get(method) or {}).get(task) or {}).get(key, {}).get("ci95")
+                interval_text = (f", paired 95 % subject-bootstrap interval {interval[0]:+.3f} to {interval[1]:+.3f}"
+                                 if interval and all(v is not None and math.isfinite(v) for v in interval) else "")
                 text = (f"Downstream {task} {key.replace('_', ' ')}: {METHOD_LABELS[method]} {_num(ours)} vs MR maps "
-                        f"{_num(reference)} ({difference:+.3f}): "
+                        f"{_num(reference)} ({difference:+.3f}{interval_text}): "
                         + ("close (within 0.05)" if abs(difference) <= CLOSE_DOWNSTREAM else "NOT close (more than 0.05 apart)"))
                 if method == "mris-s":
                     paper = PAPER[paper_key]
@@ -155,28 +159,10 @@ def markdown(report: dict[str, Any]) -> str:
     out += [f"- {line}" for line in findings(report)]
 
     out += table1_markdown(report) + table2_markdown(report)
-    t3 = report.get("table3_downstream")
-    out += ["## Table 3: downstream tasks (train on `downstream`, test on `test`)", ""]
-    if not t3 or not t3["methods"]:
-        out += ["Not computed: the manifest has no usable `downstream` split.", ""]
-    else:
-        c = t3["counts"]
-        out += [f"KL grade: {c['klg']['train']} training and {c['klg']['test']} test knee-visit pairs, classes "
-                f"{', '.join(KLG_CLASSES)}; progression: each knee's first visit, {c['progression']['train']} training and "
-                f"{c['progression']['test']} test knees (test prevalence "
-                f"{_pct(next((e['progression']['prevalence'] for e in t3['methods'].values() if 'progression' in e), float('nan')))} %). "
-                "Classifier: L2 logistic regression on 8 x 8 cell means of both maps, penalty by 5-fold "
-                "cross-validation over downstream subjects (mris/evaluation/classify.py).", "",
-                "| maps used | KLG accuracy | KLG balanced accuracy | progression AP | progression ROC AUC |", "|---|---|---|---|---|"]
-        for method, entry in t3["methods"].items():
-            klg, prog = entry.get("klg", {}), entry.get("progression", {})
-            out.append(f"| {METHOD_LABELS[method]} | {_num(klg.get('accuracy'))}{_ci(klg.get('accuracy_ci95'), _num)} | "
-                       f"{_num(klg.get('balanced_accuracy'))}{_ci(klg.get('balanced_accuracy_ci95'), _num)} | "
-                       f"{_num(prog.get('average_precision'))}{_ci(prog.get('average_precision_ci95'), _num)} | "
-                       f"{_num(prog.get('roc_auc'))}{_ci(prog.get('roc_auc_ci95'), _num)} |")
-        klg, auc = PAPER["table3_klg_accuracy"], PAPER["table3_progression_auc"]
-        out += ["", f"Paper (OAI): KLG accuracy {klg['mris-s']:.3f} (MRIS-S) vs {klg['mr']:.3f} (MR maps); "
-                f"progression AUC {auc['mris-s']:.3f} vs {auc['mr']:.3f}.", ""]
+
+    from mris.evaluation.report_downstream import table3_markdown
+
+    out += table3_markdown(report.get("table3_downstream"))
 
     out += ["## Cohort", ""]
     cohort = report.get("cohort")
@@ -186,7 +172,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"({', '.join(f'{k} {v}' for k, v in cohort.get('pairs_per_split', {}).items())})",
                 "- baseline KL0-4: " + " / ".join(f"{100 * mix.get(str(g), 0):.1f}" for g in KL_GRADES) + " %",
                 f"- mean FC / TC thickness {cohort.get('mean_fc_mm')} / {cohort.get('mean_tc_mm')} mm; progressors "
-                f"{_pct(cohort.get('progressor_share_latent'))} % (KL increase by 48 months)", ""]
+                f"{_pct(cohort.get('progressor_share_latent'))} % (progressor label: KL increase within 72 months)", ""]
     else:
         out += ["No `cohort_stats.json` beside the manifest (not a synthetic cohort).", ""]
     card = report["model_card"]

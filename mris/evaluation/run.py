@@ -34,7 +34,7 @@ import numpy as np
 
 from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
 from mris.fsutil import sha256_file
-from mris.evaluation.classify import map_features
+from mris.evaluation.downstream import CLASSIFIERS, SplitMaps, classifier_map_px, downstream_table
 from mris.evaluation.methods import (
     MeanMethod,
     MethodMaps,
@@ -48,8 +48,6 @@ from mris.evaluation.reference_stats import ReferenceErrors, reference_table
 from mris.evaluation.tables import (
     KL_GRADES,
     KneeErrors,
-    SplitFeatures,
-    downstream_table,
     error_table,
     first_visit_positions,
     retrieval_row,
@@ -99,6 +97,11 @@ class EvaluateRequest:
     device: str = "auto"
     examples: int = 6
     command: str = ""
+    # Table 3: the classifiers (resnet18: the paper's; logistic: the fast second row), the ResNet-18's
+    # epochs (None: the profile's) and an optional local state dict for it (nothing is fetched)
+    classifiers: Sequence[str] = CLASSIFIERS
+    classifier_epochs: int | None = None
+    classifier_weights: Path | None = None
 
     @property
     def work(self) -> Path:
@@ -297,6 +300,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         raise BadParameter(f"--k must be from 1 to 100, got {request.k}")
     if request.nan_rule not in NAN_RULES:
         raise BadParameter(f"--nan-rule must be {' or '.join(NAN_RULES)}, got {request.nan_rule!r}")
+    classifiers = _parse_classifiers(request)
     manifest = read_manifest(request.manifest)
     test_rows = manifest.select(["test"])
     downstream_rows = manifest.select(["downstream"])
@@ -383,7 +387,8 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
 
     errors = KneeErrors()
     reference = ReferenceErrors()  # Table 2 as the reference computes it
-    features = {split: SplitFeatures() for split in roi_sets}
+    map_px = classifier_map_px(request.profile) if "resnet18" in classifiers else None
+    features = {split: SplitMaps(map_px=map_px) for split in roi_sets}
     examples = Examples(pair_ids=choose_examples(test.rows, request.examples, request.seed))
     for split, roi_set in roi_sets.items():
         task = progress.stage(f"methods on {split}", len(roi_set.rows))
@@ -398,7 +403,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
                 answers["oracle"] = oracle.predict_from_truth(truth)
             features[split].rows.extend(rows)
             for name, answer in answers.items():
-                features[split].add(name, [map_features(fc, tc) for fc, tc in zip(answer.fc, answer.tc)])
+                features[split].add(name, answer.fc, answer.tc)
             if split == "test":
                 errors.add_rows(rows)
                 reference.add(rows, truth, {name: answer for name, answer in answers.items() if name != "mr"})
@@ -422,10 +427,15 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     mark = time.perf_counter()
     table2 = reference_table(reference, request.resamples, request.seed)
     table2_mae = error_table(errors, request.resamples, request.seed)
-    table3 = None
-    if "downstream" in features and features["downstream"].rows:
-        table3 = downstream_table(features["downstream"], features["test"], ["mr", *methods], request.resamples, request.seed)
     seconds["tables"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    table3 = None
+    if "downstream" in features and features["downstream"].rows and classifiers:
+        table3 = downstream_table(features["downstream"], features["test"], ["mr", *methods], request.resamples,
+                                  request.seed, classifiers=classifiers, profile=request.profile,
+                                  epochs=request.classifier_epochs, weights=request.classifier_weights,
+                                  device=request.device, threads=request.threads, log=progress.log)
+    seconds["table3"] = time.perf_counter() - mark
 
     report = {
         "format": REPORT_FORMAT,
@@ -462,6 +472,23 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     write_report(request.out, report, examples)
     progress.log(f"report: {request.out / 'report.md'} ({seconds['total']:.0f} s)")
     return report
+
+
+def _parse_classifiers(request: EvaluateRequest) -> list[str]:
+    names = request.classifiers.split(",") if isinstance(request.classifiers, str) else list(request.classifiers)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in CLASSIFIERS]
+    if unknown:
+        raise BadParameter(f"--classifiers: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIFIERS)}")
+    if "resnet18" in names:
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise MrisError("Table 3's ResNet-18 classifier needs torch: install the train extra "
+                            "(pip install 'mris[train]') or pass --classifiers logistic") from exc
+    if request.classifier_weights is not None and not Path(request.classifier_weights).is_file():
+        raise BadParameter(f"--classifier-weights {request.classifier_weights}: no such file")
+    return names
 
 
 def retrieval_table(request: EvaluateRequest, pipelines: dict, manifest: Manifest, test: RoiSet,

@@ -14,11 +14,8 @@
   paired difference and the share of knee-visits where MRIS-S is closer, each with a 95 %
   interval from resampling SUBJECTS (a subject's knee-visits are not independent, so no
   knee-visit-level test).
-- ``downstream_table`` (Table 3): per method the classifier of ``classify`` trained on the
-  method's ``downstream`` maps and tested on its ``test`` maps: KL grade (0 and 1 merged, 4
-  classes) on every knee-visit pair with a grade, accuracy and balanced accuracy; progression on
-  each knee's first visit (``progressor`` label), average precision and ROC AUC; bootstrap
-  intervals over test subjects.
+- Table 3 lives in ``mris.evaluation.downstream`` (it uses ``merge_klg``, ``KLG_CLASSES`` and
+  ``first_visit_positions`` from here).
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from mris.evaluation import metrics
-from mris.evaluation.classify import fit_with_cv
 from mris.evaluation.reference_stats import PAIRED, paired_difference
 from mris.manifest import ManifestRow
 
@@ -137,81 +133,3 @@ def paired_comparison(
     return {"first": first, "second": second, "statistic": "per-pair MAE (mm)",
             **{name: paired_difference(errors.mae[first][name], errors.mae[second][name], errors.subjects,
                                        resamples, seed) for name in ("fc", "tc")}}
-
-
-# ---------------------------------------------------------------------------------- Table 3
-@dataclass
-class SplitFeatures:
-    """Classifier features of every method for the rows of one split."""
-
-    rows: list[ManifestRow] = field(default_factory=list)
-    features: dict[str, list[np.ndarray]] = field(default_factory=dict)  # method -> [N] x [F]
-
-    def add(self, method: str, features: Sequence[np.ndarray]) -> None:
-        self.features.setdefault(method, []).extend(features)
-
-    def matrix(self, method: str, positions: Sequence[int]) -> np.ndarray:
-        stacked = np.stack(self.features[method])
-        return stacked[np.asarray(positions, np.int64)]
-
-
-def _task_positions(rows: Sequence[ManifestRow], task: str) -> tuple[list[int], np.ndarray]:
-    if task == "klg":
-        positions = [i for i, row in enumerate(rows) if row.klg is not None]
-        return positions, np.array([merge_klg(rows[i].klg) for i in positions], np.int64)
-    positions = [i for i in first_visit_positions(rows) if rows[i].progressor is not None]
-    return positions, np.array([int(rows[i].progressor) for i in positions], np.int64)
-
-
-def downstream_table(train: SplitFeatures, test: SplitFeatures, methods: Sequence[str], resamples: int,
-                     seed: int) -> dict[str, Any]:
-    table: dict[str, Any] = {"methods": {}, "counts": {}}
-    for task in ("klg", "progression"):
-        train_pos, train_labels = _task_positions(train.rows, task)
-        test_pos, test_labels = _task_positions(test.rows, task)
-        table["counts"][task] = {
-            "train": len(train_pos), "test": len(test_pos),
-            "test_class_counts": {str(c): int((test_labels == c).sum()) for c in np.unique(test_labels)},
-        }
-        if len(train_pos) < 2 or len(test_pos) < 1 or np.unique(train_labels).size < 2:
-            continue
-        train_groups = [train.rows[i].subject_id for i in train_pos]
-        test_groups = [test.rows[i].subject_id for i in test_pos]
-        for method in methods:
-            if method not in train.features or method not in test.features:
-                continue
-            model = fit_with_cv(train.matrix(method, train_pos), train_labels, train_groups, seed=seed)
-            x_test = test.matrix(method, test_pos)
-            entry = table["methods"].setdefault(method, {})
-            if task == "klg":
-                predicted = model.predict(x_test)
-                entry["klg"] = {**with_intervals({"accuracy": metrics.accuracy,
-                                                  "balanced_accuracy": metrics.balanced_accuracy},
-                                                 test_labels, predicted, test_groups, resamples, seed),
-                                "confusion": confusion(test_labels, predicted, len(KLG_CLASSES)), "l2": model.l2}
-            else:
-                entry["progression"] = {**with_intervals({"average_precision": metrics.average_precision,
-                                                          "roc_auc": metrics.roc_auc},
-                                                         test_labels, model.score(x_test, positive=1), test_groups,
-                                                         resamples, seed),
-                                        "prevalence": float(test_labels.mean()), "l2": model.l2}
-    return table
-
-
-def with_intervals(metric_functions: dict[str, Any], truth: np.ndarray, answer: np.ndarray, groups: Sequence[str],
-                   resamples: int, seed: int) -> dict[str, Any]:
-    """``name`` -> metric(truth, answer) and ``name_ci95`` -> its subject-bootstrap interval."""
-    out: dict[str, Any] = {}
-    for name, function in metric_functions.items():
-        out[name] = function(truth, answer)
-        out[f"{name}_ci95"] = list(metrics.bootstrap_ci(
-            lambda p, function=function: function(truth[p], answer[p]), groups, resamples, seed))
-    return out
-
-
-def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> list[list[int]]:
-    """Rows = true class, columns = predicted class."""
-    matrix = np.zeros((classes, classes), np.int64)
-    for t, p in zip(truth, predicted):
-        matrix[t, p] += 1
-    return matrix.tolist()
