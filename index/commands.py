@@ -108,6 +108,7 @@ def register(app: typer.Typer) -> None:
     @index_app.command("list")
     def list_(root: Path = typer.Argument(..., help="Index root.")) -> None:
         """Versions (oldest first), which is current, sizes and row counts."""
+        from mris.constants import PREPROCESSING_VERSION
         from mris.index.bundle import read_card
         from mris.index.publish import list_versions
 
@@ -116,11 +117,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"no index versions under {root}")
             return
         for info in versions:
-            card = read_card(info.path)
+            card = read_card(info.path, check_preprocessing=False)  # list old versions too
             kinds = ",".join(sorted({rc.kind for rc in card.regions.values()}))
             mark = "*" if info.current else " "
             typer.echo(
                 f"{mark} {info.version}  {card.variant:<9} {card.rows:>9} rows  {kinds:<6} {_size(info.size_bytes):>10}  {card.created}"
+                + ("" if card.preprocessing_version == PREPROCESSING_VERSION else "  (older preprocessing: rebuild)")
             )
 
     @index_app.command("gc")
