@@ -65,6 +65,7 @@ class TrainProfile:
     margin: float = 0.1
     val_fraction: float = 0.15  # of the database subjects, held out for per-epoch recall
     augment: bool = True
+    augmentation: str = "paper"  # a name in training.augment.AUGMENTATIONS
     localiser: LocaliserProfile = field(default_factory=LocaliserProfile)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +82,9 @@ class TrainProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainProfile":
         data = dict(data)
+        # Profiles stored before ``augmentation`` existed (those runs used a hand-rolled set
+        # that is gone) load with the default.
+        data.setdefault("augmentation", cls.augmentation)
         loc = dict(data.pop("localiser", {}))
         if "global_input_px" in loc:
             loc["global_input_px"] = tuple(loc["global_input_px"])

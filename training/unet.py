@@ -209,7 +209,7 @@ class UnetTrainer:
             x = self._tensor(self.data.radiographs, rows, True)
             y = self._tensor(self.data.targets, rows, False)
             if self.profile.augment:
-                x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index))
+                x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation)
             with self._autocast():
                 pred = self.model(x)
             loss = masked_l1(pred.float(), y)
