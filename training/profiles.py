@@ -102,6 +102,7 @@ PROFILES: dict[str, TrainProfile] = {
         lr_thickness=1e-3,
         step_size=25,
         gamma=0.2,
+        augmentation="light",
     ),
 }
 
