@@ -3,12 +3,15 @@
 - ``paper``: DESIGN.md's exact setting (Chen & Niethammer 2023 and the reference code):
   256 x 256 inputs (combined thickness input 512 x 256), 450 epochs, batch 64, AdamW with lr
   1e-4 (radiograph encoder) / 1e-5 (thickness encoder), weight decay 1e-3, grad-norm clip 1.0,
-  StepLR every 150 epochs with gamma 0.2, margin 0.1.
+  StepLR every 150 epochs with gamma 0.2, margin 0.1, the reference's augmentation
+  (``augmentation="paper"``: MONAI RandAffine / RandGaussianNoise / RandAdjustContrast).
 - ``quick``: the demo / CI setting. Same method and optimiser, smaller inputs and few epochs so
   that the 300-subject demo cohort trains in a few minutes on 2 CPU cores. Its numbers were
   chosen by measurement (docs/TRAINING.md gives the figures): 64 px inputs keep a ResNet-18
   step about 16x cheaper than at 256 px, and higher learning rates with a short StepLR reach a
-  useful recall within the epoch budget.
+  useful recall within the epoch budget. Its augmentation is the ``light`` set (the paper's
+  transforms and probabilities, gentler ranges), chosen by the held-out recall measured with
+  both sets (docs/TRAINING.md, Profiles).
 
 A profile is a frozen dataclass; ``--epochs`` / ``--batch-size`` override it through
 ``with_overrides`` and the effective profile is stored in the checkpoint and the model card.
