@@ -9,9 +9,9 @@
   that the 300-subject demo cohort trains in a few minutes on 2 CPU cores. Its numbers were
   chosen by measurement (docs/TRAINING.md gives the figures): 64 px inputs keep a ResNet-18
   step about 16x cheaper than at 256 px, and higher learning rates with a short StepLR reach a
-  useful recall within the epoch budget. Its augmentation is the ``light`` set (the paper's
-  transforms and probabilities, gentler ranges), chosen by the held-out recall measured with
-  both sets (docs/TRAINING.md, Profiles).
+  useful recall within the epoch budget. Its augmentation is the paper's too: the ``light``
+  set (same transforms, gentler ranges) overfits within the quick budget and retrieves held-out
+  knees worse (docs/TRAINING.md, Profiles, gives the measurement).
 
 A profile is a frozen dataclass; ``--epochs`` / ``--batch-size`` override it through
 ``with_overrides`` and the effective profile is stored in the checkpoint and the model card.
@@ -105,7 +105,7 @@ PROFILES: dict[str, TrainProfile] = {
         lr_thickness=1e-3,
         step_size=25,
         gamma=0.2,
-        augmentation="light",
+        augmentation="paper",
     ),
 }
 
