@@ -34,6 +34,7 @@ def main() -> None:
     import numpy as np
     import test_training_learns as learns
     from conftest import write_tiny_cohort
+
     from mris.manifest import read_manifest, write_manifest
 
     work = args.work or Path(tempfile.mkdtemp(prefix="measure-augmentation-"))
@@ -66,11 +67,12 @@ def evaluate_checkpoint(learns, cohort: Path, work: Path, heldout, name: str, se
     """``learns.train``'s trainer without ``fit``, its state from ``path``; held-out recall."""
     import numpy as np
     import torch
-    from mris.manifest import read_manifest
     from mris.training.cache import build_cache
     from mris.training.run import split_validation
     from mris.training.sampler import first_visits
     from mris.training.trainer import RegionData, RegionTrainer
+
+    from mris.manifest import read_manifest
 
     recipe = dataclasses.replace(learns.RECIPE, augment=name != "none", augmentation=name if name != "none" else "paper")
     manifest = read_manifest(cohort)

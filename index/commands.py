@@ -108,9 +108,10 @@ def register(app: typer.Typer) -> None:
     @index_app.command("list")
     def list_(root: Path = typer.Argument(..., help="Index root.")) -> None:
         """Versions (oldest first), which is current, sizes and row counts."""
-        from mris.constants import PREPROCESSING_VERSION
         from mris.index.bundle import read_card
         from mris.index.publish import list_versions
+
+        from mris.constants import PREPROCESSING_VERSION
 
         versions = list_versions(root)
         if not versions:

@@ -14,7 +14,6 @@ torch = require("torch")
 require("monai")
 
 from monai.transforms import RandAdjustContrast, RandAffine, RandGaussianNoise
-
 from mris.training.augment import (
     AUGMENTATIONS,
     AugmentConfig,

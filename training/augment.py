@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -85,7 +85,7 @@ def get_augmentation(name: str) -> AugmentConfig:
         raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def build_transforms(config: AugmentConfig):
     """The MONAI ``Compose`` of ``config`` (cached per config; its random state is reset per
     image by ``augment_image``, so sharing it is safe within one thread)."""
