@@ -44,7 +44,7 @@ for name in ("fc", "tc"):
 def resnet_bundle(root: Path, px: int) -> Path:
     from datetime import datetime, timezone
 
-    from mris.constants import PreprocessConfig
+    from mris.constants import PREPROCESSING_VERSION, PreprocessConfig
     from mris.model_bundle import EncoderPair, ModelCard, VariantCard, write_model_card
 
     root.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,7 @@ def resnet_bundle(root: Path, px: int) -> Path:
         for r in ("fc", "tc")
     }
     card = ModelCard(created=datetime.now(timezone.utc).isoformat(), preprocess=PreprocessConfig(encoder_px=px).to_dict(),
+                     preprocessing_version=PREPROCESSING_VERSION,
                      variants={"separate": VariantCard(regions=pairs)}, training={"note": "random-init ResNet-18 for benchmarks"})
     write_model_card(root, card)
     return root

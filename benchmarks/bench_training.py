@@ -37,7 +37,7 @@ def bench(profile_name: str, device: torch.device, steps: int, warmup: int = 2) 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        xa = augment_radiographs(x, batch_generator(0, 0, step))
+        xa = augment_radiographs(x, batch_generator(0, 0, step), profile.augmentation)
         with autocast:
             fx, gy = f(xa), g(y)
         loss = triplet_loss(fx.float(), gy.float(), profile.margin)

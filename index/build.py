@@ -52,6 +52,7 @@ from mris.index.choose import DEFAULT_MEMORY_BUDGET_BYTES, IndexSpec, choose_ind
 from mris.index.embed import embed_rows, find_missing
 from mris.index.verify import exact_top_k, perturbed_queries, recall_at_k, verify_bundle
 
+from mris.constants import PREPROCESSING_VERSION
 from mris.encoders import OnnxEncoder, default_threads
 from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
 from mris.fsutil import atomic_save_npy, atomic_write_json, fsync_dir, sha256_file
@@ -322,6 +323,7 @@ def build_index_bundle(
             rows=total,
             embedding_dim=dim,
             preprocess=model.card.preprocess,
+            preprocessing_version=PREPROCESSING_VERSION,
             preprocess_fingerprint=config.fingerprint(),
             regions=region_cards,
             maps={c: MapsCard(file=maps_name(c), shape=map_shapes[c], dtype=maps_dtype) for c in ("fc", "tc")},

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from mris.constants import check_preprocessing_version
 from mris.errors import BadParameter, BundleInvalid, BundleMismatch
 from mris.model_bundle import ModelCard
 from mris.synthesis import DEFAULT_NAN_RULE, NanRule, Synthesis, synthesize
@@ -102,6 +103,8 @@ class IndexCard(BaseModel):
     rows: int
     embedding_dim: int
     preprocess: dict[str, Any]
+    # None on cards written before the version existed (ROI normalisation 1): refused by read_card.
+    preprocessing_version: int | None = None
     preprocess_fingerprint: str
     regions: dict[str, RegionCard]
     maps: dict[str, MapsCard]
@@ -111,7 +114,10 @@ class IndexCard(BaseModel):
     sizes: dict[str, int] = Field(default_factory=dict)  # name -> bytes
 
 
-def read_card(root: str | Path) -> IndexCard:
+def read_card(root: str | Path, *, check_preprocessing: bool = True) -> IndexCard:
+    """The validated card of the bundle version at ``root``: ``BundleInvalid`` when missing or
+    malformed, ``BundleMismatch`` when built with another ROI preprocessing version (rebuild it);
+    ``check_preprocessing=False`` only for listing versions."""
     root = Path(root)
     path = root / CARD_NAME
     if not path.is_file():
@@ -122,6 +128,11 @@ def read_card(root: str | Path) -> IndexCard:
         raise BundleInvalid(f"{path} is not a valid index card: {exc}") from exc
     if card.format != INDEX_FORMAT:
         raise BundleInvalid(f"{path}: unknown format {card.format!r} (expected {INDEX_FORMAT})")
+    if check_preprocessing:
+        check_preprocessing_version(
+            card.preprocessing_version, f"index bundle {root}",
+            "rebuilt with a current model bundle (`mris index build ...`)",
+        )
     return card
 
 

@@ -111,16 +111,19 @@ def register(app: typer.Typer) -> None:
         from mris.index.bundle import read_card
         from mris.index.publish import list_versions
 
+        from mris.constants import PREPROCESSING_VERSION
+
         versions = list_versions(root)
         if not versions:
             typer.echo(f"no index versions under {root}")
             return
         for info in versions:
-            card = read_card(info.path)
+            card = read_card(info.path, check_preprocessing=False)  # list old versions too
             kinds = ",".join(sorted({rc.kind for rc in card.regions.values()}))
             mark = "*" if info.current else " "
             typer.echo(
                 f"{mark} {info.version}  {card.variant:<9} {card.rows:>9} rows  {kinds:<6} {_size(info.size_bytes):>10}  {card.created}"
+                + ("" if card.preprocessing_version == PREPROCESSING_VERSION else "  (older preprocessing: rebuild)")
             )
 
     @index_app.command("gc")

@@ -11,10 +11,34 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from mris.errors import BundleMismatch
+
 SIDES = ("LEFT", "RIGHT")
 REGIONS = ("fc", "tc")
 SPLITS = ("database", "downstream", "test")
 VISIT_MONTHS = (0, 12, 24, 36, 48, 72, 96)
+
+PREPROCESSING_VERSION = 2
+"""Version of the ROI preprocessing (``mris.roi``) that model and index bundles record in their
+cards. 2: the reference's ``normalize`` (subtract the ROI's minimum, then the 99th percentile of
+the shifted ROI -> 0.99). 1 (cards without the field): divided by the 99th percentile only.
+Encoders trained on one version do not serve inputs of another, so a bundle whose card records
+another version (or none) is refused with ``BundleMismatch`` (``check_preprocessing_version``)."""
+
+
+def check_preprocessing_version(version: int | None, what: str, rebuild: str) -> None:
+    """Raise ``BundleMismatch`` unless ``version`` is ``PREPROCESSING_VERSION``; ``what`` names the
+    bundle in the message, ``rebuild`` the command that makes a current one."""
+    if version == PREPROCESSING_VERSION:
+        return
+    made = "no preprocessing version (an older ROI normalisation)" if version is None else (
+        f"preprocessing version {version}" + (" (an older ROI normalisation)" if version < PREPROCESSING_VERSION else "")
+    )
+    raise BundleMismatch(
+        f"{what} was made with {made}; this mris uses preprocessing version {PREPROCESSING_VERSION} "
+        f"(ROI minus its minimum, 99th percentile -> 0.99). It must be {rebuild}; it is never served "
+        "with another normalisation"
+    )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ Two stages, KNEEL-like, each a small function with its resolution stated:
    knee 1 = LEFT; ``confidence`` ``[N, 2]`` in [0, 1], that the knee is present) gives a coarse
    centre per knee.
 2. ``refine_patch``: a ``refine_mm`` square (default 64 mm) around the coarse centre, cut by the
-   shared ROI code (``mris.roi.extract_roi``: padded, RIGHT flipped, 99th pct -> 0.99) at
+   shared ROI code (``mris.roi.extract_roi``: padded, RIGHT flipped, minimum -> 0, 99th pct -> 0.99) at
    ``refine_px`` (default 64 px, 1 mm/px). The refinement network (``localiser-refine.onnx``;
    input ``image`` ``[N, 1, p, p]``; outputs ``offset`` ``[N, 2]`` = (dx, dy) from the patch
    centre in patch px of the flipped patch, ``confidence`` ``[N]``) moves the centre; this runs

@@ -16,7 +16,8 @@ stacked over tc (2S x S) and whose neighbours synthesize both maps.
 
 Training writes the card (``write_model_card``); index building, serving and evaluation read it
 with ``load_model_bundle``, which checks every file's sha256 so nothing runs on a bundle whose
-files do not match its card.
+files do not match its card, and refuses a card whose ``preprocessing_version`` is not this
+code's ``PREPROCESSING_VERSION`` (``BundleMismatch``: retrain).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mris.constants import PreprocessConfig
+from mris.constants import PreprocessConfig, check_preprocessing_version
 from mris.errors import BundleInvalid
 from mris.fsutil import atomic_write_json, sha256_file
 
@@ -60,6 +61,8 @@ class ModelCard(BaseModel):
     format: str = MODEL_FORMAT
     created: str
     preprocess: dict[str, Any]
+    # None on cards written before the version existed (ROI normalisation 1): refused on load.
+    preprocessing_version: int | None = None
     variants: dict[str, VariantCard]
     localiser: LocaliserCard | None = None
     training: dict[str, Any] = Field(default_factory=dict)
@@ -115,7 +118,9 @@ def write_model_card(root: str | Path, card: ModelCard) -> Path:
 
 def load_model_bundle(root: str | Path, verify: bool = True) -> ModelBundle:
     """Read ``card.json`` and (by default) check that every listed file exists with its sha256
-    and that every encoder the card names is listed. Raises ``BundleInvalid``."""
+    and that every encoder the card names is listed. Raises ``BundleInvalid``, or
+    ``BundleMismatch`` when the card's ``preprocessing_version`` is not ``PREPROCESSING_VERSION``
+    (a bundle trained on another ROI normalisation is never served)."""
     root = Path(root)
     card_path = root / "card.json"
     if not card_path.is_file():
@@ -126,6 +131,9 @@ def load_model_bundle(root: str | Path, verify: bool = True) -> ModelBundle:
         raise BundleInvalid(f"{card_path} is not a valid model card: {exc}") from exc
     if card.format != MODEL_FORMAT:
         raise BundleInvalid(f"{card_path}: unknown format {card.format!r} (expected {MODEL_FORMAT})")
+    check_preprocessing_version(
+        card.preprocessing_version, f"model bundle {root}", "retrained (`mris train ...`)"
+    )
     named = [
         getattr(pair, modality)
         for variant in card.variants.values()

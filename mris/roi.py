@@ -8,11 +8,16 @@ Decisions (docs/PREPROCESSING.md):
   resampled with sub-pixel precision by ``mris.imageops.resize`` (anti-aliased).
 - Where the box leaves the image it is padded with the radiograph's minimum (the darkest value:
   direct exposure, "nothing there"), never with reflected anatomy.
-- Intensity: the ROI is multiplied by ``intensity_target / p`` where ``p`` is the
-  ``intensity_percentile`` (99th) percentile of the ROI's in-image pixels (padding excluded, so
-  a knee near the border is scaled like one in the middle). No minimum is subtracted: the
-  reference MRIS code divides by the percentile only. A ROI whose percentile is not positive
-  (blank or negative-valued) raises ``KneeNotFound``.
+- Intensity (``PREPROCESSING_VERSION`` 2), the reference's ``preprocess.normalize(img,
+  percentage_clip=99)`` on the resampled ROI: ``(roi - m) / p * intensity_target`` where ``m``
+  is the minimum of the ROI's in-image pixels and ``p`` the ``intensity_percentile`` (99th)
+  percentile of the shifted in-image pixels (``roi - m``): the smallest 99 % of values map to
+  [0, 0.99]. The statistics exclude the border padding, so a knee near the border is scaled
+  like one in the middle, and pixels outside the in-image rectangle (padding, and the edge
+  pixels that blend padding in) are raised to at least ``m`` before the shift, so padding maps
+  to exactly 0 (never negative; "nothing there" is the darkest value the encoder sees). With no
+  padding this is the reference's formula exactly. A ROI whose shifted percentile is not
+  positive (blank: 99 % of it one value) raises ``KneeNotFound``.
 - RIGHT knees are flipped left-right after resampling (``flip_right``).
 - A centre outside the image (or not finite) raises ``KneeNotFound``.
 - ``parse_keypoints`` takes caller text (CLI, form field, query parameter) and gives centres or
@@ -46,7 +51,8 @@ class KneeRoi:
       pixels (``roi_size_mm / spacing_mm``); ``spacing_mm``: mm per source pixel.
     - ``side``: LEFT | RIGHT (the patient's); ``source``: where the centre came from
       (``caller``, ``manifest``, ``localiser``...).
-    - ``scale``: the factor applied to intensities (``target / percentile``).
+    - ``scale`` / ``offset``: the intensity mapping, ``image = (roi - offset) * scale``
+      (``offset`` the in-image minimum, ``scale`` = target / percentile of the shifted ROI).
     """
 
     image: np.ndarray
@@ -56,6 +62,7 @@ class KneeRoi:
     side: str
     source: str
     scale: float = 1.0
+    offset: float = 0.0
 
     @property
     def box_xyxy(self) -> tuple[float, float, float, float]:
@@ -116,18 +123,33 @@ def _crop_resample(
     return image, (r0, r1, c0, c1)
 
 
-def _normalise(image: np.ndarray, valid: tuple[int, int, int, int], config: PreprocessConfig, side: str) -> tuple[np.ndarray, float]:
+def normalise_intensity(
+    image: np.ndarray, valid: tuple[int, int, int, int], config: PreprocessConfig, side: str
+) -> tuple[np.ndarray, float, float]:
+    """The reference's ``normalize(img, percentage_clip=99)``, in place on float32 ``image``:
+    ``(image - m) / p * target`` with ``m`` the minimum and ``p`` the percentile of
+    ``image - m``, both over the in-image rectangle ``valid`` = (r0, r1, c0, c1) (the whole image
+    when empty); pixels outside it (border padding, and the edge pixels partly padded) are
+    raised to at least ``m`` first, so padding becomes exactly 0 and nothing is negative.
+    Returns (image, scale, offset=m); ``KneeNotFound`` when ``p`` is not positive."""
     r0, r1, c0, c1 = valid
-    region = image[r0:r1, c0:c1] if (r1 > r0 and c1 > c0) else image
-    level = float(np.percentile(region, config.intensity_percentile))
+    inside = r1 > r0 and c1 > c0
+    region = image[r0:r1, c0:c1] if inside else image
+    offset = float(region.min())
+    level = float(np.percentile(region - np.float32(offset), config.intensity_percentile))
     if not math.isfinite(level) or level <= 0:
         raise KneeNotFound(
-            f"the {side} knee ROI is blank: its {config.intensity_percentile:g}th percentile is "
-            f"{level:g}, so it cannot be normalised"
+            f"the {side} knee ROI is blank: the {config.intensity_percentile:g}th percentile of "
+            f"its intensities above their minimum is {level:g}, so it cannot be normalised"
         )
+    if inside and (r0, r1, c0, c1) != (0, image.shape[0], 0, image.shape[1]):
+        pad = np.ones(image.shape, dtype=bool)
+        pad[r0:r1, c0:c1] = False
+        image[pad] = np.maximum(image[pad], np.float32(offset))
     scale = config.intensity_target / level
+    image -= np.float32(offset)
     image *= np.float32(scale)
-    return image, scale
+    return image, scale, offset
 
 
 def _extract(
@@ -144,7 +166,7 @@ def _extract(
     half = size_px / 2
     box = (col + 0.5 - half, row + 0.5 - half, col + 0.5 + half, row + 0.5 + half)
     image, valid = _crop_resample(radiograph.pixels, box, config.encoder_px, pad_value)
-    image, scale = _normalise(image, valid, config, side)
+    image, scale, offset = normalise_intensity(image, valid, config, side)
     if side == "RIGHT" and config.flip_right:
         image = np.ascontiguousarray(image[:, ::-1])
     return KneeRoi(
@@ -155,6 +177,7 @@ def _extract(
         side=side,
         source=source,
         scale=scale,
+        offset=offset,
     )
 
 

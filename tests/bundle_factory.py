@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mris.constants import PreprocessConfig
+from mris.constants import PREPROCESSING_VERSION, PreprocessConfig
 from mris.manifest import ManifestRow, write_manifest
 from mris.model_bundle import EncoderPair, ModelCard, VariantCard, write_model_card
 
@@ -102,6 +102,7 @@ def make_model_bundle(root: str | Path, encoder_px: int = TINY_ENCODER_PX, seed:
     card = ModelCard(
         created=datetime.now(timezone.utc).isoformat(),
         preprocess=config.to_dict(),
+        preprocessing_version=PREPROCESSING_VERSION,
         variants=variants,
         training={"note": "tiny test bundle from tests/bundle_factory.py"},
     )

@@ -328,3 +328,50 @@ print("OK")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr + out.stdout
     assert len(pub.list_versions(root)) == 2  # the newest and current (the older, published one)
+
+
+def _set_preprocessing_version(card_path, version):
+    """Rewrite a card as an older mris wrote it: no ``preprocessing_version`` (None) or another."""
+    import json
+
+    card = json.loads(card_path.read_text())
+    if version is None:
+        card.pop("preprocessing_version", None)
+    else:
+        card["preprocessing_version"] = version
+    card_path.write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("old_version", [None, 1])
+def test_bundles_of_an_older_roi_normalisation_are_refused(model_dir, cohort, tmp_path, old_version):
+    from mris.constants import PREPROCESSING_VERSION
+
+    root = tmp_path / "index"
+    result = build(model_dir, cohort, root, publish=True)
+    assert read_card(result.path).preprocessing_version == PREPROCESSING_VERSION
+    assert load_model_bundle(model_dir).card.preprocessing_version == PREPROCESSING_VERSION
+
+    old_model = tmp_path / "old-model"
+    shutil.copytree(model_dir, old_model)
+    _set_preprocessing_version(old_model / "card.json", old_version)
+    with pytest.raises(BundleMismatch, match=r"older ROI normalisation.*retrained \(`mris train"):
+        load_model_bundle(old_model)
+    with pytest.raises(BundleMismatch, match="older ROI normalisation"):
+        build(old_model, cohort, tmp_path / "index-from-old-model")
+    assert not (tmp_path / "index-from-old-model").exists() or not pub.list_versions(tmp_path / "index-from-old-model")
+
+    _set_preprocessing_version(result.path / "card.json", old_version)
+    model = load_model_bundle(model_dir)
+    rebuild = r"older ROI normalisation.*rebuilt .*`mris index build"
+    with pytest.raises(BundleMismatch, match=rebuild):
+        read_card(result.path)
+    with pytest.raises(BundleMismatch, match=rebuild):
+        load_index_bundle(root, model_card=model.card)
+    with pytest.raises(BundleMismatch, match=rebuild):
+        load_index_bundle(root)
+    with pytest.raises(BundleMismatch, match=rebuild):
+        verify_bundle(result.path, model_card=model.card)
+    with pytest.raises(BundleMismatch, match=rebuild):
+        build(model_dir, cohort, root, append_from="current")
+    # Listing still shows it, marked.
+    assert read_card(result.path, check_preprocessing=False).preprocessing_version == old_version

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -375,6 +376,46 @@ def test_failed_reload_keeps_the_old_bundle(server, bundles, tmp_path):
         assert httpx.get(f"{server.url}/readyz").json()["index_version"] == before
     finally:
         publish(root, before)
+
+
+def _drop_preprocessing_version(card_path: Path) -> None:
+    """Make a card look written by an mris before ``PREPROCESSING_VERSION`` existed."""
+    card = json.loads(card_path.read_text())
+    card.pop("preprocessing_version")
+    card_path.write_text(json.dumps(card))
+
+
+def test_reload_refuses_an_index_of_an_older_roi_normalisation(server, bundles):
+    from mris.index.publish import publish
+
+    before = httpx.get(f"{server.url}/readyz").json()["index_version"]
+    root = bundles["index"]
+    old = root / "20000101T000000000000Z-0ld000"
+    shutil.copytree(root / before, old)
+    _drop_preprocessing_version(old / "card.json")
+    publish(root, old.name)
+    try:
+        response = httpx.post(f"{server.url}/admin/reload", headers=_auth(), timeout=30)
+        assert response.status_code == 503
+        detail = response.json()["detail"]
+        assert "older ROI normalisation" in detail and "mris index build" in detail and "keeps serving" in detail
+        assert httpx.get(f"{server.url}/readyz").json()["index_version"] == before
+    finally:
+        publish(root, before)
+
+
+def test_not_ready_on_a_model_of_an_older_roi_normalisation(bundles, tmp_path):
+    from mris.service.config import Settings
+
+    model = tmp_path / "old-model"
+    shutil.copytree(bundles["model"], model)
+    _drop_preprocessing_version(model / "card.json")
+    settings = Settings(model_dir=model, index_root=bundles["index"], port=_free_port(), intra_op_threads=1)
+    with RunningServer(settings) as running:
+        response = httpx.get(f"{running.url}/readyz")
+        assert response.status_code == 503
+        assert "older ROI normalisation" in response.json()["detail"]
+        assert "mris train" in response.json()["detail"]
 
 
 def test_not_ready_without_a_bundle(tmp_path):

@@ -185,7 +185,7 @@ def test_a_signal_to_demo_serve_stops_its_server(demo_workdir, tmp_path, how):
 def _separate_only_bundle(root: Path, encoder_px: int) -> Path:
     """A real tiny bundle with only the separate variant, so ``mris evaluate --methods mris-c``
     has to train the combined encoders (``mris train`` as its child)."""
-    from mris.constants import PreprocessConfig
+    from mris.constants import PREPROCESSING_VERSION, PreprocessConfig
     from mris.model_bundle import EncoderPair, ModelCard, VariantCard, write_model_card
 
     square = (encoder_px, encoder_px)
@@ -198,6 +198,7 @@ def _separate_only_bundle(root: Path, encoder_px: int) -> Path:
                                       thickness_input_px=square)
     write_model_card(root, ModelCard(created=datetime.now(timezone.utc).isoformat(),
                                      preprocess=PreprocessConfig(encoder_px=encoder_px).to_dict(),
+                                     preprocessing_version=PREPROCESSING_VERSION,
                                      variants={"separate": VariantCard(regions=regions)},
                                      training={"note": "tests/test_subcommand.py"}))
     return root

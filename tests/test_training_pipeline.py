@@ -14,7 +14,7 @@ from conftest import require
 
 torch = require("torch")
 
-from mris.constants import PreprocessConfig  # noqa: E402
+from mris.constants import PREPROCESSING_VERSION, PreprocessConfig  # noqa: E402
 from mris.errors import KneeNotFound, ManifestError  # noqa: E402
 from mris.manifest import read_manifest, write_manifest  # noqa: E402
 from mris.model_bundle import load_model_bundle  # noqa: E402
@@ -60,6 +60,8 @@ def test_tiny_training_writes_a_verified_bundle_with_parity(trained):
     assert set(card.variants["separate"].regions) == {"fc", "tc"}
     assert card.variants["combined"].regions["combined"].thickness_input_px == (64, 32)
     assert card.preprocess_config == PreprocessConfig(encoder_px=32)
+    assert card.preprocessing_version == PREPROCESSING_VERSION
+    assert card.training["profile"]["augmentation"] == TINY.augmentation
     assert card.localiser is not None and card.localiser.file == "localiser.onnx"
     assert {"torch", "onnxruntime", "onnx"} <= set(card.versions)
     for name, region in summary["regions"].items():

@@ -3,8 +3,9 @@
 The cache of a run lives in ``CACHE_DIR/<key>/`` with one ``.npy`` per array:
 ``radiograph.npy`` ``[N, S, S]`` (ROIs from ``mris.roi``), ``fc.npy`` / ``tc.npy`` ``[N, S, S]`` and
 ``combined.npy`` ``[N, 2S, S]`` (from ``mris.thickness``), float32, rows in ``rows.json`` order.
-``key`` hashes the manifest's bytes, the rows' pair ids, ``PreprocessConfig.fingerprint()`` and
-``CACHE_FORMAT``: a changed manifest or preprocessing constant gives a new key and so a rebuild;
+``key`` hashes the manifest's bytes, the rows' pair ids, ``PreprocessConfig.fingerprint()``,
+``PREPROCESSING_VERSION`` and ``CACHE_FORMAT``: a changed manifest, preprocessing constant or
+ROI normalisation gives a new key and so a rebuild;
 epochs never decode a DICOM again. Each array is written atomically (``mris.fsutil``), so an
 interrupted build leaves no half array that looks complete.
 
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mris.constants import PreprocessConfig
+from mris.constants import PREPROCESSING_VERSION, PreprocessConfig
 from mris.errors import ManifestError
 from mris.fsutil import atomic_save_npy, atomic_write_json
 from mris.manifest import Manifest, ManifestRow
@@ -41,6 +42,7 @@ def cache_key(manifest_path: Path, rows: Sequence[ManifestRow], config: Preproce
     digest.update(Path(manifest_path).read_bytes())
     digest.update("\n".join(row.pair_id for row in rows).encode())
     digest.update(config.fingerprint().encode())
+    digest.update(f"preprocessing-{PREPROCESSING_VERSION}".encode())
     return digest.hexdigest()[:20]
 
 

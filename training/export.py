@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mris.constants import PREPROCESSING_VERSION
 from mris.errors import MrisError
 from mris.fsutil import atomic_write
 from mris.model_bundle import ModelCard, write_model_card
@@ -144,5 +145,5 @@ def library_versions() -> dict[str, str]:
 def write_bundle_card(root: Path, card_fields: dict[str, Any]) -> Path:
     """Build the ``ModelCard`` and write it (sha256 of every file in ``root``)."""
     card = ModelCard(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     versions=library_versions(), **card_fields)
+                     preprocessing_version=PREPROCESSING_VERSION, versions=library_versions(), **card_fields)
     return write_model_card(root, card)

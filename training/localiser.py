@@ -14,8 +14,9 @@ cache).
 - Negatives (``negatives_fraction`` of the set, presence 0): uniform noise, blurred noise,
   constant, linear ramps, and (global stage) a real radiograph with one knee's half blanked,
   which teaches "this knee is missing".
-- Intensity augmentation only (contrast, gamma, noise; ``mris.training.augment`` without its
-  geometric part): geometric changes would move the targets.
+- Intensity augmentation only (``mris.training.augment``'s ``localiser`` set: MONAI's
+  RandGaussianNoise, sigma up to 0.02, and RandAdjustContrast, gamma 0.8-1.25, always on):
+  geometric changes would move the targets.
 
 AdamW, cosine learning rate, batch 32; a couple of minutes on 2 CPU cores for the demo cohort.
 """
@@ -45,12 +46,12 @@ from mris.localiser import (
     source_to_offset,
 )
 from mris.manifest import Manifest, ManifestRow
-from mris.training.augment import AugmentConfig, augment_radiographs
+from mris.training.augment import AUGMENTATIONS, augment_radiographs
 from mris.training.models import ModelConfig, build_model
 from mris.training.profiles import LocaliserProfile
 from mris.training.trainer import batch_generator
 
-INTENSITY_ONLY = AugmentConfig(rotation_deg=0.0, translation_frac=0.0, scale=0.0)
+INTENSITY_ONLY = AUGMENTATIONS["localiser"]
 CACHE_FORMAT = "mris-localiser-cache/1"
 
 

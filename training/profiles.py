@@ -3,14 +3,17 @@
 - ``paper``: DESIGN.md's exact setting (Chen & Niethammer 2023 and the reference code):
   256 x 256 inputs (combined thickness input 512 x 256), 450 epochs, batch 64, AdamW with lr
   1e-4 (radiograph encoder) / 1e-5 (thickness encoder), weight decay 1e-3, grad-norm clip 1.0,
-  StepLR every 150 epochs with gamma 0.2, margin 0.1.
+  StepLR every 150 epochs with gamma 0.2, margin 0.1, the reference's augmentation
+  (``augmentation="paper"``: MONAI RandAffine / RandGaussianNoise / RandAdjustContrast).
 - ``quick``: the demo / CI setting. Same method and optimiser, smaller inputs and few epochs so
   that the 300-subject demo cohort trains in a few minutes on 2 CPU cores. Its numbers were
   chosen by measurement (docs/TRAINING.md gives the figures): 64 px inputs keep a ResNet-18
   step about 16x cheaper than at 256 px, and higher learning rates with a short StepLR reach a
   useful recall within the epoch budget. The baselines' U-Net is the published network at
   width 16 instead of 64 (16-32-64-128-256 channels, 1.9 M parameters instead of 31.1 M) so that
-  the U-Net and pix2pix train together in about 8 minutes on 2 cores.
+  the U-Net and pix2pix train together in about 8 minutes on 2 cores. Its augmentation is the paper's too: the ``light``
+  set (same transforms, gentler ranges) overfits within the quick budget and retrieves held-out
+  knees worse (docs/TRAINING.md, Profiles, gives the measurement).
 
 A profile is a frozen dataclass; ``--epochs`` / ``--batch-size`` override it through
 ``with_overrides`` and the effective profile is stored in the checkpoint and the model card.
@@ -68,6 +71,7 @@ class TrainProfile:
     val_fraction: float = 0.15  # of the database subjects, held out for per-epoch recall
     augment: bool = True
     unet_width: int = 64  # the baselines' U-Net (and PatchGAN) first-level channels; 64 published
+    augmentation: str = "paper"  # a name in training.augment.AUGMENTATIONS
     localiser: LocaliserProfile = field(default_factory=LocaliserProfile)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +88,9 @@ class TrainProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainProfile":
         data = dict(data)
+        # Profiles stored before ``augmentation`` existed (those runs used a hand-rolled set
+        # that is gone) load with the default.
+        data.setdefault("augmentation", cls.augmentation)
         loc = dict(data.pop("localiser", {}))
         if "global_input_px" in loc:
             loc["global_input_px"] = tuple(loc["global_input_px"])
@@ -102,6 +109,7 @@ PROFILES: dict[str, TrainProfile] = {
         step_size=25,
         gamma=0.2,
         unet_width=16,
+        augmentation="paper",
     ),
 }
 

@@ -214,7 +214,7 @@ class RegionTrainer:
             x = self._tensor(self.data.radiographs, rows)
             y = self._tensor(self.data.thickness, rows)
             if self.profile.augment:
-                x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index))
+                x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation)
             with self._autocast():
                 fx, gy = self.f(x), self.g(y)
             loss = self.loss_fn(fx.float(), gy.float(), self.profile.margin)

@@ -244,7 +244,7 @@ class UnetTrainer:
         x = self._tensor(self.data.radiographs, rows, True)
         y = self._tensor(self.data.targets, rows, False)
         if self.profile.augment:
-            x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index))
+            x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation)
         return x, y
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
