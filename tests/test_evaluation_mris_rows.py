@@ -11,26 +11,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import require
-
-skimage_transform = require("skimage.transform")
-
 from scipy.stats import median_abs_deviation
+from test_evaluation_reference_stats import reference_resize  # the reference's resize, with scikit-image
 
 from mris.manifest import read_manifest
 from mris.thickness import load_thickness_map
 
 K = 5
-
-
-def _reference_resize(img: np.ndarray, size=(256, 256)) -> np.ndarray:
-    img = img.copy()
-    mask = np.zeros_like(img)
-    mask[np.isnan(img)] = 1
-    mask = skimage_transform.resize(mask, size)
-    img[np.isnan(img)] = 0
-    img = skimage_transform.resize(img, size)
-    return np.where(mask > 0.5, np.nan, img)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +64,7 @@ def test_mris_s_rows_equal_a_hand_computation(evaluated):
             weights = similarity / similarity.sum()
             synthesized = (weights[:, None, None] * neighbours).sum(axis=0)  # NaN where any neighbour is NaN
             truth = load_thickness_map(manifest.resolve_path(getattr(row, f"{name}_path"))).astype(np.float64)
-            error = np.abs(_reference_resize(synthesized) - _reference_resize(truth)).reshape(-1)
+            error = np.abs(reference_resize(synthesized) - reference_resize(truth)).reshape(-1)
             medians[name].append(float(np.nanmedian(error)) if np.isfinite(error).any() else np.nan)
             mads[name].append(float(median_abs_deviation(error, nan_policy="omit")) if np.isfinite(error).any() else np.nan)
 
