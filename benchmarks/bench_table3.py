@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from mris.evaluation.downstream import SplitMaps, classifier_map_px, downstream_table
 from mris.manifest import read_manifest

@@ -6,7 +6,6 @@ radiograph that cannot be read is skipped and counted."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
