@@ -323,15 +323,23 @@ def recall_vs_chance(queries: np.ndarray, keys: np.ndarray, subjects: list[str],
     return row
 
 
-def onnx_recall(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndarray, thickness: np.ndarray,
-                subjects: list[str], threads: int | None, seed: int) -> dict[str, Any]:
-    """``recall_vs_chance`` with the exported ONNX encoders (the serving path) on [N, 1, S, S]
-    inputs, one per knee (first visits)."""
+def onnx_embed(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndarray, thickness: np.ndarray,
+               threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of [N, 1, S, S] radiograph and thickness inputs by the exported ONNX encoders
+    (the serving path)."""
     from mris.encoders import OnnxEncoder
 
     f = OnnxEncoder(radiograph_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
     g = OnnxEncoder(thickness_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
-    return recall_vs_chance(f.embed(radiographs), g.embed(thickness), subjects, seed)
+    return f.embed(radiographs), g.embed(thickness)
+
+
+def onnx_recall(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndarray, thickness: np.ndarray,
+                subjects: list[str], threads: int | None, seed: int) -> dict[str, Any]:
+    """``recall_vs_chance`` with the exported ONNX encoders on [N, 1, S, S] inputs, one per knee
+    (first visits)."""
+    queries, keys = onnx_embed(radiograph_onnx, thickness_onnx, radiographs, thickness, threads)
+    return recall_vs_chance(queries, keys, subjects, seed)
 
 
 def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, threads: int | None,
@@ -343,14 +351,11 @@ def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, 
     ``all_visits``: every knee-visit pair is a query, gallery = every test map (other visits of
     the same knee are competitors), a larger gallery and so a lower chance level.
     """
-    from mris.encoders import OnnxEncoder
     from mris.training.sampler import first_visits
     from mris.evaluation.metrics import RECALL_AT, recall_at_k
 
-    f = OnnxEncoder(radiograph_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
-    g = OnnxEncoder(thickness_onnx, device="cpu", intra_op_threads=threads, batch_size=64)
-    queries = f.embed(np.asarray(cache["radiograph"], np.float32)[:, None])
-    keys = g.embed(np.asarray(cache[array], np.float32)[:, None])
+    queries, keys = onnx_embed(radiograph_onnx, thickness_onnx, np.asarray(cache["radiograph"], np.float32)[:, None],
+                               np.asarray(cache[array], np.float32)[:, None], threads)
     rows = cache.rows
     first = sorted(first_visits([r.knee_id for r in rows], [r.visit_month for r in rows]))
     out = {"first_visit": recall_vs_chance(queries[first], keys[first], [rows[i].subject_id for i in first], seed)}

@@ -8,14 +8,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mris.evaluation.report import METHOD_LABELS, PAPER, _num
 from mris.evaluation.tables import KLG_CLASSES
 
-PAPER_TABLE3 = "Paper (OAI, ResNet-18): KLG accuracy 0.789 (MRIS-S) vs 0.775 (MR maps); progression AUC 0.702 vs 0.739."
+PAPER_TABLE3 = (f"Paper (OAI, ResNet-18): KLG accuracy {PAPER['table3_klg_accuracy']['mris-s']:.3f} (MRIS-S) vs "
+                f"{PAPER['table3_klg_accuracy']['mr']:.3f} (MR maps); progression AUC "
+                f"{PAPER['table3_progression_auc']['mris-s']:.3f} vs {PAPER['table3_progression_auc']['mr']:.3f}.")
 CLASSIFIER_TITLES = {"resnet18": "ResNet-18 (the paper's classifier)", "logistic": "logistic regression on 8 x 8 cell means"}
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def _signed(value: float | None) -> str:
@@ -29,8 +28,6 @@ def _with_ci(value: float | None, pair, fmt=_num) -> str:
 
 
 def _label(method: str) -> str:
-    from mris.evaluation.report import METHOD_LABELS
-
     return METHOD_LABELS.get(method, method)
 
 
