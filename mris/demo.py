@@ -128,7 +128,7 @@ def run_demo(workdir: Path, subjects: int, seed: int, prepare_only: bool = False
                  str(paths["index"]), "--out", str(workdir / "evaluation"), *epoch_args)
     console.print(f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is in {workdir}")
     if not evaluate:
-        console.print("the paper's three tables on this cohort: [bold]mris demo --evaluate[/] (about 9 minutes more)")
+        console.print("the paper's three tables on this cohort: [bold]mris demo --evaluate[/] (about 11 minutes more on 2 idle cores)")
     if serve:
         console.print(f"serving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
         run_mris("serve", "--model", str(paths["model"]), "--index-root", str(paths["index"]), "--port", str(port))
