@@ -2,9 +2,10 @@
 
 A subject has sex, age, BMI, a visit schedule (with dropout) and two knees. Each knee has
 - visible anatomy (bone widths, condyle curvature, notch, plateau, spines, alignment) that the
-  radiograph renders and that also shapes the thickness map (outline and pattern);
-- cartilage (plate thickness per compartment, a smooth subject-specific pattern partly tied to
-  the anatomy and partly not, focal lesions no radiograph shows);
+  radiograph renders. The maps are in atlas space: their outline is the atlas's with a small
+  residual of its own, never the bone's size or shape;
+- cartilage (plate thickness per compartment, which scales with sex and size and shifts with
+  alignment; a smooth subject-specific pattern and focal lesions no radiograph shows);
 - an OA severity ``s`` that grows linearly in time (``s0 + rate * years``). From ``s`` follow the
   radiographic features: the joint-space narrowing fraction of the worse compartment and the
   osteophyte size. The KL grade is derived from those features only (``kl_grade``), so it is
@@ -38,7 +39,7 @@ _ATTEND_WITH_IMAGING = 0.82
 # Split proportions by subject (paper: 2,000 / 1,750 / 897 patients).
 SPLIT_COUNTS = {"database": 2000, "downstream": 1750, "test": 897}
 
-FAST_PROGRESSOR_BASE_P = 0.036
+FAST_PROGRESSOR_BASE_P = 0.03
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,10 @@ class Cartilage:
     fc_lateral: float
     tc_medial: float
     tc_lateral: float
-    fc_peak_v: float  # AP position of the thickest femoral zone (atlas units), tied to curvature
-    outline_scale: tuple[float, float, float, float]  # fc width, fc notch, tc medial, tc lateral
+    fc_peak_v: float  # AP position of the thickest femoral zone (atlas units), invisible
+    # Atlas outline residual (registration leaves a little per-knee variation), drawn apart from
+    # the visible anatomy: fc width, fc notch, tc medial, tc lateral (1 = the atlas).
+    outline_scale: tuple[float, float, float, float]
     pattern_fc: np.ndarray  # smooth invisible pattern coefficients
     pattern_tc: np.ndarray
     lesions: tuple[tuple[str, float, float, float, float, float], ...]  # region,u,v,radius,depth,onset yr
@@ -190,8 +193,8 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
         fibula_drop=15.0 + 3.0 * rng.standard_normal(),
         fibula_size=22.0 * scale * (1 + 0.06 * rng.standard_normal()),
         patella_width=43.0 * scale,
-        meniscus_medial=max(0.3, (1.0 if not male else 1.45) + 0.25 * rng.standard_normal()),
-        meniscus_lateral=max(0.6, (1.45 if not male else 1.7) + 0.25 * rng.standard_normal()),
+        meniscus_medial=max(0.3, (1.75 if not male else 2.3) + 0.25 * rng.standard_normal()),
+        meniscus_lateral=max(0.6, (2.2 if not male else 2.5) + 0.25 * rng.standard_normal()),
     )
 
     # Cartilage: thicker in men and bigger knees; varus shifts thickness from medial to lateral.
@@ -203,14 +206,10 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
         fc_lateral=base * 1.00 / np.sqrt(ml),
         tc_medial=base * 0.92 * ml,
         tc_lateral=base * 1.13 / np.sqrt(ml),
-        # thickest femoral zone further posterior in flatter (larger ry) medial condyles
-        fc_peak_v=0.05 + 0.10 * curv_m + 0.06 * rng.standard_normal(),
-        outline_scale=(
-            1.0 + 0.04 * size / 1.5 + 0.015 * rng.standard_normal(),
-            1.0 + 0.10 * notch_z,
-            1.0 + 0.05 * medial_share_z + 0.02 * rng.standard_normal(),
-            1.0 - 0.05 * medial_share_z + 0.02 * rng.standard_normal(),
-        ),
+        fc_peak_v=0.05 + 0.08 * rng.standard_normal(),
+        # Atlas space: the outline is the atlas's, with a small residual that does not follow
+        # the bone (size, notch width, condyle share are the radiograph's alone).
+        outline_scale=tuple(float(1.0 + sd * rng.standard_normal()) for sd in (0.015, 0.05, 0.02, 0.02)),
         pattern_fc=rng.normal(0, 0.07, size=8),
         pattern_tc=rng.normal(0, 0.07, size=8),
         lesions=(),
@@ -220,12 +219,12 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
     z = 0.72 * shared["oa"] + 0.69 * rng.standard_normal()
     q = float(ndtr(z))
     s0 = _severity_from_quantile(q)
-    p_fast = FAST_PROGRESSOR_BASE_P * (1 + 0.5 * min(s0, 3.5)) * (1 + 0.06 * (bmi - 28.5))
+    p_fast = FAST_PROGRESSOR_BASE_P * (1 + 0.8 * min(s0, 3.5)) * (1 + 0.06 * (bmi - 28.5))
     fast = s0 < 4.0 and rng.random() < min(max(p_fast, 0.0), 0.6)
     if fast:
-        rate = float(np.exp(rng.normal(np.log(0.32), 0.35)))
+        rate = float(np.exp(rng.normal(np.log(0.7), 0.35)))
     else:
-        rate = float(np.exp(rng.normal(np.log(0.011 + 0.005 * s0), 0.6)))
+        rate = float(np.exp(rng.normal(np.log(0.006 + 0.004 * s0 + 0.025 * max(s0 - 2.0, 0.0)), 0.6)))
     worse = "medial" if rng.random() < ndtr(0.9 + 0.35 * (alignment - 1.2)) else "lateral"
 
     # Focal lesions: more in worse knees; invisible in the radiograph (depth is in the map only).

@@ -82,6 +82,30 @@ def _normalised(envelope: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return envelope / float(envelope[mask].mean())
 
 
+def _medial_weight(u: np.ndarray) -> np.ndarray:
+    """1 on the medial side, 0 on the lateral, a smooth ramp (10-90 %) about 0.18 atlas units wide at u = 0."""
+    return 1.0 / (1.0 + np.exp(u / 0.04))
+
+
+def _plate_field(envelope: np.ndarray, mask: np.ndarray, medial_weight: np.ndarray,
+                 medial_mm: float, lateral_mm: float) -> np.ndarray:
+    """Per-cell plate factor blending the two compartments smoothly, so that each compartment's
+    mean of ``factor x envelope`` over its half of ``mask`` is its plate mean."""
+    medial_side = mask & (medial_weight > 0.5)
+    lateral_side = mask & (medial_weight <= 0.5)
+    medial = medial_mm / float(envelope[medial_side].mean())
+    lateral = lateral_mm / float(envelope[lateral_side].mean())
+    return medial_weight * medial + (1.0 - medial_weight) * lateral
+
+
+def oa_loss(narrowing: np.ndarray | float, central: np.ndarray) -> np.ndarray:
+    """Fraction of thickness lost (0..1): proportional to the compartment's narrowing in its
+    central weight-bearing zone; where narrowing passes 0.55 the zone's core is denuded."""
+    proportional = 1.15 * narrowing * central
+    denuded = np.clip((narrowing - 0.55) / 0.2, 0.0, 1.0) * np.clip((central - 0.55) / 0.15, 0.0, 1.0)
+    return np.minimum(1.0, proportional + denuded)
+
+
 def thickness_maps(knee: KneeLatent, state: KneeState, grid: int) -> MapPair:
     """Both maps of one knee at one visit, and the central (weight-bearing) compartment means
     that set the radiograph's joint-space width."""
@@ -93,12 +117,18 @@ def thickness_maps(knee: KneeLatent, state: KneeState, grid: int) -> MapPair:
     medial_side = u < 0
 
     # FC ------------------------------------------------------------------------------
+    # The condyles meet in the trochlea at u = 0. Each compartment's plate mean is applied
+    # through a smooth medial weight, not a step at u = 0: a step (two plate means, two
+    # normalisations) left a seam on the femoral midline (mean jump 0.165 mm between the two
+    # middle columns against a median 0.026 mm between neighbours).
     mask = fc_mask(knee, grid)
-    envelope = 0.45 + 0.85 * np.exp(-(((np.abs(u) - 0.5) / 0.34) ** 2 + ((v - peak) / 0.5) ** 2))
+    medial_weight = _medial_weight(u)
+    condyles = np.exp(-(((u + 0.5) / 0.34) ** 2 + ((v - peak) / 0.5) ** 2))
+    condyles += np.exp(-(((u - 0.5) / 0.34) ** 2 + ((v - peak) / 0.5) ** 2))
+    envelope = 0.45 + 0.85 * condyles
     envelope *= 1.0 + _basis(u, v, cart.pattern_fc) + 0.06 * tex_fc
-    env_m = _normalised(envelope, mask & medial_side)
-    env_l = _normalised(envelope, mask & ~medial_side)
-    fc = np.where(medial_side, cart.fc_medial * env_m, cart.fc_lateral * env_l)
+    plate = _plate_field(envelope, mask, medial_weight, cart.fc_medial, cart.fc_lateral)
+    fc = plate * envelope
     central_fc = np.exp(-(((np.abs(u) - 0.5) / 0.26) ** 2 + ((v - peak) / 0.36) ** 2))
 
     # TC ------------------------------------------------------------------------------
@@ -113,10 +143,14 @@ def thickness_maps(knee: KneeLatent, state: KneeState, grid: int) -> MapPair:
     tc = np.where(medial_side, cart.tc_medial * tenv_m, cart.tc_lateral * tenv_l)
     central_tc = np.where(medial_side, np.exp(-r_m / 0.35), np.exp(-r_l / 0.35))
 
-    # OA loss in the central zone of each compartment; age thinning everywhere.
-    narrowing = np.where(medial_side, state.narrowing_medial, state.narrowing_lateral)
-    fc = fc * (1.0 - np.minimum(1.0, 1.15 * narrowing * central_fc)) * (1.0 - state.thinning)
-    tc = tc * (1.0 - np.minimum(1.0, 1.15 * narrowing * central_tc)) * (1.0 - state.thinning)
+    # OA loss in the central zone of each compartment; age thinning everywhere. In severe
+    # narrowing the core of the zone is denuded (thickness 0 inside the outline), as real
+    # atlas-space maps of KL4 knees show it.
+    # The femoral compartments meet in the trochlea (smooth); the tibial plateaus are apart.
+    narrowing_fc = medial_weight * state.narrowing_medial + (1 - medial_weight) * state.narrowing_lateral
+    narrowing_tc = np.where(medial_side, state.narrowing_medial, state.narrowing_lateral)
+    fc = fc * (1.0 - oa_loss(narrowing_fc, central_fc)) * (1.0 - state.thinning)
+    tc = tc * (1.0 - oa_loss(narrowing_tc, central_tc)) * (1.0 - state.thinning)
 
     # Focal lesions: invisible in the radiograph; they deepen over time after their onset.
     for region, lu, lv, radius, depth, onset in cart.lesions:
@@ -146,13 +180,34 @@ def thickness_maps(knee: KneeLatent, state: KneeState, grid: int) -> MapPair:
     return MapPair(fc=fc, tc=tc, central_mm=central)
 
 
+# Per-visit weight-bearing term of the radiographic JSW (mm, SD): the radiograph is taken
+# standing, the MR lying, and load, meniscal extrusion and positioning move the JSW of one knee
+# from visit to visit without any change in the cartilage (COHORT_FACTS.md: the gap between
+# weight-bearing radiographs and non-weight-bearing MR explains much of the weak agreement of
+# changes). With the meniscus term it calibrates the cross-sectional JSW-thickness correlation
+# (docs/COHORT.md).
+WEIGHT_BEARING_SD_MM = 0.5
+# Share of the central (femoral + tibial) cartilage that shows as JSW (the minimum under load is
+# below the zone mean); the rest of the healthy JSW is the meniscus term.
+JSW_CARTILAGE_FACTOR = 0.5
+
+
+def weight_bearing_mm(knee: KneeLatent, month: int) -> tuple[float, float]:
+    """Medial and lateral weight-bearing offsets of one knee-visit (deterministic from the knee)."""
+    rng = np.random.default_rng(np.random.SeedSequence([knee.texture_seed, 7, int(month)]))
+    medial, lateral = rng.normal(0.0, WEIGHT_BEARING_SD_MM, size=2)
+    return float(medial), float(lateral)
+
+
 def joint_space_mm(knee: KneeLatent, state: KneeState, central_mm: dict[str, float]) -> tuple[float, float]:
     """Medial and lateral minimum JSW (mm) the radiograph shows: 0.62 x (femoral + tibial
     central cartilage; the minimum under load is below the zone mean) + the meniscus term,
-    which extrudes as the compartment narrows."""
+    which extrudes as the compartment narrows, + the visit's weight-bearing offset (invisible
+    in the maps). Never below 0.2 mm."""
     anat = knee.anatomy
-    medial = 0.62 * (central_mm["fc_medial"] + central_mm["tc_medial"])
-    lateral = 0.62 * (central_mm["fc_lateral"] + central_mm["tc_lateral"])
-    medial += anat.meniscus_medial * (1.0 - state.narrowing_medial)
-    lateral += anat.meniscus_lateral * (1.0 - state.narrowing_lateral)
-    return float(medial), float(lateral)
+    load_m, load_l = weight_bearing_mm(knee, state.month)
+    medial = JSW_CARTILAGE_FACTOR * (central_mm["fc_medial"] + central_mm["tc_medial"])
+    lateral = JSW_CARTILAGE_FACTOR * (central_mm["fc_lateral"] + central_mm["tc_lateral"])
+    medial += anat.meniscus_medial * (1.0 - state.narrowing_medial) + load_m * (1.0 - state.narrowing_medial)
+    lateral += anat.meniscus_lateral * (1.0 - state.narrowing_lateral) + load_l * (1.0 - state.narrowing_lateral)
+    return float(max(medial, 0.2)), float(max(lateral, 0.2))
