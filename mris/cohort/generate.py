@@ -88,8 +88,29 @@ def subject_knee_visits(subject: SubjectLatent, grid: int):
             yield month, side, state, maps, joint_space_mm(knee, state, maps.central_mm)
 
 
+def block_means(thickness_mm: np.ndarray, blocks: int = 8) -> list[float]:
+    """Means of a ``blocks x blocks`` partition of a map (NaN for a block wholly outside)."""
+    edges = np.linspace(0, thickness_mm.shape[0], blocks + 1).astype(int)
+    out = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        for c0, c1 in zip(edges[:-1], edges[1:]):
+            block = thickness_mm[r0:r1, c0:c1]
+            inside = block[~np.isnan(block)]
+            out.append(float(inside.mean()) if inside.size else float("nan"))
+    return out
+
+
+def visible_latents(subject: SubjectLatent, side: str, state, jsw) -> tuple[float, ...]:
+    """What the radiograph shows of a knee-visit, in ``stats.VISIBLE_LATENTS`` order."""
+    anat = subject.knees[side].anatomy
+    return (jsw[0], jsw[1], state.osteophyte_mm, state.sclerosis, float(state.klg), anat.alignment_deg,
+            anat.femur_width, anat.plateau_width, anat.notch_width, anat.medial_share,
+            anat.condyle_ry_medial, anat.condyle_ry_lateral, anat.spine_height, float(subject.sex == "M"))
+
+
 def make_record(subject: SubjectLatent, side: str, month: int, state, maps, jsw) -> KneeVisitRecord:
     knee = subject.knees[side]
+    fc_inside = maps.fc[~np.isnan(maps.fc)]
     return KneeVisitRecord(
         subject_id=subject.subject_id, side=side, month=month, sex=subject.sex, klg=state.klg,
         progressor=is_progressor(knee), fc_mean_mm=float(np.nanmean(maps.fc)),
@@ -99,6 +120,10 @@ def make_record(subject: SubjectLatent, side: str, month: int, state, maps, jsw)
         fc_lateral_mm=float(np.nanmean(maps.fc[:, maps.fc.shape[1] // 2:])),
         tc_medial_mm=float(np.nanmean(maps.tc[:, : maps.tc.shape[1] // 2])),
         tc_lateral_mm=float(np.nanmean(maps.tc[:, maps.tc.shape[1] // 2:])),
+        jsw_worse_mm=jsw[0] if knee.worse_compartment == "medial" else jsw[1],
+        fc_denuded_share=float((fc_inside < 0.1).mean()) if fc_inside.size else 0.0,
+        visible=visible_latents(subject, side, state, jsw),
+        cells_mm=tuple(block_means(maps.fc) + block_means(maps.tc)),
     )
 
 
