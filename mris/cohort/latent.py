@@ -219,7 +219,7 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
     z = 0.72 * shared["oa"] + 0.69 * rng.standard_normal()
     q = float(ndtr(z))
     s0 = _severity_from_quantile(q)
-    p_fast = FAST_PROGRESSOR_BASE_P * (1 + 0.8 * min(s0, 3.5)) * (1 + 0.06 * (bmi - 28.5))
+    p_fast = FAST_PROGRESSOR_BASE_P * (0.5 + 1.0 * min(s0, 3.5)) * (1 + 0.06 * (bmi - 28.5))
     fast = s0 < 4.0 and rng.random() < min(max(p_fast, 0.0), 0.6)
     if fast:
         rate = float(np.exp(rng.normal(np.log(0.7), 0.35)))
