@@ -1,6 +1,6 @@
 """Cohort generation throughput: knee-visits per second and peak memory.
 
-    python benchmarks/bench_cohort.py [--subjects 40] [--image-size small] [--workers 1]
+    python benchmarks/bench_cohort.py [--subjects 40] [--image-size small|medium|full] [--workers 1]
 
 Writes into a temporary folder that is removed afterwards. Peak memory is the maximum
 resident set size of this process and of its worker processes (ru_maxrss).
@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=40)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--image-size", default="small", choices=("small", "full"))
+    parser.add_argument("--image-size", default="small", choices=("small", "medium", "full"))
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cohort-") as tmp:

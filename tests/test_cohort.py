@@ -184,3 +184,25 @@ def test_cli_unwritable_out_is_a_clear_error(tmp_path):
 def test_cli_rejects_unknown_image_size(tmp_path):
     result = _run_cli("cohort", "--out", str(tmp_path / "x"), "--image-size", "huge")
     assert result.returncode != 0 and "image-size" in (result.stderr + result.stdout)
+
+
+def test_eval_preset_has_a_large_test_split_at_encoder_resolution(tmp_path):
+    """--preset eval: at least 500 test knees at the first visit (every knee is seen at month 0,
+    both knees of a subject) and radiographs at least as fine as a 128 px encoder input."""
+    from mris.cohort.generate import PRESETS
+    from mris.cohort.latent import assign_splits
+    from mris.constants import PreprocessConfig
+
+    preset = PRESETS["eval"]
+    assert 2 * assign_splits(preset.subjects, seed=7).count("test") >= 500
+    result = _run_cli("cohort", "--out", str(tmp_path), "--preset", "eval", "--subjects", "2", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    encoder_mm_per_px = PreprocessConfig().roi_size_mm / 128
+    for row in read_manifest(tmp_path / "manifest.csv").rows:
+        assert float(row.extra["spacing_mm"]) <= encoder_mm_per_px
+    assert "knees at the first visit" in result.stdout
+
+
+def test_cli_rejects_unknown_preset(tmp_path):
+    result = _run_cli("cohort", "--out", str(tmp_path / "x"), "--preset", "huge")
+    assert result.returncode != 0 and "preset" in (result.stderr + result.stdout)

@@ -37,6 +37,22 @@ def small_spacing_mm(full_spacing_mm: float) -> float:
     return round(1.08 * (full_spacing_mm / 0.15) ** 0.3, 4)
 
 
+def medium_spacing_mm(full_spacing_mm: float) -> float:
+    """Evaluation-size spacing: the same clusters compressed into 0.80-0.98 mm, finer than a
+    128 px encoder input's 140 mm / 128 px = 1.09 mm/px; images about 440-540 px wide."""
+    return round(0.90 * (full_spacing_mm / 0.15) ** 0.3, 4)
+
+
+def spacing_for_size(image_size: str, full_spacing_mm: float) -> float:
+    """Pixel spacing (mm) of an image of ``image_size`` ("small", "medium", "full") drawn from
+    the OAI cluster ``full_spacing_mm``."""
+    if image_size == "full":
+        return full_spacing_mm
+    if image_size == "medium":
+        return medium_spacing_mm(full_spacing_mm)
+    return small_spacing_mm(full_spacing_mm)
+
+
 @dataclass(frozen=True)
 class Positioning:
     """Per-visit acquisition geometry in detector mm."""
