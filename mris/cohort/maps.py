@@ -9,9 +9,13 @@ side, like OAI's 310 x 310 (300 + 5 + 5).
   trochlea, the intercondylar notch opening posteriorly (bottom of the map).
 - TC: the two tibial plateaus as two ellipses (medial larger and longer).
 
-Thickness (mm) = compartment plate mean x central-thick envelope x smooth subject pattern x
-fine texture, minus OA loss (central weight-bearing zone of the narrowing compartment), minus
-age thinning, minus focal lesions. Values are float32, NaN outside cartilage.
+The maps are in atlas space: one outline per cartilage, with a small per-knee residual that
+does not follow the visible bone (``Cartilage.outline_scale``).
+
+Thickness (mm) = compartment plate mean (blended smoothly across the femoral midline) x
+central-thick envelope x smooth subject pattern x fine texture, minus OA loss (central
+weight-bearing zone of the narrowing compartment, denuded at its core in severe narrowing),
+minus age thinning, minus focal lesions. Values are float32, NaN outside cartilage.
 """
 
 from __future__ import annotations
