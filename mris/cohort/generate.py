@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,8 @@ def block_means(thickness_mm: np.ndarray, blocks: int = 8) -> list[float]:
     """Means of a ``blocks x blocks`` partition of a map (NaN for a block wholly outside)."""
     edges = np.linspace(0, thickness_mm.shape[0], blocks + 1).astype(int)
     out = []
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        for c0, c1 in zip(edges[:-1], edges[1:]):
+    for r0, r1 in pairwise(edges):
+        for c0, c1 in pairwise(edges):
             block = thickness_mm[r0:r1, c0:c1]
             inside = block[~np.isnan(block)]
             out.append(float(inside.mean()) if inside.size else float("nan"))
