@@ -39,7 +39,7 @@ _ATTEND_WITH_IMAGING = 0.82
 # Split proportions by subject (paper: 2,000 / 1,750 / 897 patients).
 SPLIT_COUNTS = {"database": 2000, "downstream": 1750, "test": 897}
 
-FAST_PROGRESSOR_BASE_P = 0.03
+FAST_PROGRESSOR_BASE_P = 0.022
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
     if fast:
         rate = float(np.exp(rng.normal(np.log(0.7), 0.35)))
     else:
-        rate = float(np.exp(rng.normal(np.log(0.006 + 0.004 * s0 + 0.025 * max(s0 - 2.0, 0.0)), 0.6)))
+        rate = float(np.exp(rng.normal(np.log(0.006 + 0.004 * s0 + 0.05 * max(s0 - 2.0, 0.0)), 0.6)))
     worse = "medial" if rng.random() < ndtr(0.9 + 0.35 * (alignment - 1.2)) else "lateral"
 
     # Focal lesions: more in worse knees; invisible in the radiograph (depth is in the map only).
@@ -272,8 +272,8 @@ def sample_subject(seed: int, index: int, n_subjects: int, split: str) -> Subjec
 def narrowing_fraction(severity: float) -> float:
     """Fraction of the healthy joint space lost in the worse compartment at this severity."""
     s = max(severity, 0.0)
-    n = 0.04 * min(s, 2.0) + 0.22 * max(s - 2.0, 0.0) + 0.08 * max(s - 3.0, 0.0)
-    return float(min(n, 0.92))
+    n = 0.04 * min(s, 2.0) + 0.22 * max(s - 2.0, 0.0) - 0.02 * max(s - 3.0, 0.0)
+    return float(min(n, 0.85))
 
 
 def osteophyte_mm(severity: float, factor: float) -> float:
@@ -282,7 +282,7 @@ def osteophyte_mm(severity: float, factor: float) -> float:
 
 def kl_grade(narrowing: float, osteophyte: float) -> int:
     """KL grade from the radiographic features (KL definitions in COHORT_FACTS.md)."""
-    jsn = 0 if narrowing < 0.10 else 1 if narrowing < 0.30 else 2 if narrowing < 0.60 else 3
+    jsn = 0 if narrowing < 0.10 else 1 if narrowing < 0.30 else 2 if narrowing < 0.50 else 3
     ost = 0 if osteophyte < 0.75 else 1 if osteophyte < 2.25 else 2 if osteophyte < 5.25 else 3
     if jsn >= 3 and ost >= 2:
         return 4
