@@ -66,18 +66,18 @@ QUICK_LR = 1e-3
 
 
 def settings_for(task: str, profile: str = "paper", epochs: int | None = None) -> DownstreamSettings:
-    """DESIGN.md's setting (``paper``) or the demo's (``quick``: ``QUICK_EPOCHS`` epochs, maps of
-    ``QUICK_MAP_PX``, lr ``QUICK_LR``, the decay every ``QUICK_STEP_EPOCHS``). ``epochs`` overrides
-    (the decay keeps its share of the epochs)."""
+    """DESIGN.md's setting (``paper``) or the demo's (``quick``, and ``reference`` too:
+    ``QUICK_EPOCHS`` epochs, maps of ``QUICK_MAP_PX``, lr ``QUICK_LR``, the decay every
+    ``QUICK_STEP_EPOCHS``). ``epochs`` overrides (the decay keeps its share of the epochs)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if profile == "paper":
         settings = DownstreamSettings(epochs=30, lr=PAPER_LR[task], step_epochs=10)
-    elif profile == "quick":
+    elif profile in ("quick", "reference"):
         settings = DownstreamSettings(epochs=QUICK_EPOCHS, lr=QUICK_LR, step_epochs=QUICK_STEP_EPOCHS,
                                       map_px=QUICK_MAP_PX)
     else:
-        raise ValueError(f"profile must be paper or quick, got {profile!r}")
+        raise ValueError(f"profile must be paper, reference or quick, got {profile!r}")
     if epochs is not None:
         settings = replace(settings, epochs=epochs, step_epochs=max(1, round(epochs * settings.step_epochs / settings.epochs)))
     return settings

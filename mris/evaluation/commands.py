@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., help="Report folder: report.md, report.json, figures; OUT/work/ keeps what the evaluation trains or builds."),
         methods: str = typer.Option(",".join(("mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle")),
                                     help="Comma-separated: mris-c, mris-s, unet, pix2pix, mean, oracle."),
-        profile: str = typer.Option("quick", help="Profile for what must be trained (U-Net, pix2pix, combined encoders): quick | paper."),
+        profile: str = typer.Option("quick", help="Profile for what must be trained (U-Net, pix2pix, combined encoders): quick | reference | paper."),
         epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs for what is trained here."),
         unet: Path | None = typer.Option(None, help="A trained U-Net folder (mris train-unet) instead of training one."),
         pix2pix: Path | None = typer.Option(None, help="A trained pix2pix folder (mris train-pix2pix) instead of training one."),

@@ -171,7 +171,7 @@ def _resnet_settings(task: str, profile: str, epochs: int | None):
 
 def classifier_map_px(profile: str) -> tuple[int, int] | None:
     """The per-map input size the ResNet-18 of ``profile`` wants (None = the map grid)."""
-    return QUICK_MAP_PX if profile == "quick" else None
+    return None if profile == "paper" else QUICK_MAP_PX
 
 
 def downstream_table(train: SplitMaps, test: SplitMaps, methods: Sequence[str], resamples: int, seed: int,

@@ -51,8 +51,8 @@ def _settings_line(classifier: str, settings: dict[str, Any]) -> str:
             + ("; ".join(parts)) + "; "
             + (f"fine-tuned from `{weights}` (conv1, bn1, layer1 frozen)." if weights else
                "from random initialisation (no pretrained weights given), every layer trained.")
-            + (" The quick profile is shorter and smaller than the paper's (30 epochs, lr 1e-5 / 1e-4, full maps):"
-               " its numbers are a demo's, not the paper's setting." if s.get("profile") == "quick" else ""))
+            + (f" The {s.get('profile')} profile's classifier is shorter and smaller than the paper's (30 epochs,"
+               " lr 1e-5 / 1e-4, full maps): its numbers are not the paper's setting." if s.get("profile") != "paper" else ""))
 
 
 def table3_markdown(t3: dict[str, Any] | None) -> list[str]:
