@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         manifest: Path = typer.Option(..., help="Manifest CSV/Parquet; trains on its 'database' split."),
         out: Path = typer.Option(..., help="Model bundle folder to write (training state goes to OUT.training/)."),
         variant: str = typer.Option("separate", help="separate (MRIS-S: fc and tc pairs) | combined (MRIS-C) | both."),
-        profile: str = typer.Option("quick", help="quick (demo/CI, minutes on a CPU) | reference (docs/results, 96 px, about 90 min on 2 cores with the evaluation) | paper (the paper's exact setting)."),
+        profile: str = typer.Option("quick", help="quick (demo/CI, minutes on a CPU) | reference (docs/results: 96 px, 30 epochs) | paper (the paper's exact setting)."),
         epochs: Optional[int] = typer.Option(None, min=1, help="Override the profile's epochs."),
         batch_size: Optional[int] = typer.Option(None, min=2, help="Override the profile's batch size."),
         device: str = typer.Option("auto", help="auto | cpu | cuda."),

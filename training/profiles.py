@@ -17,10 +17,10 @@
 
 - ``reference``: the committed reference evaluation's setting (docs/results/): the quick
   method and optimiser at 96 px inputs (1.46 mm per pixel over the 140 mm ROI, against 2.2 at
-  64 px) for 15 epochs with the StepLR at 10, sized so that the eval cohort's ~1,000 training
-  knees (480 optimiser steps, about twice the demo's) plus the baselines, the combined encoders
-  and Table 3 finish in about 90 minutes on 2 CPU cores (docs/results/README.md gives the run).
-  128 px would cost about 1.8x the encoder and baseline steps of 96 px (pixels) and did not fit.
+  64 px) for 30 epochs with the StepLR at 20, sized so that the eval cohort's ~1,000 training
+  knees (about 960 optimiser steps, four times the demo's) plus the baselines, the combined
+  encoders and Table 3 finish in about 90 minutes on 2 CPU cores (docs/results/README.md gives
+  the run and its times).
 
 A profile is a frozen dataclass; ``--epochs`` / ``--batch-size`` override it through
 ``with_overrides`` and the effective profile is stored in the checkpoint and the model card.
@@ -121,11 +121,11 @@ PROFILES: dict[str, TrainProfile] = {
     "reference": TrainProfile(
         name="reference",
         encoder_px=96,
-        epochs=15,
+        epochs=30,
         batch_size=32,
         lr_radiograph=1e-3,
         lr_thickness=1e-3,
-        step_size=10,
+        step_size=20,
         gamma=0.2,
         unet_width=16,
         augmentation="paper",
