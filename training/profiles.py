@@ -17,10 +17,10 @@
 
 - ``reference``: the committed reference evaluation's setting (docs/results/): the quick
   method and optimiser at 96 px inputs (1.46 mm per pixel over the 140 mm ROI, against 2.2 at
-  64 px) for 30 epochs with the StepLR at 20, sized so that the eval cohort's ~1,000 training
-  knees (about 960 optimiser steps, four times the demo's) plus the baselines, the combined
-  encoders and Table 3 finish in about 90 minutes on 2 CPU cores (docs/results/README.md gives
-  the run and its times).
+  64 px) for 30 epochs with the StepLR at 20 on the eval cohort's ~1,000 training knees (960
+  optimiser steps, four times the demo's). Sized from the demo's per-step figures for about 90
+  minutes on 2 CPU cores with the baselines, the combined encoders and Table 3; the committed
+  run took 2 h 11 min, partly on shared cores (docs/results/README.md gives its times).
 
 A profile is a frozen dataclass; ``--epochs`` / ``--batch-size`` override it through
 ``with_overrides`` and the effective profile is stored in the checkpoint and the model card.
