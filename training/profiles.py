@@ -120,7 +120,8 @@ PROFILES: dict[str, TrainProfile] = {
     ),
 }
 # The quick method at the reference evaluation's size (docstring above).
-PROFILES["reference"] = replace(PROFILES["quick"], name="reference", encoder_px=96, epochs=30, step_size=20)
+PROFILES["reference"] = replace(PROFILES["quick"], name="reference", encoder_px=96, epochs=30,
+                                step_size=20)
 
 
 def get_profile(name: str) -> TrainProfile:
