@@ -108,8 +108,10 @@ def register(app: typer.Typer) -> None:
 
         from mris.constants import PreprocessConfig
         from mris.dicom import read_radiograph
+        from mris.options import SynthesisOptions
         from mris.roi import extract_rois
 
+        SynthesisOptions.parse(spacing_mm=spacing_mm)  # the service's limits, in its words
         if keypoints is None and model is None:
             raise BadParameter(
                 f"give --keypoints ({_KEYPOINT_FORM}) or --model with a knee localiser"

@@ -22,68 +22,15 @@ from typing import Any
 import numpy as np
 
 from mris.constants import PreprocessConfig
-from mris.dicom import DecodeLimits, Radiograph, read_radiograph, validate_spacing_mm
+from mris.dicom import DecodeLimits, Radiograph, read_radiograph
 from mris.encoders import OnnxEncoder
 from mris.errors import BadParameter, BundleMismatch
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
+from mris.options import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS, RequestOptions
 from mris.roi import KneeRoi, extract_roi, parse_keypoints
-from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES, NanRule, similarity_weights, synthesize
+from mris.synthesis import DEFAULT_NAN_RULE, NanRule, similarity_weights, synthesize
 
-KNEE_CHOICES = {"both": ("RIGHT", "LEFT"), "right": ("RIGHT",), "left": ("LEFT",)}
 MAP_NAMES = ("fc", "tc")
-MAX_K = 100
-OPTION_MAX_CHARS = 32
-"""Longest text of a scalar option (knees, k, spacing_mm, nan_rule, format) read from a caller;
-longer texts are refused unparsed. ``keypoints`` has its own bound, ``mris.roi.KEYPOINTS_MAX_CHARS``."""
-
-
-@dataclass(frozen=True)
-class RequestOptions:
-    """What a caller may choose: which knees, how many neighbours, where the joints are, a
-    spacing for files without a usable one, and the NaN rule of the synthesis
-    (``mris.synthesis.NAN_RULES``)."""
-
-    knees: tuple[str, ...] = ("RIGHT", "LEFT")
-    k: int = 20
-    keypoints: dict[str, tuple[float, float]] | None = None
-    spacing_mm: float | None = None
-    nan_rule: NanRule = DEFAULT_NAN_RULE
-
-    @classmethod
-    def from_strings(
-        cls,
-        knees: str = "both",
-        k: int | str = 20,
-        keypoints: str | None = None,
-        spacing_mm: float | str | None = None,
-        nan_rule: str = DEFAULT_NAN_RULE,
-    ) -> RequestOptions:
-        """Options as a caller types them (CLI flags, form fields, query parameters).
-
-        Any value gives either options or ``BadParameter`` naming the option, never another
-        exception: texts longer than ``OPTION_MAX_CHARS`` (keypoints: ``KEYPOINTS_MAX_CHARS``)
-        are refused before they are parsed, numbers must be finite and in range.
-        """
-        scalars = (("knees", knees), ("k", k), ("spacing_mm", spacing_mm), ("nan_rule", nan_rule))
-        for name, value in scalars:
-            if isinstance(value, str) and len(value) > OPTION_MAX_CHARS:
-                raise BadParameter(
-                    f"{name} must be at most {OPTION_MAX_CHARS} characters, got {len(value)}"
-                )
-        if not isinstance(knees, str) or knees not in KNEE_CHOICES:
-            raise BadParameter(f"knees must be both, left or right, not {knees!r}")
-        if not isinstance(nan_rule, str) or nan_rule not in NAN_RULES:
-            raise BadParameter(f"nan_rule must be {' or '.join(NAN_RULES)}, not {nan_rule!r}")
-        try:
-            k_value = int(k)
-        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
-            raise BadParameter(f"k must be an integer from 1 to {MAX_K}") from None
-        if isinstance(k, bool) or not 1 <= k_value <= MAX_K:
-            raise BadParameter(f"k must be from 1 to {MAX_K}, got {k_value}")
-        spacing = None
-        if spacing_mm is not None and spacing_mm != "":
-            spacing = validate_spacing_mm(spacing_mm)
-        return cls(KNEE_CHOICES[knees], k_value, parse_keypoints(keypoints), spacing, nan_rule)
 
 
 @dataclass
@@ -312,8 +259,11 @@ class Pipeline:
 __all__ = [
     "BundleMismatch",
     "Hits",
+    "KNEE_CHOICES",
     "KneeResult",
+    "MAX_K",
     "Neighbour",
+    "OPTION_MAX_CHARS",
     "Pipeline",
     "Prepared",
     "RequestOptions",

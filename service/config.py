@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mris.pipeline import MAX_K
+from mris.options import DEFAULT_K, MAX_K
 from mris.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 
 
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         None, description="Bearer token required on every route but /healthz and /readyz."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    default_k: int = Field(20, ge=1, le=MAX_K)
+    default_k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="k when a request gives none.")
     max_upload_mb: float = Field(64.0, gt=0, description="Larger request bodies get 413.")
     max_batch: int = Field(16, ge=1, description="Most knee ROIs encoded and searched together.")
     max_wait_ms: float = Field(3.0, ge=0, description="Longest a ROI waits for others to batch with.")

@@ -11,8 +11,9 @@ Decisions (each answer below is problem+json with a detail that names what was w
   field wins over a query parameter of the same name, but an invalid query parameter is refused
   even then (it is checked before the body is read). Before anything is parsed: an unknown
   option, an option given twice in one place, or an option text longer than its limit
-  (``schemas.option_text_limit``) is refused with 422. An empty value means "not given" (HTML
-  forms send blank fields). ``SynthesisParams`` then checks types and ranges (422).
+  (``mris.options.option_text_limit``) is refused with 422. An empty value means "not given"
+  (HTML forms send blank fields). ``SynthesisOptions.parse`` then checks types, ranges and the
+  keypoints' JSON (422), as it does for the CLI.
 - Multipart: at most one file part and ``MAX_FORM_FIELDS`` text parts, text parts of at most
   ``MAX_FORM_PART_BYTES`` (413); ``file`` must be a file part and the options text parts (422).
 - The body is read up to ``max_upload_bytes`` (413, also when Content-Length announces more); a
@@ -27,11 +28,13 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from mris.service.problems import ServiceProblem
-from mris.service.schemas import DICOM_MEDIA_TYPES, OPTION_NAMES, SynthesisParams, option_text_limit
+from mris.service.schemas import DICOM_MEDIA_TYPES
 from mris.service.state import ServingState
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mris.errors import BadParameter
+from mris.options import OPTION_NAMES, SynthesisOptions, option_text_limit
 
 MAX_FORM_FIELDS = 16
 MAX_FORM_PART_BYTES = 1 << 20  # a text part; the longest legitimate one (keypoints) is 256 chars
@@ -172,7 +175,7 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, dict[str
 class Upload:
     """The radiograph bytes and the validated options of one request."""
 
-    def __init__(self, data: bytes, params: SynthesisParams):
+    def __init__(self, data: bytes, params: SynthesisOptions):
         self.data = data
         self.params = params
 
@@ -202,14 +205,11 @@ async def read_upload(request: Request) -> Upload:
     return Upload(data, _validated(options))
 
 
-def _validated(options: dict[str, str]) -> SynthesisParams:
+def _validated(options: dict[str, str]) -> SynthesisOptions:
     try:
-        return SynthesisParams.model_validate(options)
-    except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ServiceProblem(422, "Invalid parameter", details) from None
+        return SynthesisOptions.parse(**options)
+    except BadParameter as exc:
+        raise ServiceProblem(422, "Invalid parameter", exc.detail) from None
 
 
 Authorized = Depends(require_token)

@@ -26,7 +26,7 @@ from mris.service.schemas import (
 )
 from mris.service.state import ServingState
 
-from mris.pipeline import KneeResult, RequestOptions
+from mris.pipeline import KneeResult
 from mris.render import render_results_png
 
 router = APIRouter()
@@ -41,7 +41,7 @@ _ERRORS = problem_responses(
         503: "Not ready, overloaded or timed out",
     }
 )
-_UPLOAD_BODY = upload_openapi()  # options and body, generated from SynthesisParams and its limits
+_UPLOAD_BODY = upload_openapi()  # options and body, from mris.options.SynthesisOptions
 _GUARDED = {401: _ERRORS[401]}
 
 
@@ -95,11 +95,7 @@ async def reload(request: Request) -> dict:
 
 async def _run(request: Request, state: ServingState, upload: Upload, with_maps: bool) -> list[KneeResult]:
     app = request.app
-    params = upload.params
-    options = RequestOptions.from_strings(
-        knees=params.knees, k=params.k, keypoints=params.keypoints, spacing_mm=params.spacing_mm,
-        nan_rule=params.nan_rule,
-    )
+    options = upload.params.request_options()  # checked by read_upload
     loop = asyncio.get_running_loop()
     pipeline = state.pipeline
 

@@ -2,15 +2,12 @@
 
 Decisions:
 
-- ``SynthesisParams`` is the one declaration of the request options; it validates query
-  parameters and form fields alike, and the OpenAPI parameters and multipart fields are generated
-  from it (``option_parameters``, ``upload_openapi``), so the schema a client reads states the
-  limits the service enforces. The numbers come from their owners: ``mris.pipeline.MAX_K`` and
-  ``OPTION_MAX_CHARS``, ``mris.dicom.SPACING_MIN_MM``/``SPACING_MAX_MM``,
-  ``mris.roi.KEYPOINTS_MAX_CHARS``; the NaN rules and their default from ``mris.synthesis``.
-  The /synthesize answer says which NaN rule made its maps (``nan_rule``).
-- Unknown options are refused (``extra="forbid"``): a misspelt ``spacing=0.2`` silently ignored
-  would change the answer without telling the caller.
+- The request options are ``mris.options.SynthesisOptions``, the one model the service, the CLI
+  and the evaluation validate with; the OpenAPI query parameters and multipart fields are
+  generated from its JSON schema (``option_parameters``, ``upload_openapi``), so the schema a
+  client reads states the limits the service enforces, and they are the decoder's (spacing),
+  the ROI parser's (keypoints) and the synthesis' (NaN rules). The /synthesize answer says
+  which NaN rule made its maps (``nan_rule``).
 - Error answers are documented as ``application/problem+json`` with a non-empty ``detail``
   (``problem_responses``), the media type they are sent with.
 """
@@ -21,69 +18,18 @@ import copy
 from typing import Any, Literal
 
 from mris.service.problems import PROBLEM_MEDIA_TYPE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from mris.dicom import SPACING_MAX_MM, SPACING_MIN_MM
-from mris.pipeline import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS
-from mris.roi import KEYPOINTS_MAX_CHARS
-from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES
+from mris.options import OPTION_NAMES, SynthesisOptions
+from mris.synthesis import NAN_RULES
 
-KNEES = tuple(KNEE_CHOICES)
-FORMATS = ("json", "npz", "png")
 DICOM_MEDIA_TYPES = ("application/dicom", "application/octet-stream")
 BINARY_SCHEMA: dict[str, Any] = {"type": "string", "format": "binary"}
 
 
-class SynthesisParams(BaseModel):
-    """Options of /synthesize and /retrieve (form fields with multipart, or query parameters)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    knees: Literal[KNEES] = Field(  # type: ignore[valid-type]
-        "both", description="Which knees: both, left or right."
-    )
-    k: int = Field(
-        20,  # read_upload fills in the service's MRIS_DEFAULT_K when the caller gives none
-        ge=1,
-        le=MAX_K,
-        description=f"Neighbours per knee and region, 1..{MAX_K} (default: the service's MRIS_DEFAULT_K).",
-    )
-    keypoints: str | None = Field(
-        None,
-        max_length=KEYPOINTS_MAX_CHARS,
-        description='JSON {"left": [x, y], "right": [x, y]}: pixel column/row of the joint centres; '
-        "`right` is the patient's right knee, on the image's left.",
-        examples=['{"right": [812, 1180], "left": [2010, 1175]}'],
-    )
-    spacing_mm: float | None = Field(
-        None,
-        ge=SPACING_MIN_MM,
-        le=SPACING_MAX_MM,
-        allow_inf_nan=False,
-        description="Pixel spacing (mm) for files with no usable spacing tag.",
-    )
-    nan_rule: Literal[NAN_RULES] = Field(  # type: ignore[valid-type]
-        DEFAULT_NAN_RULE,
-        description="Which pixels of /synthesize's maps are cartilage: `all` (the paper's "
-        "reference: where every one of the k neighbours has cartilage) or `majority` (where "
-        "neighbours with cartilage carry at least half the weight).",
-    )
-    format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
-        "json", description="Answer of /synthesize: json, npz or png."
-    )
-
-
-OPTION_NAMES = tuple(SynthesisParams.model_fields)
-
-
-def option_text_limit(name: str) -> int:
-    """Most characters the text of option ``name`` may have (checked before it is parsed)."""
-    return KEYPOINTS_MAX_CHARS if name == "keypoints" else OPTION_MAX_CHARS
-
-
 def option_schemas() -> dict[str, dict[str, Any]]:
     """JSON schema of each option as sent (no ``null``: an absent option is simply not sent)."""
-    properties = SynthesisParams.model_json_schema()["properties"]
+    properties = SynthesisOptions.model_json_schema()["properties"]
     schemas = {}
     for name in OPTION_NAMES:
         schema = copy.deepcopy(properties[name])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from mris.options import DEFAULT_K, MAX_K
 from mris.synthesis import NAN_RULES, PAPER_NAN_RULE
 
 
@@ -41,7 +42,7 @@ def register(app: typer.Typer) -> None:
         pix2pix: Path | None = typer.Option(None, help="A trained pix2pix folder (mris train-pix2pix) instead of training one."),
         combined_model: Path | None = typer.Option(None, help="A model bundle with the combined variant, when --model lacks it."),
         rois: str = typer.Option("auto", help="auto (the localiser when the bundle has one) | localiser | keypoints (the manifest's)."),
-        k: int = typer.Option(20, min=1, max=100, help="Neighbours per synthesis."),
+        k: int = typer.Option(DEFAULT_K, min=1, max=MAX_K, help="Neighbours per synthesis."),
         nan_rule: str = typer.Option(PAPER_NAN_RULE, help=f"NaN rule of the MRIS maps: {' | '.join(NAN_RULES)} "
                                      "(all: the reference's, cartilage where every neighbour has it)."),
         bootstrap: int = typer.Option(1000, min=0, help="Bootstrap resamples of subjects for the 95 % intervals."),

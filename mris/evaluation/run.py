@@ -54,7 +54,8 @@ from mris.evaluation.tables import (
 )
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import ModelBundle, load_model_bundle
-from mris.synthesis import NAN_RULES, PAPER_NAN_RULE, NanRule
+from mris.options import SynthesisOptions
+from mris.synthesis import PAPER_NAN_RULE, NanRule
 from mris.thickness import load_thickness_map
 
 METHODS = ("mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle")
@@ -296,10 +297,7 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     methods = parse_methods(request.methods)
     if request.rois not in ROI_CHOICES:
         raise BadParameter(f"--rois must be one of {', '.join(ROI_CHOICES)}, got {request.rois!r}")
-    if not 1 <= request.k <= 100:
-        raise BadParameter(f"--k must be from 1 to 100, got {request.k}")
-    if request.nan_rule not in NAN_RULES:
-        raise BadParameter(f"--nan-rule must be {' or '.join(NAN_RULES)}, got {request.nan_rule!r}")
+    SynthesisOptions.parse(k=request.k, nan_rule=request.nan_rule)  # the service's limits
     classifiers = _parse_classifiers(request)
     manifest = read_manifest(request.manifest)
     test_rows = manifest.select(["test"])
