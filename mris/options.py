@@ -37,7 +37,8 @@ MAX_K = 100
 DEFAULT_K = 20
 OPTION_MAX_CHARS = 32
 """Longest text of a scalar option (knees, k, spacing_mm, nan_rule, format) read from a caller;
-longer texts are refused unparsed. ``keypoints`` has its own bound, ``mris.roi.KEYPOINTS_MAX_CHARS``."""
+longer texts are refused unparsed. ``keypoints`` has its own bound,
+``mris.roi.KEYPOINTS_MAX_CHARS``."""
 
 
 @dataclass(frozen=True)
