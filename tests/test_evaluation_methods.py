@@ -90,4 +90,4 @@ def test_evaluate_takes_a_nan_rule_and_defaults_to_all(tmp_path):
     assert next(p for p in evaluate.params if p.name == "nan_rule").default == "all"
     result = CliRunner().invoke(app, ["evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", str(tmp_path),
                                       "--index", str(tmp_path), "--out", str(tmp_path / "r"), "--nan-rule", "any"])
-    assert isinstance(result.exception, BadParameter) and "--nan-rule" in str(result.exception)
+    assert isinstance(result.exception, BadParameter) and "nan_rule" in str(result.exception)
