@@ -61,12 +61,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             on_depth=metrics.queue_depth.set,
         )
         await app.state.batcher.start()
+        # Not bound to a name: this frame lives as long as the app and must not pin the bundle.
         try:
-            state, _ = await app.state.holder.reload(app.state.executor)
-            metrics.set_bundle(state.index_version, state.pipeline.variant)
-            del state  # this frame lives as long as the app: it must not pin the first bundle
-        except Exception as exc:  # stay up, not ready; /readyz says why
-            log.error("initial bundle load failed", extra={"detail": getattr(exc, "detail", type(exc).__name__)})
+            await app.state.holder.reload(app.state.executor, "startup")
+        except Exception:  # noqa: BLE001 - stay up, not ready; logged, and /readyz says why
+            pass
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(
@@ -92,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.holder = StateHolder(settings)
+    app.state.holder = StateHolder(settings, metrics)
     install_problem_handlers(app)
 
     @app.middleware("http")
@@ -120,10 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _reload_on_signal(app: FastAPI) -> None:
+    """SIGHUP: the one reload path (``StateHolder.reload`` logs, counts and updates metrics)."""
     try:
-        state, _ = await app.state.holder.reload(app.state.executor)
-        app.state.metrics.reloads.labels(outcome="ok").inc()
-        app.state.metrics.set_bundle(state.index_version, state.pipeline.variant)
-    except Exception:
-        app.state.metrics.reloads.labels(outcome="failed").inc()
-        log.error("reload on SIGHUP failed; the previous bundle keeps serving")
+        await app.state.holder.reload(app.state.executor, "signal")
+    except Exception:  # noqa: BLE001 - logged and counted there; the previous bundle serves on
+        pass

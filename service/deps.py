@@ -1,5 +1,11 @@
-"""Shared route dependencies: authentication, the served state, and reading the radiograph
-upload (multipart field ``file`` or an ``application/dicom`` body) with its options.
+"""Shared route dependencies: authentication, the served state, the app's shared objects, and
+reading the radiograph upload (multipart field ``file`` or an ``application/dicom`` body) with
+its options.
+
+Routes take what they need as the ``Annotated`` aliases below (``SettingsDep``, ``HolderDep``,
+``MetricsDep``, ``WorkersDep``, ``ServedStateDep``, ``UploadDep``); this module is the one place
+that reads ``app.state`` for them. ``Authorized`` goes in a route's ``dependencies``, so the token
+is checked before the upload is read.
 
 Decisions (each answer below is problem+json with a detail that names what was wrong):
 
@@ -23,22 +29,61 @@ Decisions (each answer below is problem+json with a detail that names what was w
 from __future__ import annotations
 
 import hmac
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from mris.service.batching import MicroBatcher
+from mris.service.config import Settings
+from mris.service.metrics import Metrics
 from mris.service.problems import ServiceProblem
 from mris.service.schemas import DICOM_MEDIA_TYPES
-from mris.service.state import ServingState
+from mris.service.state import ServingState, StateHolder
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mris.errors import BadParameter
 from mris.options import OPTION_NAMES, SynthesisOptions, option_text_limit
+from mris.sandbox import DecodeSandbox
 
 MAX_FORM_FIELDS = 16
 MAX_FORM_PART_BYTES = 1 << 20  # a text part; the longest legitimate one (keypoints) is 256 chars
 _SHOWN_NAME_CHARS = 40
+
+
+@dataclass(frozen=True)
+class Workers:
+    """What the lifespan starts and the requests share: the CPU thread pool (decoding hand-off,
+    ROIs, synthesis, encoding the answer), the decode sandbox and the micro-batcher."""
+
+    executor: Executor
+    decoder: DecodeSandbox
+    batcher: MicroBatcher
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _holder(request: Request) -> StateHolder:
+    return request.app.state.holder
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def _workers(request: Request) -> Workers:
+    app_state = request.app.state
+    return Workers(app_state.executor, app_state.decoder, app_state.batcher)
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+HolderDep = Annotated[StateHolder, Depends(_holder)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+WorkersDep = Annotated[Workers, Depends(_workers)]
 
 
 # Declares the scheme in the OpenAPI document only; require_token reads the header itself.
@@ -51,9 +96,10 @@ _BEARER = HTTPBearer(
 
 def require_token(
     request: Request,
+    settings: SettingsDep,
     _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
 ) -> None:
-    token = request.app.state.settings.token
+    token = settings.token
     if token is None:
         return
     header = request.headers.get("authorization", "")
@@ -69,8 +115,8 @@ def require_token(
         )
 
 
-def serving_state(request: Request) -> ServingState:
-    state = request.app.state.holder.current
+def serving_state(holder: HolderDep) -> ServingState:
+    state = holder.current
     if state is None:
         raise ServiceProblem(
             503, "Not ready", "the model and index are not loaded yet", {"Retry-After": "5"}
@@ -180,9 +226,8 @@ class Upload:
         self.params = params
 
 
-async def read_upload(request: Request) -> Upload:
+async def read_upload(request: Request, settings: SettingsDep) -> Upload:
     """The options are documented in the OpenAPI schema by ``schemas.upload_openapi``."""
-    settings = request.app.state.settings
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options = _collect_options(request.query_params.multi_items(), "query parameter")
     _validated(options)  # refused before the body is read, and even where a form field overrides
@@ -213,3 +258,5 @@ def _validated(options: dict[str, str]) -> SynthesisOptions:
 
 
 Authorized = Depends(require_token)
+ServedStateDep = Annotated[ServingState, Depends(serving_state)]
+UploadDep = Annotated[Upload, Depends(read_upload)]

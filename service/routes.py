@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from mris.service.answers import (
     NPZ_MEDIA_TYPE,
@@ -15,7 +14,17 @@ from mris.service.answers import (
     synthesis_payload,
 )
 from mris.service.batching import Overloaded
-from mris.service.deps import Authorized, Upload, read_upload, serving_state
+from mris.service.deps import (
+    Authorized,
+    HolderDep,
+    MetricsDep,
+    ServedStateDep,
+    SettingsDep,
+    Upload,
+    UploadDep,
+    Workers,
+    WorkersDep,
+)
 from mris.service.problems import ServiceProblem
 from mris.service.schemas import (
     BINARY_SCHEMA,
@@ -52,9 +61,8 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", tags=["operations"], responses={503: _ERRORS[503]})
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(holder: HolderDep) -> JSONResponse:
     """Models and index loaded."""
-    holder = request.app.state.holder
     if holder.current is None:
         detail = "the model and index are not loaded"
         if holder.last_error:
@@ -65,58 +73,60 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/info", tags=["operations"], dependencies=[Authorized],
             responses={**_GUARDED, 503: _ERRORS[503]})
-async def info(state: Annotated[ServingState, Depends(serving_state)]) -> dict:
+async def info(state: ServedStateDep) -> dict:
     """The model card and the index card of the bundle being served."""
     return state.pipeline.info()
 
 
 @router.get("/metrics", tags=["operations"], dependencies=[Authorized], responses=_GUARDED,
             response_class=PlainTextResponse)
-async def metrics(request: Request) -> Response:
+async def metrics(registry: MetricsDep) -> Response:
     """Prometheus metrics."""
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(registry.render(), media_type="text/plain; version=0.0.4")
 
 
 @router.post("/admin/reload", tags=["operations"], dependencies=[Authorized],
              responses={**_GUARDED, 503: _ERRORS[503]})
-async def reload(request: Request) -> dict:
+async def reload(holder: HolderDep, workers: WorkersDep) -> dict:
     """Load the bundle `current` points to, check it against the encoders, swap atomically."""
-    app = request.app
-    try:
-        state, previous = await app.state.holder.reload(app.state.executor)
+    try:  # the one reload path: it also counts the reload and updates the metrics
+        state, previous = await holder.reload(workers.executor, "admin")
     except Exception as exc:
-        app.state.metrics.reloads.labels(outcome="failed").inc()
         detail = getattr(exc, "detail", None) or "the new bundle could not be loaded"
-        raise ServiceProblem(503, "Reload failed", f"{detail}; the previous bundle keeps serving") from None
-    app.state.metrics.reloads.labels(outcome="ok").inc()
-    app.state.metrics.set_bundle(state.index_version, state.pipeline.variant)
+        raise ServiceProblem(
+            503, "Reload failed", f"{detail}; the previous bundle keeps serving"
+        ) from None
     return {"index_version": state.index_version, "previous_version": previous}
 
 
-async def _run(request: Request, state: ServingState, upload: Upload, with_maps: bool) -> list[KneeResult]:
-    app = request.app
+async def _run(workers: Workers, timeout_s: float, state: ServingState, upload: Upload,
+               with_maps: bool) -> list[KneeResult]:
     options = upload.params.request_options()  # checked by read_upload
     loop = asyncio.get_running_loop()
     pipeline = state.pipeline
 
     async def work() -> list[KneeResult]:
         # Decoding runs in the memory- and time-bounded worker processes (mris.sandbox).
-        radiograph = await app.state.decoder.read_async(upload.data, options.spacing_mm, pipeline.limits)
-        prepared = await loop.run_in_executor(app.state.executor, pipeline.prepare, radiograph, options)
+        radiograph = await workers.decoder.read_async(
+            upload.data, options.spacing_mm, pipeline.limits
+        )
+        prepared = await loop.run_in_executor(
+            workers.executor, pipeline.prepare, radiograph, options
+        )
         try:
-            hits = await app.state.batcher.submit_many(
+            hits = await workers.batcher.submit_many(
                 [(state, roi.image, options.k) for roi in prepared.rois]
             )
         except Overloaded as exc:
             raise ServiceProblem(503, "Overloaded", f"the service is busy ({exc}); retry shortly",
                                  {"Retry-After": "1"}) from None
         return await loop.run_in_executor(
-            app.state.executor, pipeline.assemble, prepared, hits, options.k, with_maps,
+            workers.executor, pipeline.assemble, prepared, hits, options.k, with_maps,
             options.nan_rule,
         )
 
     try:
-        return await asyncio.wait_for(work(), app.state.settings.request_timeout_s)
+        return await asyncio.wait_for(work(), timeout_s)
     except asyncio.TimeoutError:
         raise ServiceProblem(503, "Timed out", "the request took longer than the configured limit",
                              {"Retry-After": "1"}) from None
@@ -132,15 +142,13 @@ async def _run(request: Request, state: ServingState, upload: Upload, with_maps:
     openapi_extra=_UPLOAD_BODY,
 )
 async def synthesize(
-    request: Request,
-    upload: Annotated[Upload, Depends(read_upload)],
-    state: Annotated[ServingState, Depends(serving_state)],
+    upload: UploadDep, state: ServedStateDep, workers: WorkersDep, settings: SettingsDep
 ) -> Response:
     """Synthesize the femoral (fc) and tibial (tc) thickness maps of each knee (eq. 4: the
     similarity-weighted average of the k nearest database maps) with a per-pixel weighted
     standard deviation. `nan_rule`: which pixels are cartilage (all or majority).
     `format`: json (base64 float32), npz, or png."""
-    results = await _run(request, state, upload, with_maps=True)
+    results = await _run(workers, settings.request_timeout_s, state, upload, with_maps=True)
     params = upload.params
 
     def render() -> Response:
@@ -153,7 +161,7 @@ async def synthesize(
             return Response(render_results_png(results), media_type="image/png")
         return json_response(payload)
 
-    return await asyncio.get_running_loop().run_in_executor(request.app.state.executor, render)
+    return await asyncio.get_running_loop().run_in_executor(workers.executor, render)
 
 
 @router.post(
@@ -165,11 +173,11 @@ async def synthesize(
     openapi_extra=_UPLOAD_BODY,
 )
 async def retrieve(
-    request: Request,
-    upload: Annotated[Upload, Depends(read_upload)],
-    state: Annotated[ServingState, Depends(serving_state)],
+    upload: UploadDep, state: ServedStateDep, workers: WorkersDep, settings: SettingsDep
 ) -> JSONResponse:
     """The k nearest database knee-visits of each knee: ids, similarities and metadata, no maps."""
-    results = await _run(request, state, upload, with_maps=False)
+    results = await _run(workers, settings.request_timeout_s, state, upload, with_maps=False)
     payload = retrieval_payload(results, state.index_version, state.pipeline.variant, upload.params.k)
-    return await asyncio.get_running_loop().run_in_executor(request.app.state.executor, json_response, payload)
+    return await asyncio.get_running_loop().run_in_executor(
+        workers.executor, json_response, payload
+    )

@@ -3,6 +3,10 @@
 Every request takes a reference to the current ``ServingState`` when it starts and uses it to
 the end, so a reload swaps the reference for new requests while in-flight ones finish on the
 bundle they began with. A failed load leaves the old state serving.
+
+``StateHolder.reload`` is the one reload path: the lifespan's first load, SIGHUP and
+``POST /admin/reload`` all call it, and it keeps the metrics in step (the served bundle's
+``mris_bundle_info``; ``mris_reloads_total`` by outcome for every load but the first).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from mris.service.config import Settings
+from mris.service.metrics import Metrics
 
 from mris.pipeline import Pipeline
 
@@ -55,16 +60,25 @@ def release_freed_memory() -> None:
         pass
 
 
+RELOAD_TRIGGERS = ("startup", "signal", "admin")
+
+
 class StateHolder:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.current: ServingState | None = None
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
 
-    async def reload(self, executor: Executor) -> tuple[ServingState, str | None]:
-        """Load the bundle ``current`` points to and swap it in. Returns the new state and the
-        previous index version. Raises the load error (the old state keeps serving)."""
+    async def reload(
+        self, executor: Executor, trigger: str = "admin"
+    ) -> tuple[ServingState, str | None]:
+        """Load the bundle ``current`` points to, swap it in and update the metrics. Returns the
+        new state and the previous index version. Raises the load error, logged and counted
+        (the old state keeps serving). ``trigger``: one of ``RELOAD_TRIGGERS``; the
+        ``startup`` load is not counted as a reload."""
+        counted = trigger != "startup"
         async with self._lock:
             loop = asyncio.get_running_loop()
             previous = None if self.current is None else self.current.index_version
@@ -72,15 +86,25 @@ class StateHolder:
                 state = await loop.run_in_executor(executor, load_state, self.settings)
             except Exception as exc:
                 self.last_error = getattr(exc, "detail", None) or type(exc).__name__
+                if counted:
+                    self.metrics.reloads.labels(outcome="failed").inc()
+                log.error(
+                    "bundle load failed; the previous bundle (if any) keeps serving",
+                    extra={"trigger": trigger, "detail": self.last_error},
+                )
                 raise
             self.current = state
             self.last_error = None
+            if counted:
+                self.metrics.reloads.labels(outcome="ok").inc()
+            self.metrics.set_bundle(state.index_version, state.pipeline.variant)
             # The previous bundle (hundreds of MB of resident maps and encoder sessions) was
             # loaded by another pool thread; glibc keeps such freed memory in that thread's
             # arena unless asked: without this, repeated reloads grew a server to 2 GB.
             await loop.run_in_executor(executor, release_freed_memory)
             log.info(
                 "bundle loaded",
-                extra={"index_version": state.index_version, "previous_version": previous},
+                extra={"index_version": state.index_version, "previous_version": previous,
+                       "trigger": trigger},
             )
             return state, previous

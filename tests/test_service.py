@@ -443,3 +443,64 @@ def test_full_queue_answers_503_with_retry_after(bundles, dicom_bytes):
         one = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", dicom_bytes)},
                          data={"keypoints": json.dumps(KEYPOINTS), "knees": "left"}, timeout=30)
         assert one.status_code == 200
+
+
+# ------------------------------------------------------------------ dependencies and reloads
+def test_routes_read_no_app_state():
+    """Routes take what they need from mris.service.deps' Annotated aliases (issue 15)."""
+    import mris.service.routes as routes
+
+    assert "app.state" not in Path(routes.__file__).read_text(encoding="utf-8")
+
+
+def _bundle_info(metrics_text: str) -> list[str]:
+    import re
+
+    return re.findall(r'^mris_bundle_info\{index_version="([^"]+)",variant="separate"\} 1\.0$',
+                      metrics_text, flags=re.MULTILINE)
+
+
+def _reloads(metrics_text: str, outcome: str) -> float:
+    import re
+
+    found = re.search(rf'^mris_reloads_total\{{outcome="{outcome}"\}} (\S+)$', metrics_text,
+                      flags=re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_every_reload_path_updates_the_served_bundle_metric(bundles, tmp_path):
+    """Startup, POST /admin/reload and the SIGHUP handler are one path (StateHolder.reload):
+    each leaves mris_bundle_info naming the bundle now served."""
+    from fastapi.testclient import TestClient
+    from mris.service.app import _reload_on_signal, create_app
+    from mris.service.config import Settings
+
+    index = tmp_path / "index"
+
+    def publish_new() -> str:
+        return build_index_bundle(bundles["model"], bundles["manifest"], index, variant="separate",
+                                  publish=True, threads=1).version
+
+    first = publish_new()
+    settings = Settings(model_dir=bundles["model"], index_root=index, api_token=TOKEN,
+                        intra_op_threads=1, decode_workers=1)
+    app = create_app(settings)
+    with TestClient(app) as client:  # runs the lifespan: the startup load
+
+        def metrics_text() -> str:
+            return client.get("/metrics", headers=_auth()).text
+
+        assert _bundle_info(metrics_text()) == [first]
+        assert _reloads(metrics_text(), "ok") == 0  # the startup load is no reload
+        second = publish_new()
+        assert client.post("/admin/reload", headers=_auth()).json()["index_version"] == second
+        assert _bundle_info(metrics_text()) == [second]
+        third = publish_new()
+        client.portal.call(_reload_on_signal, app)  # what SIGHUP schedules, on the app's loop
+        assert client.get("/readyz").json()["index_version"] == third
+        assert _bundle_info(metrics_text()) == [third]
+        assert _reloads(metrics_text(), "ok") == 2
+        (index / "current").unlink()  # nothing to load: a failed reload, counted, still serving
+        client.portal.call(_reload_on_signal, app)
+        assert _reloads(metrics_text(), "failed") == 1
+        assert _bundle_info(metrics_text()) == [third]
