@@ -2,7 +2,7 @@
 how much of the true cartilage each covers and its error where it covers.
 
 Per test knee-visit and cartilage (fc, tc), through ``Pipeline.search`` once and
-``Pipeline.assemble`` once per rule (the service's code), on the map grid (no resize):
+``mris.pipeline.synthesize_maps`` once per rule (the service's code), on the map grid (no resize):
 
 - coverage: the share of the true map's cartilage pixels the synthesized map covers;
 - MAE: mean absolute error (mm) over the pixels both the true and the synthesized map cover
@@ -32,7 +32,7 @@ import numpy as np
 from mris.evaluation.methods import collect_rois
 from mris.evaluation.metrics import map_error
 from mris.manifest import read_manifest
-from mris.pipeline import Pipeline, Prepared
+from mris.pipeline import Pipeline, synthesize_maps
 from mris.synthesis import NAN_RULES
 from mris.thickness import load_thickness_map
 
@@ -66,9 +66,9 @@ def main() -> None:
            for rule in NAN_RULES}
     for start in range(0, len(rois.rows), BATCH):
         batch_rows, batch_rois = rois.rows[start:start + BATCH], rois.rois[start:start + BATCH]
-        hits = pipeline.search([roi.image for roi in batch_rois], args.k)
-        prepared = Prepared(rois=list(batch_rois), spacing_source="", confidences={})
-        answers = {rule: pipeline.assemble(prepared, hits, args.k, nan_rule=rule) for rule in NAN_RULES}
+        hits = pipeline.search(batch_rois, args.k)
+        answers = {rule: [synthesize_maps(h, pipeline.index, args.k, rule) for h in hits]
+                   for rule in NAN_RULES}
         for i, row in enumerate(batch_rows):
             for name in ("fc", "tc"):
                 truth = load_thickness_map(manifest.resolve_path(getattr(row, f"{name}_path")))

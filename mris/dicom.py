@@ -31,6 +31,11 @@ The first arrow of the data path (ARCHITECTURE.md). Training, index building and
   ``read_radiograph``. ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit`` and
   ``MemoryError`` pass through: they say something about the process, not the file.
 - Error messages never contain tag values that could identify a patient.
+- The source's identity (UIDs, patient and study attributes: ``SourceIdentity``) is read once,
+  from the dataset the pixels come from, and travels beside the de-identified pixels as
+  ``Radiograph.source`` for a DICOM result that must reference and copy them. It is never in
+  ``metadata``, in ``repr`` or in a message; an attribute pydicom cannot read is left unset
+  (the identity never makes a readable image unreadable).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import math
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +114,96 @@ class DecodeLimits:
     check_codestreams: bool = True
 
 
+# SourceIdentity field -> DICOM keyword: what a derived object (Secondary Capture, Structured
+# Report) references (the source's SOP instance, series, study, frame of reference) and copies
+# (the Patient and General Study modules, laterality; the character set its names were in).
+SOURCE_IDENTITY_TAGS = {
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+    "frame_of_reference_uid": "FrameOfReferenceUID",
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "study_id": "StudyID",
+    "accession_number": "AccessionNumber",
+    "referring_physician_name": "ReferringPhysicianName",
+    "laterality": "Laterality",
+    "image_laterality": "ImageLaterality",
+    "specific_character_set": "SpecificCharacterSet",
+}
+
+
+@dataclass(frozen=True, repr=False)
+class SourceIdentity:
+    """Who and what a radiograph is: its UIDs and the patient/study attributes a DICOM result
+    made from it must copy (``SOURCE_IDENTITY_TAGS`` names the DICOM keyword of each field).
+
+    Every field is the tag's text, or None where the file has none (or an empty or unreadable
+    one); multi-valued text is joined with ``\\`` as DICOM writes it. Protected health
+    information: ``repr`` and ``str`` show only how many fields are set, never a value; nothing
+    may log it or put it into a message (``Radiograph.metadata`` stays technical-only).
+    """
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_id: str | None = None
+    accession_number: str | None = None
+    referring_physician_name: str | None = None
+    laterality: str | None = None
+    image_laterality: str | None = None
+    specific_character_set: str | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> SourceIdentity:
+        """The identity of a pydicom dataset; never raises on a bad value (that field is None)."""
+        tags = SOURCE_IDENTITY_TAGS.items()
+        return cls(**{name: _tag_text(ds, keyword) for name, keyword in tags})
+
+    def as_keywords(self) -> dict[str, str]:
+        """The fields that are set, by DICOM keyword (what a DICOM writer copies)."""
+        return {
+            SOURCE_IDENTITY_TAGS[item.name]: getattr(self, item.name)
+            for item in fields(self)
+            if getattr(self, item.name) is not None
+        }
+
+    def __repr__(self) -> str:
+        return f"SourceIdentity(<{len(self.as_keywords())} fields set>)"
+
+    __str__ = __repr__
+
+
+def _tag_text(ds: Any, keyword: str) -> str | None:
+    from pydicom.multival import MultiValue
+
+    try:
+        value = ds.get(keyword, None)
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple, MultiValue)):
+            text = "\\".join(str(item) for item in value)
+        else:
+            text = str(value)
+    except Exception:  # noqa: BLE001 - an unreadable identity tag leaves the field unset
+        return None
+    text = text.strip()
+    return text or None
+
+
 @dataclass(frozen=True)
 class Radiograph:
     """A decoded radiograph.
@@ -119,12 +214,16 @@ class Radiograph:
       ``PixelSpacing`` | ``caller``.
     - ``metadata``: technical tags only (modality, photometric, bits, transfer syntax, sizes,
       manufacturer, file spacing...), never a patient identifier; JSON-serialisable.
+    - ``source``: the file's ``SourceIdentity`` (UIDs, patient and study attributes) for a
+      DICOM result made from it; None for pixels that came from no DICOM file. Left out of
+      ``repr``; never logged.
     """
 
     pixels: np.ndarray
     spacing_mm: float
     spacing_source: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: SourceIdentity | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -604,6 +703,7 @@ def read_radiograph(
             metadata = _metadata(ds, ts)
             metadata.update(lut_info)
             spacing, source_name = _spacing(ds, spacing_mm, metadata)
+            identity = SourceIdentity.from_dataset(ds)
     except MrisError:
         raise
     except _PASS_THROUGH:
@@ -616,5 +716,6 @@ def read_radiograph(
     metadata["spacing_mm"] = spacing
     metadata["spacing_source"] = source_name
     return Radiograph(
-        pixels=pixels, spacing_mm=float(spacing), spacing_source=source_name, metadata=metadata
+        pixels=pixels, spacing_mm=float(spacing), spacing_source=source_name, metadata=metadata,
+        source=identity,
     )

@@ -6,6 +6,18 @@ The service calls the three stages separately (``prepare`` per request in a work
 ``run`` chains them for in-process callers (``mris demo``, the evaluation, the benchmarks), so
 every caller runs the same code.
 
+Two of the stages are plain typed functions, for callers that hold no ``Pipeline`` (an engine's
+actor, a test) or need no request around the answer:
+
+- ``search_batch(rois, k, encoders=, index=)``: the batch unit, ROIs in, ``Hits`` out (one
+  encoder batch and one FAISS search per region). ``Pipeline.search`` and the service's
+  micro-batcher run it; the encoders and the index are anything with ``RoiEncoder.embed`` and
+  ``NeighbourIndex.search``.
+- ``synthesize_maps(hits, maps, k, nan_rule)``: the synthesis step, one knee's ``Hits`` in,
+  ``KneeMaps`` out (eq. 4 per cartilage of each region, no request decoration).
+  ``Pipeline.assemble`` adds the request's ROI, spacing source, confidence and the neighbours'
+  ids; the evaluation and the benchmarks call it directly.
+
 Which neighbours make which map: variant ``separate`` (MRIS-S) searches the fc index with the
 fc radiograph encoder and averages femoral maps of those neighbours, and likewise for tc;
 variant ``combined`` (MRIS-C) searches one index and averages both maps of its neighbours.
@@ -14,20 +26,20 @@ variant ``combined`` (MRIS-C) searches one index and averages both maps of its n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from mris.constants import PreprocessConfig
-from mris.dicom import DecodeLimits, Radiograph, read_radiograph
+from mris.dicom import DecodeLimits, Radiograph, SourceIdentity, read_radiograph
 from mris.encoders import OnnxEncoder
 from mris.errors import BadParameter, BundleMismatch
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
 from mris.options import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS, RequestOptions
-from mris.roi import KneeRoi, extract_roi, parse_keypoints
+from mris.roi import KneeRoi, extract_roi, parse_keypoints, stack_rois
 from mris.synthesis import DEFAULT_NAN_RULE, NanRule, similarity_weights, synthesize
 
 MAP_NAMES = ("fc", "tc")
@@ -35,11 +47,16 @@ MAP_NAMES = ("fc", "tc")
 
 @dataclass
 class Prepared:
-    """A decoded request: the knee ROIs in the order asked, and what the answer reports."""
+    """A decoded request: the knee ROIs in the order asked, and what the answer reports.
+
+    ``source`` is the radiograph's identity (``mris.dicom.SourceIdentity``: UIDs, patient and
+    study attributes), kept for a DICOM result made from this request; it is left out of
+    ``repr`` and must never be logged or put into an answer's text."""
 
     rois: list[KneeRoi]
     spacing_source: str
     confidences: dict[str, float | None]
+    source: SourceIdentity | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -48,6 +65,109 @@ class Hits:
 
     similarities: np.ndarray  # float32 [k]
     rows: np.ndarray  # int64 [k]
+
+    def first(self, k: int) -> Hits:
+        """The best ``k`` neighbours, without FAISS's "no result" slots (row -1)."""
+        rows = np.asarray(self.rows[:k], np.int64)
+        similarities = np.asarray(self.similarities[:k], np.float32)
+        keep = rows >= 0
+        return Hits(similarities[keep], rows[keep])
+
+
+@dataclass(frozen=True)
+class KneeMaps:
+    """One knee's synthesis (eq. 4), without request decoration.
+
+    - ``neighbours``: region -> the ``Hits`` used (best first, at most k, no empty slots).
+    - ``weights``: region -> float32 [k'], eq. 4's w_i of those neighbours.
+    - ``maps_mm`` / ``std_mm``: cartilage (``fc``/``tc``) -> float32 (H, W) mm, NaN outside
+      cartilage; empty when made without maps.
+    - ``nan_rule``: the rule that made the maps (None without maps).
+    """
+
+    neighbours: dict[str, Hits]
+    weights: dict[str, np.ndarray]
+    maps_mm: dict[str, np.ndarray]
+    std_mm: dict[str, np.ndarray]
+    nan_rule: str | None
+
+
+class RoiEncoder(Protocol):
+    """What ``search_batch`` needs of a region's radiograph encoder (``OnnxEncoder``, an
+    engine's remote encoder, a test's fake)."""
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """float32 [N, 1, S, S] -> float32 [N, D], unit L2 norm."""
+        ...
+
+
+class NeighbourIndex(Protocol):
+    """What ``search_batch`` needs of the index (``mris.index.bundle.IndexBundle``)."""
+
+    def search(self, region: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [N, D] queries -> (float32 [N, k] similarities, int64 [N, k] rows), best
+        first; rows -1 where the index has no more neighbours."""
+        ...
+
+
+class NeighbourMaps(Protocol):
+    """What ``synthesize_maps`` needs of the database maps (``IndexBundle``)."""
+
+    def cartilages(self, region: str) -> list[str]:
+        """The maps a region's neighbours make (``fc``, ``tc``, or both for ``combined``)."""
+        ...
+
+    def neighbour_maps(self, cartilage: str, row_ids: np.ndarray) -> np.ndarray:
+        """int64 [N, k] rows -> [N, k, H, W] maps in mm (float16/32), NaN outside cartilage."""
+        ...
+
+
+def search_batch(
+    rois: Sequence[KneeRoi | np.ndarray],
+    k: int,
+    *,
+    encoders: Mapping[str, RoiEncoder],
+    index: NeighbourIndex,
+) -> list[dict[str, Hits]]:
+    """The batch unit: ROIs (or their images) in, each ROI's ``Hits`` per region out, in order.
+
+    The ROIs become one encoder batch (``mris.roi.stack_rois``); per region (the keys of
+    ``encoders``, in their order) one ``embed`` and one ``index.search`` of ``k`` serve all."""
+    batch = stack_rois(rois)
+    per_region = {}
+    for region, encoder in encoders.items():
+        per_region[region] = index.search(region, encoder.embed(batch), k)
+    return [
+        {region: Hits(found[0][i], found[1][i]) for region, found in per_region.items()}
+        for i in range(len(rois))
+    ]
+
+
+def synthesize_maps(
+    hits: Mapping[str, Hits],
+    maps: NeighbourMaps,
+    k: int,
+    nan_rule: NanRule = DEFAULT_NAN_RULE,
+    with_maps: bool = True,
+) -> KneeMaps:
+    """The synthesis step for one knee: its ``Hits`` per region (from ``search_batch``) ->
+    ``KneeMaps``. Per region the best ``k`` neighbours and their weights; ``with_maps``, also
+    eq. 4 with ``nan_rule`` (``mris.synthesis.synthesize``) for each of the region's cartilages."""
+    neighbours: dict[str, Hits] = {}
+    weights: dict[str, np.ndarray] = {}
+    maps_mm: dict[str, np.ndarray] = {}
+    std_mm: dict[str, np.ndarray] = {}
+    for region, region_hits in hits.items():
+        best = region_hits.first(k)
+        neighbours[region] = best
+        weights[region] = similarity_weights(best.similarities[None])[0]
+        if with_maps:
+            for name in maps.cartilages(region):
+                neighbour_maps = maps.neighbour_maps(name, best.rows[None])
+                out = synthesize(neighbour_maps, best.similarities[None], nan_rule=nan_rule)
+                maps_mm[name] = out.thickness_mm[0]
+                std_mm[name] = out.std_mm[0]
+    return KneeMaps(neighbours, weights, maps_mm, std_mm, nan_rule if with_maps else None)
 
 
 @dataclass
@@ -186,73 +306,58 @@ class Pipeline:
         centres, confidences = self.locate(radiograph, options)
         source = "caller" if options.keypoints is not None else "localiser"
         rois = [extract_roi(radiograph, side, centres[side], self.config, source=source) for side in options.knees]
-        return Prepared(rois=rois, spacing_source=radiograph.spacing_source, confidences=confidences)
+        return Prepared(rois=rois, spacing_source=radiograph.spacing_source,
+                        confidences=confidences, source=radiograph.source)
 
     # ------------------------------------------------------------------ stage 2: per batch
-    def search(self, images: Sequence[np.ndarray], k: int) -> list[dict[str, Hits]]:
-        """Encode a batch of ROI images with each region's radiograph encoder and search that
-        region's index: one encoder run and one FAISS search per region for the whole batch."""
-        batch = np.stack([np.asarray(image, np.float32) for image in images])[:, None]
-        per_region = {}
-        for region in self.regions:
-            queries = self.encoders[region].embed(batch)
-            per_region[region] = self.index.search(region, queries, k)
-        return [
-            {region: Hits(per_region[region][0][i], per_region[region][1][i]) for region in self.regions}
-            for i in range(len(images))
-        ]
+    def search(self, rois: Sequence[KneeRoi | np.ndarray], k: int) -> list[dict[str, Hits]]:
+        """``search_batch`` with this pipeline's encoders and index: one encoder run and one
+        FAISS search per region for the whole batch of ROIs (or ROI images)."""
+        return search_batch(rois, k, encoders=self.encoders, index=self.index)
 
     # ------------------------------------------------------------------ stage 3: per request
     def assemble(self, prepared: Prepared, hits: Sequence[dict[str, Hits]], k: int,
                  with_maps: bool = True, nan_rule: NanRule = DEFAULT_NAN_RULE) -> list[KneeResult]:
-        """Neighbours (ids, similarities, weights) and, ``with_maps``, eq. 4 with ``nan_rule``."""
+        """``synthesize_maps`` per knee (neighbours and, ``with_maps``, eq. 4 with
+        ``nan_rule``), decorated with the request's ROI, spacing source and confidence and the
+        neighbours' ids and public metadata."""
         results = []
         for roi, roi_hits in zip(prepared.rois, hits):
-            neighbours: dict[str, list[Neighbour]] = {}
-            maps: dict[str, np.ndarray] = {}
-            stds: dict[str, np.ndarray] = {}
-            for region, hit in roi_hits.items():
-                rows = np.asarray(hit.rows[:k], np.int64)
-                similarities = np.asarray(hit.similarities[:k], np.float32)
-                keep = rows >= 0
-                rows, similarities = rows[keep], similarities[keep]
-                weights = similarity_weights(similarities[None])[0]
-                neighbours[region] = [
-                    Neighbour(
-                        pair_id=self.index.rows[int(row)].pair_id,
-                        row=int(row),
-                        similarity=float(similarity),
-                        weight=float(weight),
-                        metadata=_public_metadata(self.index.rows[int(row)].to_dict()),
-                    )
-                    for row, similarity, weight in zip(rows, similarities, weights)
-                ]
-                if with_maps:
-                    for name in self.index.cartilages(region):
-                        neighbour_maps = self.index.neighbour_maps(name, rows[None])
-                        out = synthesize(neighbour_maps, similarities[None], nan_rule=nan_rule)
-                        maps[name] = out.thickness_mm[0]
-                        stds[name] = out.std_mm[0]
+            knee = synthesize_maps(roi_hits, self.index, k, nan_rule, with_maps)
             results.append(
                 KneeResult(
                     side=roi.side,
                     roi=roi,
                     spacing_source=prepared.spacing_source,
                     confidence=prepared.confidences.get(roi.side),
-                    neighbours=neighbours,
-                    maps_mm=maps,
-                    std_mm=stds,
-                    nan_rule=nan_rule if with_maps else None,
+                    neighbours={region: self._neighbours(knee, region)
+                                for region in knee.neighbours},
+                    maps_mm=knee.maps_mm,
+                    std_mm=knee.std_mm,
+                    nan_rule=knee.nan_rule,
                 )
             )
         return results
+
+    def _neighbours(self, knee: KneeMaps, region: str) -> list[Neighbour]:
+        best, weights = knee.neighbours[region], knee.weights[region]
+        return [
+            Neighbour(
+                pair_id=self.index.rows[int(row)].pair_id,
+                row=int(row),
+                similarity=float(similarity),
+                weight=float(weight),
+                metadata=_public_metadata(self.index.rows[int(row)].to_dict()),
+            )
+            for row, similarity, weight in zip(best.rows, best.similarities, weights)
+        ]
 
     def run(self, data: bytes | str | Path, options: RequestOptions | None = None,
             with_maps: bool = True) -> list[KneeResult]:
         """The whole path in-process, for one radiograph."""
         options = options or RequestOptions()
         prepared = self.prepare(data, options)
-        hits = self.search([roi.image for roi in prepared.rois], options.k)
+        hits = self.search(prepared.rois, options.k)
         return self.assemble(prepared, hits, options.k, with_maps, options.nan_rule)
 
 
@@ -260,12 +365,18 @@ __all__ = [
     "BundleMismatch",
     "Hits",
     "KNEE_CHOICES",
+    "KneeMaps",
     "KneeResult",
     "MAX_K",
     "Neighbour",
+    "NeighbourIndex",
+    "NeighbourMaps",
     "OPTION_MAX_CHARS",
     "Pipeline",
     "Prepared",
     "RequestOptions",
+    "RoiEncoder",
     "parse_keypoints",
+    "search_batch",
+    "synthesize_maps",
 ]

@@ -210,11 +210,13 @@ def extract_rois(
     ]
 
 
-def stack_rois(rois: Sequence[KneeRoi]) -> np.ndarray:
-    """The encoder batch of ROIs: float32 [N, 1, encoder_px, encoder_px]."""
-    if not rois:
+def stack_rois(rois: Sequence[KneeRoi | np.ndarray]) -> np.ndarray:
+    """The encoder batch of ROIs (or of their images, as the service's micro-batcher holds
+    them): float32 [N, 1, encoder_px, encoder_px]."""
+    if len(rois) == 0:
         raise ValueError("no ROIs to stack")
-    return np.stack([roi.image for roi in rois])[:, None, :, :].astype(np.float32, copy=False)
+    images = [roi.image if isinstance(roi, KneeRoi) else roi for roi in rois]
+    return np.stack(images)[:, None, :, :].astype(np.float32, copy=False)
 
 
 KEYPOINTS_MAX_CHARS = 256

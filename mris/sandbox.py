@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mris.dicom import DecodeLimits, Radiograph, read_radiograph
+from mris.dicom import DecodeLimits, Radiograph, SourceIdentity, read_radiograph
 from mris.errors import DecoderCrashed, DecodeTimeout, ImageTooLarge, MrisError, UnreadableDicom
 
 DEFAULT_MEMORY_MB = 1536  # about 180 MB of imports, then 8x the 160 MB of a 40-Mpixel float image
@@ -92,13 +92,15 @@ def _shm_has_room(nbytes: int) -> bool:
 @dataclass(frozen=True)
 class _SharedPixels:
     """A decoded radiograph whose pixels wait in a shared-memory block: pickling 28 MB of float32
-    through pebble's pipe cost about 110 ms here, a copy out of shared memory a few ms."""
+    through pebble's pipe cost about 110 ms here, a copy out of shared memory a few ms. The
+    source's identity travels with it (pickled, never logged; its ``repr`` shows no value)."""
 
     block: str
     shape: tuple[int, int]
     spacing_mm: float
     spacing_source: str
     metadata: dict
+    source: SourceIdentity | None = None
 
     def take(self) -> Radiograph:
         """Copy the pixels out and free the block."""
@@ -108,7 +110,7 @@ class _SharedPixels:
         finally:
             block.close()
             block.unlink()
-        return Radiograph(pixels, self.spacing_mm, self.spacing_source, self.metadata)
+        return Radiograph(pixels, self.spacing_mm, self.spacing_source, self.metadata, self.source)
 
 
 _SHARED_INPUT_BYTES = 1 << 20  # larger uploads travel to the worker in shared memory too
@@ -150,7 +152,7 @@ def _read_in_worker(
             f"decoding this file needs more than the decoder's memory budget of {memory_mb} MB"
         ) from None
     return _SharedPixels(block.name, radiograph.shape, radiograph.spacing_mm, radiograph.spacing_source,
-                         radiograph.metadata)
+                         radiograph.metadata, radiograph.source)
 
 
 class DecodeSandbox:

@@ -6,14 +6,12 @@ import asyncio
 import logging
 import signal
 import time
-from collections import defaultdict
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from mris.sandbox import DecodeSandbox
 from mris.service.batching import MicroBatcher
+from mris.service.batching import search_by_state as _search_batch
 from mris.service.config import Settings
 from mris.service.logging_setup import configure_logging
 from mris.service.metrics import Metrics
@@ -21,23 +19,9 @@ from mris.service.problems import install_problem_handlers
 from mris.service.routes import router
 from mris.service.state import StateHolder
 
+from mris.sandbox import DecodeSandbox
+
 log = logging.getLogger("mris.service")
-
-
-def _search_batch(items: Sequence[tuple]) -> list:
-    """Process one micro-batch: items are (state, roi image, k); one encoder batch and one
-    FAISS search per served state (two states only meet during a reload)."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for position, (state, _, _) in enumerate(items):
-        groups[id(state)].append(position)
-    results: list = [None] * len(items)
-    for positions in groups.values():
-        state = items[positions[0]][0]
-        k_max = max(items[p][2] for p in positions)
-        hits = state.pipeline.search([items[p][1] for p in positions], k_max)
-        for position, hit in zip(positions, hits):
-            results[position] = hit
-    return results
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -6,16 +6,27 @@ One worker task takes the first waiting item, waits at most ``max_wait_s`` for m
 computes, new items queue, so under load batches fill by themselves. The queue is bounded: a
 full queue raises ``Overloaded`` at once (the route answers 503 with Retry-After) rather than
 letting latency grow without limit.
+
+``search_by_state`` is the service's ``process``: the batch unit
+(``mris.pipeline.search_batch``, through the served state's ``Pipeline.search``) over the knee
+ROIs of one batch, grouped by the served state each request holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    from mris.service.state import ServingState
+
+    from mris.pipeline import Hits
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -23,6 +34,26 @@ R = TypeVar("R")
 
 class Overloaded(Exception):
     """The queue is full."""
+
+
+def search_by_state(
+    items: Sequence[tuple[ServingState, np.ndarray, int]],
+) -> list[dict[str, Hits]]:
+    """Process one micro-batch: items are (served state, ROI image, k), results their ``Hits``
+    per region in order. One ``search_batch`` (one encoder batch and one FAISS search per
+    region) per served state, with the largest k asked (two states only meet during a reload;
+    each request keeps its first k in ``synthesize_maps``)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for position, (state, _, _) in enumerate(items):
+        groups[id(state)].append(position)
+    results: list = [None] * len(items)
+    for positions in groups.values():
+        state = items[positions[0]][0]
+        k_max = max(items[p][2] for p in positions)
+        hits = state.pipeline.search([items[p][1] for p in positions], k_max)
+        for position, hit in zip(positions, hits):
+            results[position] = hit
+    return results
 
 
 @dataclass

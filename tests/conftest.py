@@ -230,6 +230,36 @@ def rewrap_encapsulated(source_path: str, **overrides: Any) -> bytes:
     return write_dataset(ds)
 
 
+# A source identity with a known value in every SourceIdentity field but the one-letter ones
+# (sex, laterality), which are checked by equality only: a one-letter "secret" is in any text.
+PLANTED_IDENTITY = {
+    "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.70011",
+    "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.70022",
+    "SOPInstanceUID": "1.2.826.0.1.3680043.8.498.70033",
+    "FrameOfReferenceUID": "1.2.826.0.1.3680043.8.498.70044",
+    "PatientID": "PID-KNOWN-4711",
+    "PatientName": "Known^Identity",
+    "PatientBirthDate": "19610203",
+    "PatientSex": "F",
+    "StudyDate": "20240115",
+    "StudyTime": "101112",
+    "StudyID": "STUDY-KNOWN-7",
+    "AccessionNumber": "ACC-KNOWN-9",
+    "ReferringPhysicianName": "Referrer^Known",
+    "ImageLaterality": "B",
+}
+PLANTED_SECRETS = tuple(v for v in PLANTED_IDENTITY.values() if len(v) > 1)
+
+
+def identity_dicom_bytes() -> bytes:
+    """The knee phantom as a DICOM carrying ``PLANTED_IDENTITY`` (SOP Class: DX for
+    presentation; no Laterality tag)."""
+    data = make_dicom_bytes(knee_phantom(), imager_spacing=(0.2, 0.2), extra=PLANTED_IDENTITY)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID  # the file meta agrees
+    return write_dataset(ds)
+
+
 def knee_phantom(rows: int = 96, cols: int = 128, bits: int = 12, seed: int = 0) -> np.ndarray:
     """A tiny uint16 'radiograph': smooth background, two bright blobs (knees), noise."""
     rng = np.random.default_rng(seed)

@@ -58,20 +58,19 @@ def test_mris_maps_use_the_papers_all_rule_unless_told(tmp_path):
     from test_service import KEYPOINTS
 
     from mris.evaluation.methods import MrisMethod
-    from mris.pipeline import Pipeline, Prepared, RequestOptions
+    from mris.pipeline import Pipeline, RequestOptions, synthesize_maps
     from mris.roi import parse_keypoints
 
     model, index = tiny_bundle(tmp_path)
     pipeline = Pipeline.load(model, index, device="cpu", intra_op_threads=1)
     options = RequestOptions(keypoints=parse_keypoints(json.dumps(KEYPOINTS)))
     rois = pipeline.prepare(make_dicom_bytes(knee_phantom(), imager_spacing=(0.2, 0.2)), options).rois
-    hits = pipeline.search([roi.image for roi in rois], 5)
-    prepared = Prepared(rois=rois, spacing_source="", confidences={})
+    hits = pipeline.search(rois, 5)
     method = MrisMethod(pipeline, 5)
     assert method.nan_rule == "all"
     strict, majority = method.predict(rois), MrisMethod(pipeline, 5, "majority").predict(rois)
     for rule, answer in (("all", strict), ("majority", majority)):
-        expected = pipeline.assemble(prepared, hits, 5, nan_rule=rule)
+        expected = [synthesize_maps(knee_hits, pipeline.index, 5, rule) for knee_hits in hits]
         for name in ("fc", "tc"):
             np.testing.assert_array_equal(answer[name], np.stack([r.maps_mm[name] for r in expected]))
     assert np.isnan(strict.fc).sum() > np.isnan(majority.fc).sum()  # the rules differ on this bundle

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from bundle_factory import make_map_cohort, make_model_bundle
-from conftest import knee_phantom, make_dicom_bytes
+from conftest import PLANTED_SECRETS, identity_dicom_bytes, knee_phantom, make_dicom_bytes
 from mris.index.build import build_index_bundle
 
 from mris.constants import PreprocessConfig
@@ -310,20 +310,34 @@ def test_no_patient_identifier_in_logs(server, dicom_bytes):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("mris")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in ("mris", "uvicorn")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    # A file with every identity attribute a DICOM result copies (mris.dicom.SourceIdentity),
+    # which the pipeline carries from the decode sandbox to Prepared.source.
+    identity = identity_dicom_bytes()
+    answers = []
     try:
         _post(server, "/synthesize", dicom_bytes)
         _post(server, "/synthesize", dicom_bytes[:300])
         _post(server, "/retrieve", dicom_bytes, {"k": "500"})
         _post(server, "/synthesize", _rgb_dicom())
+        for route, fields in (("/synthesize", {}), ("/retrieve", {}), ("/synthesize", {"k": "0"}),
+                              ("/synthesize", {"format": "npz"})):
+            answers.append(_post(server, route, identity, fields))
+        answers.append(_post(server, "/synthesize", identity[:-5000]))  # truncated pixel data
         time.sleep(0.2)
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     logs = stream.getvalue()
     assert '"route": "/synthesize"' in logs  # the JSON request log was captured
-    for secret in PLANTED:
+    assert [a.status_code for a in answers] == [200, 200, 422, 200, 400]
+    for secret in PLANTED + PLANTED_SECRETS:
         assert secret not in logs
+    for answer in answers:  # nor in an answer (maps, neighbours, problem details)
+        for secret in PLANTED_SECRETS:
+            assert secret.encode() not in answer.content
 
 
 def test_reload_during_a_burst_fails_no_request(server, bundles, dicom_bytes):

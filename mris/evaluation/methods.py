@@ -2,9 +2,10 @@
 the cartilage the method claims, from the same radiograph ROI.
 
 - ``mris-s`` / ``mris-c``: ``MrisMethod`` runs ``mris.pipeline.Pipeline.search`` and
-  ``assemble`` — the very code the service runs — on the ROIs (k neighbours, eq. 4 with the NaN
-  rule asked, ``mris.synthesis.PAPER_NAN_RULE`` (``all``) unless told otherwise, as every
-  comparison with the paper must; plus the per-pixel weighted standard deviation).
+  ``mris.pipeline.synthesize_maps`` — the very code the service runs — on the ROIs (k
+  neighbours, eq. 4 with the NaN rule asked, ``mris.synthesis.PAPER_NAN_RULE`` (``all``)
+  unless told otherwise, as every comparison with the paper must; plus the per-pixel weighted
+  standard deviation).
 - ``unet``: ``UnetMethod`` runs ``unet.onnx`` (onnxruntime, no torch) on the same ROI and
   resizes its [2, S, S] output back to the map grid with the shared resize. The network predicts
   a value everywhere; a user has no true mask, so its maps carry the ATLAS mask: the cartilage of
@@ -134,15 +135,14 @@ class MrisMethod:
         self.nan_rule = nan_rule
 
     def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
-        from mris.pipeline import Prepared
+        from mris.pipeline import synthesize_maps
 
-        hits = self.pipeline.search([roi.image for roi in rois], self.k)
-        results = self.pipeline.assemble(Prepared(rois=list(rois), spacing_source="", confidences={}), hits, self.k,
-                                         nan_rule=self.nan_rule)
+        hits = self.pipeline.search(rois, self.k)
+        knees = [synthesize_maps(h, self.pipeline.index, self.k, self.nan_rule) for h in hits]
         return MethodMaps(
-            fc=np.stack([r.maps_mm["fc"] for r in results]),
-            tc=np.stack([r.maps_mm["tc"] for r in results]),
-            std={name: np.stack([r.std_mm[name] for r in results]) for name in ("fc", "tc")},
+            fc=np.stack([knee.maps_mm["fc"] for knee in knees]),
+            tc=np.stack([knee.maps_mm["tc"] for knee in knees]),
+            std={name: np.stack([knee.std_mm[name] for knee in knees]) for name in ("fc", "tc")},
         )
 
 
