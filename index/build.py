@@ -52,7 +52,7 @@ from mris.index.choose import DEFAULT_MEMORY_BUDGET_BYTES, IndexSpec, choose_ind
 from mris.index.embed import embed_rows, find_missing
 from mris.index.verify import exact_top_k, perturbed_queries, recall_at_k, verify_bundle
 
-from mris.constants import PREPROCESSING_VERSION
+from mris.constants import CARTILAGES, PREPROCESSING_VERSION
 from mris.encoders import OnnxEncoder, default_threads
 from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
 from mris.fsutil import atomic_save_npy, atomic_write_json, fsync_dir, sha256_file
@@ -240,7 +240,7 @@ def build_index_bundle(
             for region in regions
         }
         n_new = len(rows)
-        writers = {c: MapsWriter(building / maps_name(c), n_new, maps_dtype) for c in ("fc", "tc")}
+        writers = {c: MapsWriter(building / maps_name(c), n_new, maps_dtype) for c in CARTILAGES}
 
         def on_maps(i: int, fc: np.ndarray, tc: np.ndarray) -> None:
             writers["fc"].write(i, fc)
@@ -259,12 +259,12 @@ def build_index_bundle(
             raise ManifestError("no usable thickness map among the selected rows")
         kept_rows = [row for row, kept in zip(rows, keep) if kept]
         new_embeddings = {region: streamed.embeddings[region][keep] for region in regions}
-        map_shapes = {c: writers[c].finish(keep) for c in ("fc", "tc")}
+        map_shapes = {c: writers[c].finish(keep) for c in CARTILAGES}
         if base_card is not None:
             base_shape = tuple(base_card.maps["fc"].shape[1:])
             if tuple(map_shapes["fc"][1:]) != base_shape:
                 raise BadParameter(f"cannot append: new maps are {map_shapes['fc'][1:]}, {base_card.version} holds {base_shape}")
-            map_shapes = {c: _prepend_maps(base_path / maps_name(c), building / maps_name(c)) for c in ("fc", "tc")}
+            map_shapes = {c: _prepend_maps(base_path / maps_name(c), building / maps_name(c)) for c in CARTILAGES}
             new_embeddings = {
                 region: np.concatenate([np.load(base_path / embeddings_name(region)), new_embeddings[region]])
                 for region in regions
@@ -326,7 +326,7 @@ def build_index_bundle(
             preprocessing_version=PREPROCESSING_VERSION,
             preprocess_fingerprint=config.fingerprint(),
             regions=region_cards,
-            maps={c: MapsCard(file=maps_name(c), shape=map_shapes[c], dtype=maps_dtype) for c in ("fc", "tc")},
+            maps={c: MapsCard(file=maps_name(c), shape=map_shapes[c], dtype=maps_dtype) for c in CARTILAGES},
             source=source,
             versions=_versions(),
             files={name: sha256_file(building / name) for name in files},

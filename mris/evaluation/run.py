@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 import time
-from functools import cached_property
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
-from mris.fsutil import sha256_file
 from mris.evaluation.downstream import CLASSIFIERS, SplitMaps, classifier_map_px, downstream_table
 from mris.evaluation.methods import (
     MeanMethod,
@@ -52,6 +52,7 @@ from mris.evaluation.tables import (
     first_visit_positions,
     retrieval_row,
 )
+from mris.fsutil import sha256_file
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import ModelBundle, load_model_bundle
 from mris.synthesis import NAN_RULES, PAPER_NAN_RULE, NanRule
@@ -409,14 +410,14 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
                 reference.add(rows, truth, {name: answer for name, answer in answers.items() if name != "mr"})
                 for name, answer in answers.items():
                     if name != "mr":
-                        for cartilage in ("fc", "tc"):
+                        for cartilage in CARTILAGES:
                             errors.add(name, cartilage, answer[cartilage], truth[cartilage])
                 for i, row in enumerate(rows):
                     if row.pair_id in examples.pair_ids:
                         examples.rows[row.pair_id] = row
                         examples.roi[row.pair_id] = rois[i].image
                         examples.maps[row.pair_id] = {
-                            name: {**{c: answer[c][i] for c in ("fc", "tc")},
+                            name: {**{c: answer[c][i] for c in CARTILAGES},
                                    **{f"{c}_std": s[i] for c, s in answer.std.items()}}
                             for name, answer in answers.items()
                         }
