@@ -32,7 +32,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -411,7 +411,7 @@ def collect_roi_sets(request: EvaluateRequest, inputs: EvaluationInputs, separat
             continue
         task = progress.stage(f"ROIs {split}", len({r.radiograph_path for r in rows}))
         roi_sets[split] = collect_rois(separate, manifest, rows, use_localiser,
-                                       tick=partial(_advance, progress, task))
+                                       tick=lambda done, total, task=task: progress.advance(task, done))
         if missing:
             roi_sets[split].skipped["missing map"] = sorted(missing)
     if "test" not in roi_sets:
@@ -419,10 +419,6 @@ def collect_roi_sets(request: EvaluateRequest, inputs: EvaluationInputs, separat
     if not roi_sets["test"].rows:
         raise ManifestError("no test radiograph could be read: nothing to evaluate")
     return roi_sets, use_localiser
-
-
-def _advance(progress: Progress, task: Any, done: int, total: int) -> None:
-    progress.advance(task, done)
 
 
 def make_predictors(request: EvaluateRequest, methods: Sequence[str],
