@@ -5,10 +5,15 @@ One module per decision, as in autofaiss (STYLE.md):
 
 - ``embed``   — manifest rows -> thickness maps -> encoder inputs -> embeddings (thread pool)
 - ``choose``  — index kind and parameters from the size and a memory budget
-- ``build``   — FAISS indexes and whole bundles (``build_index_bundle``)
+- ``build``   — FAISS indexes and whole bundles (``build_index_bundle``, as named stages)
 - ``verify``  — checksums, counts, encoder match, self-retrieval, recall vs exact
 - ``publish`` — versions, the atomic ``current`` flip, list, gc
-- ``bundle``  — the card, the layout, and ``load_index_bundle`` / ``IndexBundle`` for search
+- ``card``    — the bundle's card and file layout (``IndexCard``, ``read_card``,
+  ``check_encoders``)
+- ``rows``    — ``rows.csv``: which pair each row id is (``RowMeta``, ``RowsTable``)
+- ``maps``    — the maps arrays: ``MapsWriter`` at build time, ``MapStore`` at search time
+- ``faiss_io``— reading and writing FAISS indexes, the GPU copy when a GPU is present
+- ``bundle``  — ``load_index_bundle`` / ``IndexBundle``: the pieces above composed for search
 - ``commands``— ``mris index build|verify|list|gc``
 
 Nothing here imports torch. See docs/INDEX.md.

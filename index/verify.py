@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from mris.index.bundle import CARD_NAME, ROWS_NAME, IndexCard, check_encoders, read_card, read_rows
+from mris.index.card import CARD_NAME, IndexCard, check_encoders, read_card
+from mris.index.faiss_io import read_index, set_nprobe
+from mris.index.rows import ROWS_NAME, read_rows
 
 from mris.errors import BundleInvalid, MrisError
 from mris.fsutil import sha256_file
@@ -100,8 +102,6 @@ def self_retrieval_failures(index, embeddings: np.ndarray, batch: int = 4096, ex
 def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True) -> VerifyReport:
     """Raise ``BundleInvalid`` (or ``BundleMismatch``) at the first failed check; return the
     report of passed checks otherwise."""
-    import faiss
-
     path = Path(path)
     card = read_card(path)
     report = VerifyReport(path=path, card=card)
@@ -140,11 +140,10 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
         emb = np.load(path / region_card.embeddings_file, mmap_mode="r")
         if emb.shape != (card.rows, card.embedding_dim) or emb.dtype != np.float32:
             raise BundleInvalid(f"index bundle {path}: {region_card.embeddings_file} is {emb.shape} {emb.dtype}")
-        index = faiss.read_index(str(path / region_card.index_file))
+        index, _ = read_index(path / region_card.index_file)
         if index.ntotal != card.rows or index.d != card.embedding_dim:
             raise BundleInvalid(f"index bundle {path}: {region_card.index_file} holds {index.ntotal} x {index.d}")
-        if region_card.nprobe:
-            faiss.extract_index_ivf(index).nprobe = region_card.nprobe
+        set_nprobe(index, region_card.nprobe)
         embeddings[region], indexes[region] = emb, index
     report.checks.append(f"counts: {card.rows} rows in rows.csv, embeddings, indexes and maps")
 

@@ -14,7 +14,8 @@ from typing import Any
 from mris.errors import BundleMismatch
 
 SIDES = ("LEFT", "RIGHT")
-REGIONS = ("fc", "tc")
+CARTILAGES = ("fc", "tc")
+"""The two cartilage maps of a knee: femoral (fc) and tibial (tc), in this order."""
 SPLITS = ("database", "downstream", "test")
 VISIT_MONTHS = (0, 12, 24, 36, 48, 72, 96)
 

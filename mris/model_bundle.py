@@ -28,13 +28,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mris.constants import PreprocessConfig, check_preprocessing_version
+from mris.constants import CARTILAGES, PreprocessConfig, check_preprocessing_version
 from mris.errors import BundleInvalid
 from mris.fsutil import atomic_write_json, sha256_file
 
 MODEL_FORMAT = "mris-model/1"
 VARIANTS = ("separate", "combined")
-VARIANT_REGIONS = {"separate": ("fc", "tc"), "combined": ("combined",)}
+VARIANT_REGIONS = {"separate": CARTILAGES, "combined": ("combined",)}
 
 
 class EncoderPair(BaseModel):

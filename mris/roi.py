@@ -102,8 +102,8 @@ def _crop_resample(
     """
     rows, cols = pixels.shape
     x0, y0, x1, y1 = box
-    scale = (x1 - x0) / out_px  # source pixels per output pixel
-    margin = math.ceil(scale) + 2  # the anti-aliasing filter reaches this far out
+    source_px_per_output_px = (x1 - x0) / out_px
+    margin = math.ceil(source_px_per_output_px) + 2  # the anti-aliasing filter reaches this far out
     ix0, iy0 = math.floor(x0) - margin, math.floor(y0) - margin
     ix1, iy1 = math.ceil(x1) + margin, math.ceil(y1) + margin
     inside = ix0 >= 0 and iy0 >= 0 and ix1 <= cols and iy1 <= rows
@@ -116,10 +116,10 @@ def _crop_resample(
             canvas[sy0 - iy0 : sy1 - iy0, sx0 - ix0 : sx1 - ix0] = pixels[sy0:sy1, sx0:sx1]
     image = resize(canvas, (out_px, out_px), box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
     # Output pixels whose footprint lies wholly inside the image.
-    c0 = min(out_px, max(0, math.ceil((0 - x0) / scale)))
-    c1 = max(0, min(out_px, math.floor((cols - x0) / scale)))
-    r0 = min(out_px, max(0, math.ceil((0 - y0) / scale)))
-    r1 = max(0, min(out_px, math.floor((rows - y0) / scale)))
+    c0 = min(out_px, max(0, math.ceil((0 - x0) / source_px_per_output_px)))
+    c1 = max(0, min(out_px, math.floor((cols - x0) / source_px_per_output_px)))
+    r0 = min(out_px, max(0, math.ceil((0 - y0) / source_px_per_output_px)))
+    r1 = max(0, min(out_px, math.floor((rows - y0) / source_px_per_output_px)))
     return image, (r0, r1, c0, c1)
 
 

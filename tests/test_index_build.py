@@ -55,6 +55,14 @@ def brute_force(database, queries, k):
     return np.take_along_axis(similarities, order, axis=1), order
 
 
+def synthesize_from(bundle, region, queries, k):
+    """Search + eq. 4 per cartilage, as ``mris.pipeline`` does with a bundle."""
+    similarities, ids = bundle.search(region, queries, k)
+    return {
+        c: synthesize(bundle.neighbour_maps(c, ids), similarities) for c in bundle.cartilages(region)
+    }
+
+
 def snapshot(root):
     return pub.current_version(root), [v.version for v in pub.list_versions(root)]
 
@@ -88,7 +96,7 @@ def test_build_verify_publish_search_synthesize(model_dir, cohort, tmp_path):
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_allclose(sims, want_sims, atol=1e-5)
         # synthesis from the bundle == eq. 4 over the original .npy files
-        out = bundle.synthesize(region, queries, 20)[region]
+        out = synthesize_from(bundle, region, queries, 20)[region]
         neighbour_maps = np.stack([np.stack([maps[i] for i in row]) for row in want_ids])
         expected = synthesize(neighbour_maps, want_sims)
         np.testing.assert_allclose(out.thickness_mm, expected.thickness_mm, atol=1e-5, equal_nan=True)
@@ -114,7 +122,7 @@ def test_combined_variant_synthesizes_both_maps(model_dir, cohort, tmp_path):
     )[:, None]
     database = ort_embed(model_dir / "combined-thickness.onnx", inputs)
     np.testing.assert_allclose(bundle.embeddings("combined"), database, atol=1e-6)
-    out = bundle.synthesize("combined", database[:3], 20)
+    out = synthesize_from(bundle, "combined", database[:3], 20)
     assert set(out) == {"fc", "tc"} and out["fc"].thickness_mm.shape == (3, 40, 36)
     assert result.card.regions["combined"].maps == ["fc", "tc"]
 
@@ -297,8 +305,8 @@ def test_float16_maps(model_dir, cohort, tmp_path):
     assert half.card.maps["fc"].dtype == "float16"
     assert (tmp_path / "b").stat() and half.maps["fc"].array.nbytes * 2 == full.maps["fc"].array.nbytes
     queries = full.embeddings("fc")[:8] * 0.9 + full.embeddings("fc")[8:16] * 0.1
-    a = full.synthesize("fc", queries, 20)["fc"].thickness_mm
-    b = half.synthesize("fc", queries, 20)["fc"].thickness_mm
+    a = synthesize_from(full, "fc", queries, 20)["fc"].thickness_mm
+    b = synthesize_from(half, "fc", queries, 20)["fc"].thickness_mm
     assert np.nanmax(np.abs(a - b)) < 1e-3
 
 
@@ -314,8 +322,10 @@ for args in (["--publish"], []):
                             "--root", r"{root}", "--quiet", "--threads", "1", *args])
     assert r.exit_code == 0, (r.output, r.exception)
 from mris.index import load_index_bundle
+from mris.synthesis import synthesize
 b = load_index_bundle(r"{root}")
-b.synthesize("fc", b.embeddings("fc")[:2], 20)
+similarities, ids = b.search("fc", b.embeddings("fc")[:2], 20)
+synthesize(b.neighbour_maps("fc", ids), similarities)
 r = runner.invoke(app, ["index", "list", r"{root}"])
 assert r.exit_code == 0 and r.output.count("rows") == 2 and r.output.count("*") == 1, r.output
 r = runner.invoke(app, ["index", "verify", r"{root}"])

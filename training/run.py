@@ -1,6 +1,10 @@
 """``mris train`` as a library call: cache -> localiser -> encoders per region -> export with
 parity -> test recall -> model bundle. ``commands.py`` only translates the CLI to ``TrainRequest``.
 
+``train`` is a sequence of named stages: ``load_run`` (-> ``TrainRun``), ``prepare_folders``,
+``load_data`` (cache and validation split -> ``TrainData``), ``localiser_stage`` and
+``region_stage`` per region (-> ``TrainedPart``), ``cache_test_split``, ``write_bundle``.
+
 Folders: ``out`` is the model bundle (ONNX files, ``card.json``, ``log.csv``, ``curves.png``;
 the card is written last, so a bundle without it is incomplete). Training state lives beside it
 in ``<out>.training/`` (``run.json``, one folder per region with ``last.pt`` / ``best.pt`` /
@@ -20,18 +24,19 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from mris.training.profiles import TrainProfile, get_profile
 
 from mris.constants import PreprocessConfig
 from mris.errors import BadParameter, ManifestError
 from mris.fsutil import atomic_write_json, ensure_empty_output_dir, sha256_file
-from mris.manifest import ManifestRow, read_manifest
+from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import VARIANT_REGIONS
-from mris.training.profiles import TrainProfile, get_profile
 
 VARIANT_CHOICES = ("separate", "combined", "both")
 RUN_FORMAT = "mris-train-run/1"
@@ -98,21 +103,80 @@ def _run_identity(request: TrainRequest, profile: TrainProfile) -> dict[str, Any
             "init_weights": str(request.init_weights) if request.init_weights else None}
 
 
-def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run the whole training; returns the summary (also stored in the card's metrics)."""
-    import torch
+@dataclass
+class TrainRun:
+    """What ``load_run`` checked: the manifest, its database rows, the profile and the device;
+    ``identity`` is what ``--resume`` must match (``prepare_folders``)."""
 
-    from mris.training.checkpoint import as_stored, check_resumable
+    manifest: Manifest
+    database: list[ManifestRow]
+    profile: TrainProfile
+    device: Any  # torch.device
+    identity: dict[str, Any] = field(default_factory=dict)
 
-    from mris.localiser import KneeLocaliser, evaluate_localiser
-    from mris.training.cache import build_cache
-    from mris.training.export import check_encoder_parity, export_onnx, write_bundle_card
-    from mris.training.localiser import train_localiser
-    from mris.training.sampler import first_visits
-    from mris.training.trainer import RegionData, RegionTrainer, pick_device, set_determinism, write_logs
 
-    rep = reporter or Reporter()
-    started = time.perf_counter()
+@dataclass
+class TrainData:
+    """The cached inputs and the validation split (``load_data``)."""
+
+    config: PreprocessConfig
+    init: str  # the initialisation, as the card records it
+    train_pos: list[int]
+    val_pos: list[int]
+    val_first: list[int]  # validation knees' first visits
+    knee_ids: list[str]
+    regions: list[tuple[str, str]]  # (variant, region) in training order
+    needed: list[str]  # cache arrays
+    cache_dir: Path
+    cache: Any
+
+
+@dataclass
+class TrainedPart:
+    """One trained piece of the bundle: the localiser or one region's encoder pair."""
+
+    name: str
+    summary: dict[str, Any]
+    card: dict[str, Any]  # its entry in the model card
+    files: list[tuple[Path, str]]  # (trained file, name in the bundle)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StageBar:
+    """A reporter stage made on the first progress call (its total is known only then); with
+    ``per_round`` a new stage starts after each completed round (an epoch)."""
+
+    def __init__(self, rep: Reporter, description: str, per_round: bool = False):
+        self.rep, self.description, self.per_round = rep, description, per_round
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.rep.stage(self.description, total)
+        self.rep.advance(self.task, done)
+        if self.per_round and done == total:
+            self.task = None
+
+
+class _CacheBars:
+    """One reporter stage per cache array (``build_cache``'s ``tick(name, done, total)``)."""
+
+    def __init__(self, rep: Reporter):
+        self.rep = rep
+        self.bars: dict[str, _StageBar] = {}
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        self.bars.setdefault(name, _StageBar(self.rep, f"cache {name}"))(done, total)
+
+
+def _log_localiser_epoch(rep: Reporter, stage: int, epoch: int, loss: float) -> None:
+    rep.log(f"localiser {'global' if stage == 1 else 'refine'} epoch {epoch}: loss {loss:.3f}")
+
+
+def load_run(request: TrainRequest) -> TrainRun:
+    """Stage 1: read the manifest and check the request (profile, epochs, weights, device)."""
+    from mris.training.trainer import pick_device
+
     manifest = read_manifest(request.manifest)
     database = manifest.select(["database"])
     if not database:
@@ -129,184 +193,257 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
         device = pick_device(request.device)
     except ValueError as exc:
         raise BadParameter(str(exc)) from exc
+    return TrainRun(manifest=manifest, database=database, profile=profile, device=device)
 
-    # folders and the run identity (what --resume must match)
+
+def prepare_folders(request: TrainRequest, run: TrainRun) -> None:
+    """Stage 2: the bundle and training folders and the run identity (``run.json``): a resumed
+    run must match it; a new one starts from empty folders (``--force`` clears them)."""
+    from mris.training.checkpoint import as_stored, check_resumable
+
     train_dir = request.train_dir
-    identity = as_stored(_run_identity(request, profile))
+    run.identity = as_stored(_run_identity(request, run.profile))
     run_json = train_dir / "run.json"
     if request.resume:
-        check_resumable(run_json, identity, "training run")
+        check_resumable(run_json, run.identity, "training run")
         request.out.mkdir(parents=True, exist_ok=True)
-    else:
-        ensure_empty_output_dir(request.out, request.force)
-        if train_dir.exists():
-            if not request.force and run_json.is_file():
-                raise FileExistsError(f"{train_dir} holds a training run: use --resume to continue it or --force to restart")
-            for child in ("separate-fc", "separate-tc", "combined-combined", "localiser"):
-                shutil.rmtree(train_dir / child, ignore_errors=True)
-        train_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_json, identity)
+        return
+    ensure_empty_output_dir(request.out, request.force)
+    if train_dir.exists():
+        if not request.force and run_json.is_file():
+            raise FileExistsError(
+                f"{train_dir} holds a training run: use --resume to continue it "
+                "or --force to restart"
+            )
+        for child in ("separate-fc", "separate-tc", "combined-combined", "localiser"):
+            shutil.rmtree(train_dir / child, ignore_errors=True)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_json, run.identity)
 
+
+def load_data(request: TrainRequest, run: TrainRun, rep: Reporter) -> TrainData:
+    """Stage 3: seeds and threads, the database cache and the validation split (held out by
+    subject; one first visit per validation knee)."""
+    import torch
+    from mris.training.cache import build_cache
+    from mris.training.sampler import first_visits
+    from mris.training.trainer import set_determinism
+
+    profile, database = run.profile, run.database
     set_determinism(request.seed, request.threads)
     config = PreprocessConfig(encoder_px=profile.encoder_px)
-    init = f"weights from {request.init_weights}" if request.init_weights else "RANDOM initialisation (no --init-weights given; the paper starts from ImageNet)"
-    rep.log(f"device {device}, {torch.get_num_threads()} threads, profile {profile.name}, encoders: {init}")
+    init = (f"weights from {request.init_weights}" if request.init_weights
+            else "RANDOM initialisation (no --init-weights given; the paper starts from ImageNet)")
+    rep.log(f"device {run.device}, {torch.get_num_threads()} threads, profile {profile.name}, "
+            f"encoders: {init}")
 
     train_pos, val_pos = split_validation(database, profile.val_fraction, request.seed)
-    regions = [(variant, region) for variant in request.variants for region in VARIANT_REGIONS[variant]]
+    regions = [(variant, region) for variant in request.variants
+               for region in VARIANT_REGIONS[variant]]
     needed = ["radiograph"] + sorted({region_array(region) for _, region in regions})
-    cache_dir = train_dir / "cache"
-
-    def cache_tick_factory():
-        tasks: dict[str, Any] = {}
-
-        def tick(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = rep.stage(f"cache {name}", total)
-            rep.advance(tasks[name], done)
-
-        return tick
-
-    cache = build_cache(request.manifest, manifest, database, config, cache_dir, needed, tick=cache_tick_factory())
+    cache_dir = request.train_dir / "cache"
+    cache = build_cache(request.manifest, run.manifest, database, config, cache_dir, needed,
+                        tick=_CacheBars(rep))
     knee_ids = [row.knee_id for row in database]
     months = [row.visit_month for row in database]
-    val_first = [val_pos[i] for i in first_visits([knee_ids[p] for p in val_pos], [months[p] for p in val_pos])]
+    val_first = [val_pos[i] for i in first_visits([knee_ids[p] for p in val_pos],
+                                                  [months[p] for p in val_pos])]
     if len(val_first) < 2:
-        raise ManifestError("the validation subjects hold fewer than 2 knees; add database subjects")
-    rep.log(f"database: {len(database)} pairs, {len({knee_ids[p] for p in train_pos})} training knees, "
-            f"{len(val_first)} validation knees (held out by subject)")
+        raise ManifestError(
+            "the validation subjects hold fewer than 2 knees; add database subjects"
+        )
+    rep.log(f"database: {len(database)} pairs, {len({knee_ids[p] for p in train_pos})} training "
+            f"knees, {len(val_first)} validation knees (held out by subject)")
+    return TrainData(config=config, init=init, train_pos=train_pos, val_pos=val_pos,
+                     val_first=val_first, knee_ids=knee_ids, regions=regions, needed=needed,
+                     cache_dir=cache_dir, cache=cache)
 
-    summary: dict[str, Any] = {"regions": {}, "device": str(device), "init": init}
+
+def localiser_stage(request: TrainRequest, run: TrainRun, data: TrainData,
+                    rep: Reporter) -> TrainedPart:
+    """Stage 4: train the knee localiser (reused when ``done.json`` says it finished), then
+    measure it on the test split (else the database)."""
+    from mris.training.localiser import train_localiser
+
+    from mris.localiser import REFINE_FILE, KneeLocaliser, LocaliserConfig, evaluate_localiser
+
+    loc_dir = request.train_dir / "localiser"
+    done_file = loc_dir / "done.json"
+    if not done_file.is_file():
+        loc_dir.mkdir(parents=True, exist_ok=True)
+        result = train_localiser(
+            run.manifest, [run.database[p] for p in data.train_pos], run.profile.localiser,
+            loc_dir, data.cache_dir, run.device, request.seed,
+            tick=_StageBar(rep, "localiser data"), on_epoch=partial(_log_localiser_epoch, rep),
+        )
+        atomic_write_json(done_file, {
+            "config": result.config.to_dict(), "seconds": round(result.seconds, 1),
+            "images": result.images, "patches": result.patches,
+            "final_loss": [result.global_loss[-1], result.refine_loss[-1]],
+        })
+    loc_info = json.loads(done_file.read_text())
+    loc_config = LocaliserConfig.from_dict(loc_info["config"])
+    localiser = KneeLocaliser(loc_dir / "localiser.onnx", loc_dir / REFINE_FILE, loc_config,
+                              request.threads)
+    eval_split = "test" if run.manifest.select(["test"]) else "database"
+    loc_metrics = evaluate_localiser(localiser, run.manifest, eval_split)
+    rep.log(f"localiser on {eval_split}: median {loc_metrics['median_error_mm']:.2f} mm, "
+            f"95th pct {loc_metrics['p95_error_mm']:.2f} mm, "
+            f"max {loc_metrics['max_error_mm']:.2f} mm, both knees found on "
+            f"{100 * loc_metrics['all_knees_found_fraction']:.1f} % of "
+            f"{loc_metrics['images']} images")
+    summary = {**loc_metrics, "train_seconds": loc_info["seconds"]}
+    outputs = {
+        "localiser.onnx": ["centres [N,2,2] fractions (x,y), knee 0 = patient RIGHT",
+                           "confidence [N,2]"],
+        REFINE_FILE: ["offset [N,2] patch px", "confidence [N]"],
+    }
+    card = {"file": "localiser.onnx", "input_px": list(loc_config.global_input_px),
+            "details": {"refine_file": REFINE_FILE, "config": loc_config.to_dict(),
+                        "outputs": outputs, "metrics": summary}}
+    files = [(loc_dir / name, name) for name in ("localiser.onnx", REFINE_FILE)]
+    return TrainedPart(name="localiser", summary=summary, card=card, files=files)
+
+
+def cache_test_split(request: TrainRequest, run: TrainRun, data: TrainData, rep: Reporter):
+    """Stage 5: the test split's cache (``None`` without test rows), for the test recall."""
+    from mris.training.cache import build_cache
+
+    test_rows = run.manifest.select(["test"])
+    if not test_rows:
+        return None
+    return build_cache(request.manifest, run.manifest, test_rows, data.config, data.cache_dir,
+                       data.needed, tick=_CacheBars(rep))
+
+
+def region_stage(request: TrainRequest, run: TrainRun, data: TrainData, variant: str,
+                 region: str, test_cache, rep: Reporter) -> TrainedPart:
+    """Stage 6, per region: train (or resume) the encoder pair, export both to ONNX, check
+    parity, measure validation (and test) recall with the exported encoders."""
+    from mris.training.export import check_encoder_parity, export_onnx
+    from mris.training.trainer import RegionData, RegionTrainer
+
+    name = f"{variant}-{region}"
+    profile, cache, val_first = run.profile, data.cache, data.val_first
+    thickness = cache[region_array(region)]
+    region_data = RegionData(radiographs=cache["radiograph"], thickness=thickness,
+                             train_rows=data.train_pos,
+                             train_knees=[data.knee_ids[p] for p in data.train_pos],
+                             val_rows=val_first)
+    region_dir = request.train_dir / name
+    resume_region = request.resume and (region_dir / "last.pt").is_file()
+    init_weights = str(request.init_weights) if request.init_weights else None
+    trainer = RegionTrainer(name=name, data=region_data, profile=profile, work_dir=region_dir,
+                            device=run.device, seed=request.seed, init_weights=init_weights,
+                            log=rep.log, on_batch=_StageBar(rep, f"{name} epoch", per_round=True),
+                            on_epoch=rep.epoch)
+    result = trainer.fit(resume=resume_region)
+    trainer.load_best()
+    f_cpu, g_cpu = trainer.f.float().cpu().eval(), trainer.g.float().cpu().eval()
+    s = profile.encoder_px
+    thickness_px = (2 * s, s) if region == "combined" else (s, s)
+    stem = variant if region == "combined" else name  # file names as mris.model_bundle lays out
+    names = {"radiograph": f"{stem}-radiograph.onnx", "thickness": f"{stem}-thickness.onnx"}
+    export_dir = region_dir / "export"
+    radiograph_onnx = export_dir / names["radiograph"]
+    thickness_onnx = export_dir / names["thickness"]
+    export_onnx(f_cpu, radiograph_onnx, (s, s), ["embedding"])
+    export_onnx(g_cpu, thickness_onnx, thickness_px, ["embedding"])
+    val_x = np.asarray(cache["radiograph"][np.sort(val_first)], np.float32)[:, None]
+    val_y = np.asarray(thickness[np.sort(val_first)], np.float32)[:, None]
+    parity = check_encoder_parity(f_cpu, g_cpu, radiograph_onnx, thickness_onnx, val_x, val_y,
+                                  threads=request.threads)
+    max_diff = max(parity.max_abs_diff_radiograph, parity.max_abs_diff_thickness)
+    same = parity.val_queries - parity.top20_order_mismatches
+    rep.log(f"{name}: ONNX parity max abs diff {max_diff:.1e}, top-20 order identical on "
+            f"{same}/{parity.val_queries} validation queries")
+    val_subjects = [run.database[p].subject_id for p in np.sort(val_first)]
+    summary: dict[str, Any] = {
+        "best_epoch": result.best_epoch, "validation": result.best_metrics,
+        "validation_first_visit": onnx_recall(radiograph_onnx, thickness_onnx, val_x, val_y,
+                                              val_subjects, request.threads, request.seed),
+        "parity": parity.to_dict(),
+        "train_seconds": round(result.seconds, 1),
+        "images_per_second": round(result.images_per_second, 1),
+    }
+    held_out = summary["validation_first_visit"]
+    rep.log(f"{name}: validation recall (held-out subjects' first visits, gallery "
+            f"{held_out['gallery']}): "
+            + ", ".join(f"{k} {100 * r:.1f} % ({held_out['ratio_to_chance'][k]:.1f}x chance)"
+                        for k, r in held_out["recall"].items()))
+    if test_cache is not None:
+        summary["test"] = test_recall(radiograph_onnx, thickness_onnx, test_cache,
+                                      region_array(region), request.threads, request.seed)
+        t = summary["test"]["first_visit"]
+        rep.log(f"{name}: test recall (first visits, gallery {t['gallery']}): "
+                + ", ".join(f"{k} {100 * v:.1f} %" for k, v in t["recall"].items())
+                + f"; chance R@20 {100 * t['chance']['R@20']:.1f} % "
+                f"({t['ratio_to_chance']['R@20']:.1f}x)")
+    card = {"radiograph": names["radiograph"], "thickness": names["thickness"],
+            "radiograph_input_px": [s, s], "thickness_input_px": list(thickness_px),
+            "embedding_dim": 512}
+    files = [(export_dir / names[modality], names[modality])
+             for modality in ("radiograph", "thickness")]
+    return TrainedPart(name=name, summary=summary, card=card, files=files,
+                       history=result.history)
+
+
+def write_bundle(request: TrainRequest, run: TrainRun, data: TrainData,
+                 localiser: TrainedPart | None, regions: list[TrainedPart],
+                 started: float) -> dict[str, Any]:
+    """Stage 7: copy the trained files into the bundle, write the logs, then the card (last, so
+    a bundle without it is incomplete). Returns the summary (the card's metrics)."""
+    import torch
+    from mris.training.export import write_bundle_card
+    from mris.training.trainer import write_logs
+
+    summary: dict[str, Any] = {"regions": {part.name: part.summary for part in regions},
+                               "device": str(run.device), "init": data.init}
     card_variants: dict[str, Any] = {}
-    bundle_files: list[tuple[Path, str]] = []
-
-    # -- localiser -------------------------------------------------------------------------
-    localiser_card = None
-    if request.localiser:
-        loc_dir = train_dir / "localiser"
-        done_file = loc_dir / "done.json"
-        if not done_file.is_file():
-            loc_dir.mkdir(parents=True, exist_ok=True)
-            task = {}
-
-            def loc_tick(done: int, total: int) -> None:
-                if "t" not in task:
-                    task["t"] = rep.stage("localiser data", total)
-                rep.advance(task["t"], done)
-
-            result = train_localiser(manifest, [database[p] for p in train_pos], profile.localiser, loc_dir,
-                                     cache_dir, device, request.seed, tick=loc_tick,
-                                     on_epoch=lambda stage, epoch, loss: rep.log(
-                                         f"localiser {'global' if stage == 1 else 'refine'} epoch {epoch}: loss {loss:.3f}"))
-            atomic_write_json(done_file, {"config": result.config.to_dict(), "seconds": round(result.seconds, 1),
-                                          "images": result.images, "patches": result.patches,
-                                          "final_loss": [result.global_loss[-1], result.refine_loss[-1]]})
-        loc_info = json.loads(done_file.read_text())
-        from mris.localiser import REFINE_FILE, LocaliserConfig
-
-        loc_config = LocaliserConfig.from_dict(loc_info["config"])
-        localiser = KneeLocaliser(loc_dir / "localiser.onnx", loc_dir / REFINE_FILE, loc_config, request.threads)
-        eval_split = "test" if manifest.select(["test"]) else "database"
-        loc_metrics = evaluate_localiser(localiser, manifest, eval_split)
-        rep.log(f"localiser on {eval_split}: median {loc_metrics['median_error_mm']:.2f} mm, "
-                f"95th pct {loc_metrics['p95_error_mm']:.2f} mm, max {loc_metrics['max_error_mm']:.2f} mm, "
-                f"both knees found on {100 * loc_metrics['all_knees_found_fraction']:.1f} % of {loc_metrics['images']} images")
-        summary["localiser"] = {**loc_metrics, "train_seconds": loc_info["seconds"]}
-        for name in ("localiser.onnx", REFINE_FILE):
-            bundle_files.append((loc_dir / name, name))
-        localiser_card = {"file": "localiser.onnx", "input_px": list(loc_config.global_input_px),
-                          "details": {"refine_file": REFINE_FILE, "config": loc_config.to_dict(),
-                                      "outputs": {"localiser.onnx": ["centres [N,2,2] fractions (x,y), knee 0 = patient RIGHT",
-                                                                     "confidence [N,2]"],
-                                                  REFINE_FILE: ["offset [N,2] patch px", "confidence [N]"]},
-                                      "metrics": summary["localiser"]}}
-
-    # -- encoders per region ---------------------------------------------------------------
-    history: list[dict[str, Any]] = []
-    test_rows = manifest.select(["test"])
-    test_cache = None
-    if test_rows:
-        test_cache = build_cache(request.manifest, manifest, test_rows, config, cache_dir, needed, tick=cache_tick_factory())
-    for variant, region in regions:
-        name = f"{variant}-{region}"
-        thickness = cache[region_array(region)]
-        data = RegionData(radiographs=cache["radiograph"], thickness=thickness, train_rows=train_pos,
-                          train_knees=[knee_ids[p] for p in train_pos], val_rows=val_first)
-        region_dir = train_dir / name
-        resume_region = request.resume and (region_dir / "last.pt").is_file()
-        bar = {"task": None}
-
-        def on_batch(done: int, total: int, bar=bar, name=name) -> None:
-            if bar["task"] is None:
-                bar["task"] = rep.stage(f"{name} epoch", total)
-            rep.advance(bar["task"], done)
-            if done == total:
-                bar["task"] = None
-
-        trainer = RegionTrainer(name=name, data=data, profile=profile, work_dir=region_dir, device=device,
-                                seed=request.seed, init_weights=str(request.init_weights) if request.init_weights else None,
-                                log=rep.log, on_batch=on_batch, on_epoch=rep.epoch)
-        result = trainer.fit(resume=resume_region)
-        history.extend(result.history)
-        trainer.load_best()
-        f_cpu, g_cpu = trainer.f.float().cpu().eval(), trainer.g.float().cpu().eval()
-        s = profile.encoder_px
-        thickness_px = (2 * s, s) if region == "combined" else (s, s)
-        stem = variant if region == "combined" else name  # file names as mris.model_bundle lays out
-        names = {"radiograph": f"{stem}-radiograph.onnx", "thickness": f"{stem}-thickness.onnx"}
-        export_dir = region_dir / "export"
-        export_onnx(f_cpu, export_dir / names["radiograph"], (s, s), ["embedding"])
-        export_onnx(g_cpu, export_dir / names["thickness"], thickness_px, ["embedding"])
-        val_x = np.asarray(cache["radiograph"][np.sort(val_first)], np.float32)[:, None]
-        val_y = np.asarray(thickness[np.sort(val_first)], np.float32)[:, None]
-        parity = check_encoder_parity(f_cpu, g_cpu, export_dir / names["radiograph"], export_dir / names["thickness"],
-                                      val_x, val_y, threads=request.threads)
-        rep.log(f"{name}: ONNX parity max abs diff {max(parity.max_abs_diff_radiograph, parity.max_abs_diff_thickness):.1e}, "
-                f"top-20 order identical on {parity.val_queries - parity.top20_order_mismatches}/{parity.val_queries} validation queries")
-        val_subjects = [database[p].subject_id for p in np.sort(val_first)]
-        region_summary: dict[str, Any] = {
-            "best_epoch": result.best_epoch, "validation": result.best_metrics,
-            "validation_first_visit": onnx_recall(export_dir / names["radiograph"], export_dir / names["thickness"],
-                                                  val_x, val_y, val_subjects, request.threads, request.seed),
-            "parity": parity.to_dict(),
-            "train_seconds": round(result.seconds, 1), "images_per_second": round(result.images_per_second, 1),
-        }
-        held_out = region_summary["validation_first_visit"]
-        rep.log(f"{name}: validation recall (held-out subjects' first visits, gallery {held_out['gallery']}): "
-                + ", ".join(f"{k} {100 * r:.1f} % ({held_out['ratio_to_chance'][k]:.1f}x chance)"
-                            for k, r in held_out["recall"].items()))
-        if test_cache is not None:
-            region_summary["test"] = test_recall(export_dir / names["radiograph"], export_dir / names["thickness"],
-                                                 test_cache, region_array(region), request.threads, request.seed)
-            t = region_summary["test"]["first_visit"]
-            rep.log(f"{name}: test recall (first visits, gallery {t['gallery']}): "
-                    + ", ".join(f"{k} {100 * v:.1f} %" for k, v in t["recall"].items())
-                    + f"; chance R@20 {100 * t['chance']['R@20']:.1f} % ({t['ratio_to_chance']['R@20']:.1f}x)")
-        summary["regions"][name] = region_summary
-        card_variants.setdefault(variant, {"regions": {}})["regions"][region] = {
-            "radiograph": names["radiograph"], "thickness": names["thickness"],
-            "radiograph_input_px": [s, s], "thickness_input_px": list(thickness_px), "embedding_dim": 512,
-        }
-        for modality in ("radiograph", "thickness"):
-            bundle_files.append((export_dir / names[modality], names[modality]))
-
-    # -- the bundle ------------------------------------------------------------------------
-    for source, name in bundle_files:
-        shutil.copyfile(source, request.out / name)
+    for (variant, region), part in zip(data.regions, regions):
+        card_variants.setdefault(variant, {"regions": {}})["regions"][region] = part.card
+    parts = ([localiser] if localiser is not None else []) + regions
+    if localiser is not None:
+        summary["localiser"] = localiser.summary
+    for part in parts:
+        for source, name in part.files:
+            shutil.copyfile(source, request.out / name)
+    history = [record for part in regions for record in part.history]
     if history:
         write_logs(request.out, history)
         (request.out / "log.json").unlink(missing_ok=True)
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    database, knee_ids = run.database, data.knee_ids
     training_info = {
-        "profile": profile.to_dict(), "variants": request.variants, "seed": request.seed, "device": str(device),
-        "threads": torch.get_num_threads(), "init": init, "manifest_sha256": identity["manifest_sha256"],
-        "database_pairs": len(database), "train_knees": len({knee_ids[p] for p in train_pos}),
-        "validation_knees": len(val_first), "validation_subjects": sorted({database[p].subject_id for p in val_pos}),
-        "method": "MRIS (Chen & Niethammer 2023): ResNet-18 pair, triplet loss m=0.1 one direction, one visit per knee per epoch, AdamW",
+        "profile": run.profile.to_dict(), "variants": request.variants, "seed": request.seed,
+        "device": str(run.device), "threads": torch.get_num_threads(), "init": data.init,
+        "manifest_sha256": run.identity["manifest_sha256"], "database_pairs": len(database),
+        "train_knees": len({knee_ids[p] for p in data.train_pos}),
+        "validation_knees": len(data.val_first),
+        "validation_subjects": sorted({database[p].subject_id for p in data.val_pos}),
+        "method": "MRIS (Chen & Niethammer 2023): ResNet-18 pair, triplet loss m=0.1 one "
+                  "direction, one visit per knee per epoch, AdamW",
     }
-    write_bundle_card(request.out, {"preprocess": config.to_dict(), "variants": card_variants,
-                                    "localiser": localiser_card, "training": training_info, "metrics": summary})
+    write_bundle_card(request.out, {
+        "preprocess": data.config.to_dict(), "variants": card_variants,
+        "localiser": localiser.card if localiser is not None else None,
+        "training": training_info, "metrics": summary,
+    })
     return summary
+
+
+def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run the whole training; returns the summary (also stored in the card's metrics)."""
+    rep = reporter or Reporter()
+    started = time.perf_counter()
+    run = load_run(request)
+    prepare_folders(request, run)
+    data = load_data(request, run, rep)
+    localiser = localiser_stage(request, run, data, rep) if request.localiser else None
+    test_cache = cache_test_split(request, run, data, rep)
+    regions = [region_stage(request, run, data, variant, region, test_cache, rep)
+               for variant, region in data.regions]
+    return write_bundle(request, run, data, localiser, regions, started)
 
 
 RECALL_RESAMPLES = 1000
@@ -352,6 +489,7 @@ def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, 
     the same knee are competitors), a larger gallery and so a lower chance level.
     """
     from mris.training.sampler import first_visits
+
     from mris.evaluation.metrics import RECALL_AT, recall_at_k
 
     queries, keys = onnx_embed(radiograph_onnx, thickness_onnx, np.asarray(cache["radiograph"], np.float32)[:, None],

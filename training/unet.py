@@ -55,10 +55,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from mris.training.checkpoint import as_stored, autocast_for, check_resumable, read_checkpoint, restore_rng, rng_state, save_checkpoint
+from mris.training.checkpoint import (
+    as_stored,
+    autocast_for,
+    check_resumable,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from mris.training.profiles import TrainProfile, get_profile
 
-from mris.constants import PreprocessConfig
+from mris.constants import CARTILAGES, PreprocessConfig
 from mris.errors import BadParameter, ManifestError
 from mris.fsutil import (
     atomic_save_npy,
@@ -434,7 +442,7 @@ def mae_by_region(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """Per image and region: mean |error| in mm over the finite target pixels; then the mean
     over images per region (``val_mae_fc_mm``, ``val_mae_tc_mm``) and of both (``val_mae_mm``)."""
     out = {}
-    for c, region in enumerate(("fc", "tc")):
+    for c, region in enumerate(CARTILAGES):
         t, p = target[:, c], pred[:, c]
         mask = np.isfinite(t)
         counts = mask.reshape(len(t), -1).sum(axis=1)
@@ -588,7 +596,8 @@ def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None
     card = {
         "format": UNET_CARD_FORMAT, "kind": request.kind, "file": onnx_file, "sha256": {onnx_file: sha256_file(onnx_path)},
         "input": {"name": "image", "shape": ["N", 1, s, s]},
-        "output": {"name": "thickness", "shape": ["N", 2, s, s], "channels": ["fc", "tc"], "units": "mm",
+        "output": {"name": "thickness", "shape": ["N", 2, s, s], "channels": list(CARTILAGES),
+                   "units": "mm",
                    "note": "finite everywhere; mask outside cartilage; grid = the thickness map resized to S x S"},
         "preprocess": config.to_dict(), "profile": profile.to_dict(), "seed": request.seed, "width": width,
         "width_note": width_note, "architecture": architecture, "optimiser_steps": steps,

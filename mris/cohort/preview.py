@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.manifest import ManifestRow
 
 ROI_MM = 140.0
@@ -52,7 +53,7 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
         ax.set_title(f"{knees[0].subject_id} month 0  (patient RIGHT on image left)", fontsize=9)
         knees = sorted(knees, key=lambda r: r.side != "RIGHT")
         for k, row in enumerate(knees):
-            for j, region in enumerate(("fc", "tc")):
+            for j, region in enumerate(CARTILAGES):
                 thickness = np.load(out / getattr(row, f"{region}_path"))
                 axm = axes[line, 1 + 2 * k + j]
                 im = axm.imshow(thickness, cmap="viridis", vmin=0, vmax=4)

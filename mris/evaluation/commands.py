@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from mris.constants import CARTILAGES
 from mris.options import DEFAULT_K, MAX_K
 from mris.synthesis import NAN_RULES, PAPER_NAN_RULE
 
@@ -94,7 +95,8 @@ def register(app: typer.Typer) -> None:
             t2.add_column(column)
         for method, entry in report["table2_reference"]["methods"].items():
             t2.add_row(METHOD_LABELS.get(method, method),
-                       *(f"{entry[n]['all']['median']:.3f} ± {entry[n]['all']['mad']:.3f}" for n in ("fc", "tc")))
+                       *(f"{entry[n]['all']['median']:.3f} ± {entry[n]['all']['mad']:.3f}"
+                         for n in CARTILAGES))
         console.print(t2)
         t3 = report.get("table3_downstream")
         if t3 and t3["methods"]:

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from mris.constants import CARTILAGES
+
 REFERENCE_SIZE = (256, 256)
 KLG_STRATA: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("KLG01", (0, 1)), ("KLG2", (2,)), ("KLG3", (3,)), ("KLG4", (4,)),
@@ -109,7 +111,7 @@ class ReferenceErrors:
             self.pair_ids.append(row.pair_id)
             self.subjects.append(row.subject_id)
             self.klg.append(row.klg)
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             true_resized = [resize_ignore_nan(t, self.size) for t in truth[name]]
             for method, answer in answers.items():
                 medians = self.median.setdefault(method, {"fc": [], "tc": []})[name]
@@ -151,7 +153,7 @@ def reference_table(errors: ReferenceErrors, resamples: int, seed: int,
                              "methods": {}}
     for method in errors.median:
         entry: dict[str, Any] = {}
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             medians = np.asarray(errors.median[method][name], np.float64)
             mads = np.asarray(errors.mad[method][name], np.float64)
             cells = {stratum: {"median": _nanmean(medians[where]), "mad": _nanmean(mads[where]),
@@ -169,7 +171,7 @@ def reference_table(errors: ReferenceErrors, resamples: int, seed: int,
             table["paired"][f"{first} vs {second}"] = {
                 "first": first, "second": second, "statistic": "per-pair median absolute error (mm)",
                 **{name: paired_difference(errors.median[first][name], errors.median[second][name], errors.subjects,
-                                           resamples, seed) for name in ("fc", "tc")},
+                                           resamples, seed) for name in CARTILAGES},
             }
     return table
 

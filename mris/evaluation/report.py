@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.evaluation.tables import KL_GRADES
 from mris.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -87,7 +88,7 @@ def findings(report: dict[str, Any]) -> list[str]:
         for comparison in ((report.get(table_key) or {}).get("paired") or {}).values():
             first = label_of.get(comparison["first"], comparison["first"])
             second = label_of.get(comparison["second"], comparison["second"])
-            for name in ("fc", "tc"):
+            for name in CARTILAGES:
                 p = comparison[name]
                 if not p.get("n"):
                     continue
@@ -287,7 +288,7 @@ def _paired_markdown(paired: dict[str, Any], statistic: str) -> list[str]:
            "resample subjects):", "",
            "| comparison | map | pairs (subjects) | mean difference (mm) | first lower on |", "|---|---|---|---|---|"]
     for comparison in paired.values():
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             p = comparison[name]
             if not p.get("n"):
                 continue
@@ -386,7 +387,7 @@ def examples_figure(examples) -> bytes:
         axes[r, 0].imshow(examples.roi[pair], cmap="gray", vmin=0, vmax=1)
         axes[r, 0].set_title(f"{pair}\nKL{'?' if row.klg is None else row.klg} ROI", fontsize=7)
         column = 1
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             truth = maps["mr"][name]
             panels = [(f"{name.upper()} MR", truth, "viridis", THICKNESS_MAX_MM)]
             for method in ("mris-s", "unet"):
@@ -416,12 +417,13 @@ def knees_csv(report: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     reference = {kind: per_knee.get(f"reference_{kind}") or {} for kind in ("median", "mad")}
-    writer.writerow(["pair_id", "subject_id", "klg"] + [f"{m}_{n}_{kind}" for m in methods for n in ("fc", "tc")
+    writer.writerow(["pair_id", "subject_id", "klg"] + [f"{m}_{n}_{kind}" for m in methods
+                                                         for n in CARTILAGES
                                                          for kind in ("mae_mm", "coverage", "ref_median_mm", "ref_mad_mm")])
     for i, pair in enumerate(per_knee["pair_ids"]):
         values = []
         for m in methods:
-            for n in ("fc", "tc"):
+            for n in CARTILAGES:
                 values += [f"{per_knee['mae'][m][n][i]:.4f}", f"{per_knee['coverage'][m][n][i]:.4f}"]
                 values += [_cell(reference[kind].get(m, {}).get(n), i) for kind in ("median", "mad")]
         writer.writerow([pair, per_knee["subjects"][i], "" if per_knee["klg"][i] is None else per_knee["klg"][i]] + values)

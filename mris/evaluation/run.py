@@ -18,22 +18,28 @@ it has one, as the service finds knees, else the manifest's keypoints). The MRIS
 index's rows (the ``database`` split); the U-Net trains on the same split. MRIS maps use the NaN
 rule ``nan_rule`` (default ``all``, the reference's, ``mris.synthesis.PAPER_NAN_RULE``): the
 tables are comparisons with the paper; the report records the rule.
+
+``evaluate`` is a sequence of named stages: ``load_inputs`` (-> ``EvaluationInputs``),
+``train_missing`` (-> ``Artefacts``), ``load_pipelines``, ``collect_roi_sets`` (-> ``RoiSet`` per
+split), ``retrieval_table`` (Table 1), ``run_methods`` (-> ``MethodResults``), Tables 2 and 3
+(``reference_table``, ``error_table``, ``downstream_stage``), ``build_report`` and
+``write_report``; each stage's seconds go to the report.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from functools import cached_property
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
-from mris.fsutil import sha256_file
 from mris.evaluation.downstream import CLASSIFIERS, SplitMaps, classifier_map_px, downstream_table
 from mris.evaluation.methods import (
     MeanMethod,
@@ -52,6 +58,7 @@ from mris.evaluation.tables import (
     first_visit_positions,
     retrieval_row,
 )
+from mris.fsutil import sha256_file
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import ModelBundle, load_model_bundle
 from mris.options import SynthesisOptions
@@ -286,14 +293,46 @@ class Examples:
     maps: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # pair -> method -> name -> map
 
 
-# ---------------------------------------------------------------------------------------- run
-def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the evaluation and write the report; returns ``report.json``'s content."""
-    from mris.evaluation.report import write_report
-    from mris.pipeline import Pipeline
+# ------------------------------------------------------------------------------------- stages
+@dataclass
+class EvaluationInputs:
+    """What ``load_inputs`` checked: the methods, the classifiers, the manifest's splits, the
+    model bundle (its ``separate`` variant) and the warnings the report carries."""
 
-    progress = progress or Progress()
-    started = time.perf_counter()
+    methods: list[str]
+    classifiers: list[str]
+    manifest: Manifest
+    test_rows: list[ManifestRow]
+    downstream_rows: list[ManifestRow]
+    model: ModelBundle
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Artefacts:
+    """Every trained thing the methods use (``train_missing``) and the pipelines over the
+    indexes (``load_pipelines``)."""
+
+    models: dict[str, ModelBundle]  # variant -> bundle
+    baseline_paths: dict[str, Path]
+    baseline_notes: dict[str, str]  # method -> its card's width note (quick profiles shrink it)
+    indexes: dict[str, Path] = field(default_factory=dict)
+    pipelines: dict[str, Any] = field(default_factory=dict)  # variant -> Pipeline
+
+
+@dataclass
+class MethodResults:
+    """What ``run_methods`` gathered from every method on both splits."""
+
+    errors: KneeErrors
+    reference: ReferenceErrors  # Table 2 as the reference computes it
+    features: dict[str, SplitMaps]
+    examples: Examples
+    oracle: OracleMethod | None
+
+
+def load_inputs(request: EvaluateRequest) -> EvaluationInputs:
+    """Stage 1: check the request, read the manifest, load the model bundle."""
     methods = parse_methods(request.methods)
     if request.rois not in ROI_CHOICES:
         raise BadParameter(f"--rois must be one of {', '.join(ROI_CHOICES)}, got {request.rois!r}")
@@ -306,47 +345,62 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
         raise ManifestError(f"manifest {request.manifest} has no 'test' rows to evaluate on")
     model = load_model_bundle(request.model)
     if "separate" not in model.card.variants:
-        raise BadParameter(f"model bundle {request.model} has no 'separate' variant (MRIS-S, the serving default)")
-    config = model.card.preprocess_config
+        raise BadParameter(f"model bundle {request.model} has no 'separate' variant "
+                           "(MRIS-S, the serving default)")
     request.work.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    warnings: list[str] = []
-    _trained_on(request, model.card.training.get("manifest_sha256"), f"the model bundle {request.model}", False, warnings)
+    inputs = EvaluationInputs(methods=methods, classifiers=classifiers, manifest=manifest,
+                              test_rows=test_rows, downstream_rows=downstream_rows, model=model)
+    _trained_on(request, model.card.training.get("manifest_sha256"),
+                f"the model bundle {request.model}", False, inputs.warnings)
+    return inputs
 
-    # -- artefacts ------------------------------------------------------------------------
-    mark = time.perf_counter()
+
+def train_missing(request: EvaluateRequest, inputs: EvaluationInputs) -> Artefacts:
+    """Stage 2: the combined model and the baselines the methods need, trained when missing;
+    refused when their preprocessing is not the model's."""
+    model, methods, warnings = inputs.model, inputs.methods, inputs.warnings
     models = {"separate": model}
     if "mris-c" in methods:
         models["combined"] = combined_model(request, model, warnings)
         if models["combined"].card.preprocess != model.card.preprocess:
-            raise BundleMismatch(f"the combined model {models['combined'].root} uses other preprocessing constants "
-                                 f"than {request.model}")
-    baseline_paths = {method: baseline_dir(request, method, config.encoder_px, warnings)
+            raise BundleMismatch(f"the combined model {models['combined'].root} uses other "
+                                 f"preprocessing constants than {request.model}")
+    encoder_px = model.card.preprocess_config.encoder_px
+    baseline_paths = {method: baseline_dir(request, method, encoder_px, warnings)
                       for method in BASELINES if method in methods}
-    baseline_notes: dict[str, str] = {}  # method -> its card's width note (the quick profile shrinks the U-Net)
+    baseline_notes: dict[str, str] = {}
     for method, path in baseline_paths.items():
         baseline_card = json.loads((path / BASELINES[method].card).read_text())
         baseline_notes[method] = baseline_card.get("width_note", "")
         if baseline_card.get("preprocess") != model.card.preprocess:
-            raise BundleMismatch(f"{BASELINES[method].title} {path} was trained with other preprocessing constants "
-                                 f"than {request.model}")
-    seconds["train_missing"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+            raise BundleMismatch(f"{BASELINES[method].title} {path} was trained with other "
+                                 f"preprocessing constants than {request.model}")
+    return Artefacts(models=models, baseline_paths=baseline_paths, baseline_notes=baseline_notes)
+
+
+def load_pipelines(request: EvaluateRequest, artefacts: Artefacts) -> None:
+    """Stage 3: an index per variant (built when missing) and a ``Pipeline`` over each."""
+    from mris.pipeline import Pipeline
+
+    models = artefacts.models
     indexes = {variant: index_for(request, variant, bundle) for variant, bundle in models.items()}
     pipelines = {variant: Pipeline.load(models[variant].root, indexes[variant], variant=variant, device=request.device,
                                         intra_op_threads=request.threads or 0) for variant in models}
-    separate = pipelines["separate"]
-    seconds["indexes"] = time.perf_counter() - mark
+    artefacts.indexes, artefacts.pipelines = indexes, pipelines
 
-    # -- ROIs (the same for every method) ---------------------------------------------------
-    mark = time.perf_counter()
+
+def collect_roi_sets(request: EvaluateRequest, inputs: EvaluationInputs, separate,
+                     progress: Progress) -> tuple[dict[str, RoiSet], bool]:
+    """Stage 4: the ROIs every method sees, per split (rows without their maps skipped), and
+    whether the localiser found them."""
+    from mris.index.embed import find_missing
+
+    manifest = inputs.manifest
     use_localiser = request.rois == "localiser" or (request.rois == "auto" and separate.localiser is not None)
     if request.rois == "localiser" and separate.localiser is None:
         raise BadParameter(f"--rois localiser: model bundle {request.model} has no knee localiser")
-    from mris.index.embed import find_missing
-
     roi_sets: dict[str, RoiSet] = {}
-    for split, rows in (("test", test_rows), ("downstream", downstream_rows)):
+    for split, rows in (("test", inputs.test_rows), ("downstream", inputs.downstream_rows)):
         missing = {pair for pair, _ in find_missing(manifest, rows)}  # no truth to compare with
         rows = [row for row in rows if row.pair_id not in missing]
         if not rows:
@@ -358,116 +412,184 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
             roi_sets[split].skipped["missing map"] = sorted(missing)
     if "test" not in roi_sets:
         raise ManifestError("no test row has its thickness maps: nothing to evaluate")
-    test = roi_sets["test"]
-    if not test.rows:
+    if not roi_sets["test"].rows:
         raise ManifestError("no test radiograph could be read: nothing to evaluate")
-    seconds["rois"] = time.perf_counter() - mark
+    return roi_sets, use_localiser
 
-    # -- Table 1 ------------------------------------------------------------------------------
-    mark = time.perf_counter()
-    table1 = retrieval_table(request, pipelines, manifest, test, config)
-    seconds["table1"] = time.perf_counter() - mark
 
-    # -- every method on both splits -------------------------------------------------------
-    mark = time.perf_counter()
+def make_predictors(request: EvaluateRequest, methods: Sequence[str],
+                    artefacts: Artefacts) -> tuple[dict[str, Any], OracleMethod | None]:
+    """Stage 5: one predictor per method (MRIS-C, MRIS-S, the baselines, the mean), in the
+    table order; the oracle apart (it is given the truth)."""
+    pipelines, separate = artefacts.pipelines, artefacts.pipelines["separate"]
     mean_method = MeanMethod.from_index(separate.index)
     predictors: dict[str, Any] = {}
     if "mris-c" in methods:
         predictors["mris-c"] = MrisMethod(pipelines["combined"], request.k, request.nan_rule)
     if "mris-s" in methods:
         predictors["mris-s"] = MrisMethod(separate, request.k, request.nan_rule)
-    for method, path in baseline_paths.items():
-        predictors[method] = UnetMethod(path, mean_method.atlas_masks, device=request.device, threads=request.threads,
-                                        card=BASELINES[method].card)
+    for method, path in artefacts.baseline_paths.items():
+        predictors[method] = UnetMethod(path, mean_method.atlas_masks, device=request.device,
+                                        threads=request.threads, card=BASELINES[method].card)
     if "mean" in methods:
         predictors["mean"] = mean_method
     oracle = OracleMethod.from_index(separate.index) if "oracle" in methods else None
+    return predictors, oracle
 
-    errors = KneeErrors()
-    reference = ReferenceErrors()  # Table 2 as the reference computes it
-    map_px = classifier_map_px(request.profile) if "resnet18" in classifiers else None
-    features = {split: SplitMaps(map_px=map_px) for split in roi_sets}
-    examples = Examples(pair_ids=choose_examples(test.rows, request.examples, request.seed))
+
+def run_methods(request: EvaluateRequest, inputs: EvaluationInputs, artefacts: Artefacts,
+                roi_sets: dict[str, RoiSet], progress: Progress) -> MethodResults:
+    """Stage 6: every method on both splits, batch by batch: the classifiers' maps, the test
+    split's errors (ours and the reference's) and the example figure's maps."""
+    predictors, oracle = make_predictors(request, inputs.methods, artefacts)
+    map_px = classifier_map_px(request.profile) if "resnet18" in inputs.classifiers else None
+    results = MethodResults(
+        errors=KneeErrors(), reference=ReferenceErrors(),
+        features={split: SplitMaps(map_px=map_px) for split in roi_sets},
+        examples=Examples(pair_ids=choose_examples(roi_sets["test"].rows, request.examples,
+                                                   request.seed)),
+        oracle=oracle,
+    )
     for split, roi_set in roi_sets.items():
         task = progress.stage(f"methods on {split}", len(roi_set.rows))
         for start in range(0, len(roi_set.rows), BATCH):
             rows = roi_set.rows[start:start + BATCH]
             rois = roi_set.rois[start:start + BATCH]
-            truth = _load_truth(manifest, rows)
+            truth = _load_truth(inputs.manifest, rows)
             answers: dict[str, MethodMaps] = {"mr": MethodMaps(fc=truth["fc"], tc=truth["tc"])}
             for name, predictor in predictors.items():
                 answers[name] = predictor.predict(rois)
             if oracle is not None:
                 answers["oracle"] = oracle.predict_from_truth(truth)
-            features[split].rows.extend(rows)
+            results.features[split].rows.extend(rows)
             for name, answer in answers.items():
-                features[split].add(name, answer.fc, answer.tc)
+                results.features[split].add(name, answer.fc, answer.tc)
             if split == "test":
-                errors.add_rows(rows)
-                reference.add(rows, truth, {name: answer for name, answer in answers.items() if name != "mr"})
-                for name, answer in answers.items():
-                    if name != "mr":
-                        for cartilage in ("fc", "tc"):
-                            errors.add(name, cartilage, answer[cartilage], truth[cartilage])
-                for i, row in enumerate(rows):
-                    if row.pair_id in examples.pair_ids:
-                        examples.rows[row.pair_id] = row
-                        examples.roi[row.pair_id] = rois[i].image
-                        examples.maps[row.pair_id] = {
-                            name: {**{c: answer[c][i] for c in ("fc", "tc")},
-                                   **{f"{c}_std": s[i] for c, s in answer.std.items()}}
-                            for name, answer in answers.items()
-                        }
+                _add_test_batch(results, rows, rois, truth, answers)
             progress.advance(task, min(len(roi_set.rows), start + BATCH))
-    seconds["methods"] = time.perf_counter() - mark
+    return results
 
-    # -- Tables 2 and 3 -------------------------------------------------------------------
-    mark = time.perf_counter()
-    table2 = reference_table(reference, request.resamples, request.seed)
-    table2_mae = error_table(errors, request.resamples, request.seed)
-    seconds["tables"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    table3 = None
-    if "downstream" in features and features["downstream"].rows and classifiers:
-        table3 = downstream_table(features["downstream"], features["test"], ["mr", *methods], request.resamples,
-                                  request.seed, classifiers=classifiers, profile=request.profile,
-                                  epochs=request.classifier_epochs, weights=request.classifier_weights,
-                                  device=request.device, threads=request.threads, log=progress.log)
-    seconds["table3"] = time.perf_counter() - mark
 
-    report = {
+def _add_test_batch(results: MethodResults, rows: Sequence[ManifestRow], rois,
+                    truth: dict[str, np.ndarray], answers: dict[str, MethodMaps]) -> None:
+    """A test batch's errors per method and cartilage, and the maps of its example knees."""
+    errors, examples = results.errors, results.examples
+    errors.add_rows(rows)
+    predicted = {name: answer for name, answer in answers.items() if name != "mr"}
+    results.reference.add(rows, truth, predicted)
+    for name, answer in answers.items():
+        if name != "mr":
+            for cartilage in CARTILAGES:
+                errors.add(name, cartilage, answer[cartilage], truth[cartilage])
+    for i, row in enumerate(rows):
+        if row.pair_id in examples.pair_ids:
+            examples.rows[row.pair_id] = row
+            examples.roi[row.pair_id] = rois[i].image
+            examples.maps[row.pair_id] = {
+                name: {**{c: answer[c][i] for c in CARTILAGES},
+                       **{f"{c}_std": s[i] for c, s in answer.std.items()}}
+                for name, answer in answers.items()
+            }
+
+
+def downstream_stage(request: EvaluateRequest, inputs: EvaluationInputs,
+                     results: MethodResults, progress: Progress) -> dict[str, Any] | None:
+    """Stage 8: Table 3 (classifiers trained on the downstream split's maps, tested on the test
+    split's); ``None`` without downstream rows or classifiers."""
+    features = results.features
+    if "downstream" not in features or not features["downstream"].rows or not inputs.classifiers:
+        return None
+    return downstream_table(features["downstream"], features["test"], ["mr", *inputs.methods],
+                            request.resamples, request.seed, classifiers=inputs.classifiers,
+                            profile=request.profile, epochs=request.classifier_epochs,
+                            weights=request.classifier_weights, device=request.device,
+                            threads=request.threads, log=progress.log)
+
+
+def build_report(request: EvaluateRequest, inputs: EvaluationInputs, artefacts: Artefacts,
+                 roi_sets: dict[str, RoiSet], use_localiser: bool, results: MethodResults,
+                 tables: dict[str, Any]) -> dict[str, Any]:
+    """Stage 9: ``report.json``'s content (without ``seconds``)."""
+    models, pipelines = artefacts.models, artefacts.pipelines
+    baseline_paths, errors = artefacts.baseline_paths, results.errors
+    reference, oracle = results.reference, results.oracle
+    rois = {"source": "localiser" if use_localiser else "keypoints",
+            **{split: {"pairs": len(s.rows), "skipped": {r: len(p) for r, p in s.skipped.items()},
+                       "keypoint_fallbacks": s.keypoint_fallbacks}
+               for split, s in roi_sets.items()}}
+    artefact_paths = {
+        "model": str(request.model),
+        "combined_model": str(models["combined"].root) if "combined" in models else "",
+        "indexes": {v: str(p) for v, p in artefacts.indexes.items()},
+        "index_versions": {v: p.index_version for v, p in pipelines.items()},
+        "database_rows": pipelines["separate"].index.card.rows,
+        **{method: str(baseline_paths[method]) if method in baseline_paths else None
+           for method in BASELINES},
+        "baseline_notes": artefacts.baseline_notes,
+    }
+    return {
         "format": REPORT_FORMAT,
         "command": request.command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "methods": methods,
-        "warnings": warnings,
+        "methods": inputs.methods,
+        "warnings": inputs.warnings,
         "k": request.k,
         "nan_rule": request.nan_rule,
         "bootstrap_resamples": request.resamples,
         "seed": request.seed,
-        "rois": {"source": "localiser" if use_localiser else "keypoints",
-                 **{split: {"pairs": len(s.rows), "skipped": {r: len(p) for r, p in s.skipped.items()},
-                            "keypoint_fallbacks": s.keypoint_fallbacks} for split, s in roi_sets.items()}},
-        "artefacts": {"model": str(request.model), "combined_model": str(models["combined"].root) if "combined" in models else "",
-                      "indexes": {v: str(p) for v, p in indexes.items()},
-                      "index_versions": {v: p.index_version for v, p in pipelines.items()},
-                      "database_rows": separate.index.card.rows,
-                      **{method: str(baseline_paths[method]) if method in baseline_paths else None for method in BASELINES},
-                      "baseline_notes": baseline_notes},
-        "model_card": _card_summary(model.card),
+        "rois": rois,
+        "artefacts": artefact_paths,
+        "model_card": _card_summary(inputs.model.card),
         "cohort": _cohort_stats(request.manifest),
-        "table1_retrieval": table1,
-        "table2_reference": table2,
-        "table2_error": table2_mae,
-        "table3_downstream": table3,
+        "table1_retrieval": tables["table1"],
+        "table2_reference": tables["table2"],
+        "table2_error": tables["table2_mae"],
+        "table3_downstream": tables["table3"],
         "oracle_rows": {c: len(set(v)) for c, v in (oracle.chosen.items() if oracle else [])},
         "per_knee": {"pair_ids": errors.pair_ids, "subjects": errors.subjects, "klg": errors.klg,
                      "mae": errors.mae, "coverage": errors.coverage,
                      "reference_median": reference.median, "reference_mad": reference.mad},
     }
+
+
+# ---------------------------------------------------------------------------------------- run
+def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the evaluation and write the report; returns ``report.json``'s content."""
+    from mris.evaluation.report import write_report
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    inputs = load_inputs(request)
+    mark = time.perf_counter()
+    artefacts = train_missing(request, inputs)
+    seconds["train_missing"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    load_pipelines(request, artefacts)
+    seconds["indexes"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    roi_sets, use_localiser = collect_roi_sets(request, inputs, artefacts.pipelines["separate"],
+                                               progress)
+    seconds["rois"] = time.perf_counter() - mark
+    tables: dict[str, Any] = {}
+    mark = time.perf_counter()
+    tables["table1"] = retrieval_table(request, artefacts.pipelines, inputs.manifest,
+                                       roi_sets["test"], inputs.model.card.preprocess_config)
+    seconds["table1"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    results = run_methods(request, inputs, artefacts, roi_sets, progress)
+    seconds["methods"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    tables["table2"] = reference_table(results.reference, request.resamples, request.seed)
+    tables["table2_mae"] = error_table(results.errors, request.resamples, request.seed)
+    seconds["tables"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    tables["table3"] = downstream_stage(request, inputs, results, progress)
+    seconds["table3"] = time.perf_counter() - mark
+    report = build_report(request, inputs, artefacts, roi_sets, use_localiser, results, tables)
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {name: round(value, 1) for name, value in seconds.items()}
-    write_report(request.out, report, examples)
+    write_report(request.out, report, results.examples)
     progress.log(f"report: {request.out / 'report.md'} ({seconds['total']:.0f} s)")
     return report
 

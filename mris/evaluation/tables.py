@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.evaluation import metrics
 from mris.evaluation.reference_stats import PAIRED, paired_difference
 from mris.manifest import ManifestRow
@@ -132,4 +133,4 @@ def paired_comparison(
         return None
     return {"first": first, "second": second, "statistic": "per-pair MAE (mm)",
             **{name: paired_difference(errors.mae[first][name], errors.mae[second][name], errors.subjects,
-                                       resamples, seed) for name in ("fc", "tc")}}
+                                       resamples, seed) for name in CARTILAGES}}
