@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 EXPORT = r"""
 import sys, torch
 from pathlib import Path
+from mris.constants import CARTILAGES
 from mris.training.models import ModelConfig, build_model
 from mris.training.export import export_onnx
 root, px = Path(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
-for name in ("fc", "tc"):
+for name in CARTILAGES:
     for modality in ("radiograph", "thickness"):
         export_onnx(build_model(ModelConfig(kind="encoder")), root / f"separate-{name}-{modality}.onnx", (px, px), ["embedding"])
 """
@@ -44,7 +45,7 @@ for name in ("fc", "tc"):
 def resnet_bundle(root: Path, px: int) -> Path:
     from datetime import datetime, timezone
 
-    from mris.constants import PREPROCESSING_VERSION, PreprocessConfig
+    from mris.constants import CARTILAGES, PREPROCESSING_VERSION, PreprocessConfig
     from mris.model_bundle import EncoderPair, ModelCard, VariantCard, write_model_card
 
     root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def resnet_bundle(root: Path, px: int) -> Path:
     pairs = {
         r: EncoderPair(radiograph=f"separate-{r}-radiograph.onnx", thickness=f"separate-{r}-thickness.onnx",
                        radiograph_input_px=(px, px), thickness_input_px=(px, px))
-        for r in ("fc", "tc")
+        for r in CARTILAGES
     }
     card = ModelCard(created=datetime.now(timezone.utc).isoformat(), preprocess=PreprocessConfig(encoder_px=px).to_dict(),
                      preprocessing_version=PREPROCESSING_VERSION,
@@ -76,6 +77,7 @@ def main() -> None:
     from mris.index.embed import region_inputs
 
     from mris.encoders import OnnxEncoder, default_threads
+    from mris.constants import CARTILAGES
     from mris.manifest import read_manifest
     from mris.model_bundle import load_model_bundle
     from mris.thickness import load_thickness_map
@@ -97,7 +99,7 @@ def main() -> None:
             for region in prepared:
                 prepared[region].append(inputs[region])
         encoders = {r: OnnxEncoder(model.encoder_path("separate", r, "thickness"), device="cpu",
-                                   intra_op_threads=threads, batch_size=args.batch_size) for r in ("fc", "tc")}
+                                   intra_op_threads=threads, batch_size=args.batch_size) for r in CARTILAGES}
         batches = {r: np.stack(v)[:, None] for r, v in prepared.items()}
         for r in encoders:  # warm-up
             encoders[r].embed(batches[r][: args.batch_size])

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.evaluation.methods import collect_rois
 from mris.evaluation.metrics import map_error
 from mris.manifest import read_manifest
@@ -62,7 +63,7 @@ def main() -> None:
     print(f"{len(rois.rows)} {args.split} knee-visits with ROIs from the {args.rois} "
           f"(skipped: {({r: len(p) for r, p in rois.skipped.items()})}, fallbacks: {rois.keypoint_fallbacks})")
 
-    per = {rule: {c: {"coverage": [], "mae": [], "outside": [], "extra_mae": [], "extra_share": []} for c in ("fc", "tc")}
+    per = {rule: {c: {"coverage": [], "mae": [], "outside": [], "extra_mae": [], "extra_share": []} for c in CARTILAGES}
            for rule in NAN_RULES}
     for start in range(0, len(rois.rows), BATCH):
         batch_rows, batch_rois = rois.rows[start:start + BATCH], rois.rois[start:start + BATCH]
@@ -70,7 +71,7 @@ def main() -> None:
         answers = {rule: [synthesize_maps(h, pipeline.index, args.k, rule) for h in hits]
                    for rule in NAN_RULES}
         for i, row in enumerate(batch_rows):
-            for name in ("fc", "tc"):
+            for name in CARTILAGES:
                 truth = load_thickness_map(manifest.resolve_path(getattr(row, f"{name}_path")))
                 strict = answers["all"][i].maps_mm[name]
                 for rule in NAN_RULES:
@@ -90,7 +91,7 @@ def main() -> None:
     print(f"\nk = {args.k}, {len(rois.rows)} knee-visits, {time.perf_counter() - started:.0f} s")
     print(f"{'rule':<9} {'map':<3} {'coverage':>9} {'MAE mm':>8} {'median':>8} {'outside':>8} {'extra px':>9} {'MAE extra':>10}")
     for rule in NAN_RULES:
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             f = per[rule][name]
             entry = {
                 "coverage_mean": float(np.mean(f["coverage"])),

@@ -23,6 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mris.constants import CARTILAGES
 from mris.subcommand import run_mris
 
 console = Console()
@@ -95,7 +96,7 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
             truth = {"fc": load_thickness_map(manifest.resolve_path(row.fc_path)),
                      "tc": load_thickness_map(manifest.resolve_path(row.tc_path))}
             truths.append(truth)
-            errors = {name: _mae(result.maps_mm[name], truth[name]) for name in ("fc", "tc")}
+            errors = {name: _mae(result.maps_mm[name], truth[name]) for name in CARTILAGES}
             for name in errors:
                 maes[name].append(errors[name])
             top = ", ".join(f"{n.pair_id} ({n.similarity:.2f})" for n in result.neighbours["fc"][:3])

@@ -42,8 +42,6 @@ from mris.options import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS, RequestOptions
 from mris.roi import KneeRoi, extract_roi, parse_keypoints, stack_rois
 from mris.synthesis import DEFAULT_NAN_RULE, NanRule, similarity_weights, synthesize
 
-MAP_NAMES = ("fc", "tc")
-
 
 @dataclass
 class Prepared:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mris.constants import CARTILAGES
 from mris.errors import BundleInvalid, KneeNotFound, MrisError
 from mris.fsutil import sha256_file
 from mris.imageops import resize
@@ -142,7 +143,7 @@ class MrisMethod:
         return MethodMaps(
             fc=np.stack([knee.maps_mm["fc"] for knee in knees]),
             tc=np.stack([knee.maps_mm["tc"] for knee in knees]),
-            std={name: np.stack([knee.std_mm[name] for knee in knees]) for name in ("fc", "tc")},
+            std={name: np.stack([knee.std_mm[name] for knee in knees]) for name in CARTILAGES},
         )
 
 
@@ -152,7 +153,7 @@ def database_mean_maps(store_rows: Callable[[str, np.ndarray], np.ndarray], coun
     ``store_rows(cartilage, row_ids [1, n]) -> [1, n, H, W]``; equals ``synthesize`` with equal
     similarities over all rows (checked by a test), without holding every map at once."""
     means = {}
-    for name in ("fc", "tc"):
+    for name in CARTILAGES:
         total = present = None
         for start in range(0, count, chunk_rows):
             block = np.asarray(store_rows(name, np.arange(start, min(count, start + chunk_rows))[None])[0], np.float64)
@@ -216,7 +217,7 @@ class UnetMethod:
         batch = np.stack([roi.image for roi in rois]).astype(np.float32)[:, None]
         (out,) = self.session.run(None, {self.input_name: batch})
         maps = {}
-        for channel, name in enumerate(("fc", "tc")):
+        for channel, name in enumerate(CARTILAGES):
             shape = self.atlas_masks[name].shape
             resized = np.stack([resize(out[i, channel], shape) for i in range(len(rois))])
             maps[name] = np.where(self.atlas_masks[name][None], resized, np.nan).astype(np.float32)
@@ -238,7 +239,7 @@ class OracleMethod:
         self.shortlist = shortlist
         self.chunk_rows = chunk_rows
         self.filled: dict[str, np.ndarray] = {}
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             filled = None
             for start in range(0, count, chunk_rows):
                 block = np.asarray(rows_of(name, np.arange(start, min(count, start + chunk_rows))[None])[0], np.float32)
@@ -281,7 +282,7 @@ class OracleMethod:
 
     def predict_from_truth(self, truth: dict[str, np.ndarray]) -> MethodMaps:
         out = {}
-        for name in ("fc", "tc"):
+        for name in CARTILAGES:
             rows = self.best_rows(name, truth[name])
             self.chosen[name].extend(int(r) for r in rows)
             out[name] = np.asarray(self.rows_of(name, rows[None])[0], np.float32)
