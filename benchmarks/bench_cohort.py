@@ -25,16 +25,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cohort-") as tmp:
-        config = CohortConfig(out=Path(tmp) / "cohort", subjects=args.subjects, seed=args.seed,
-                              image_size=args.image_size, workers=args.workers)
+        config = CohortConfig(
+            out=Path(tmp) / "cohort",
+            subjects=args.subjects,
+            seed=args.seed,
+            image_size=args.image_size,
+            workers=args.workers,
+        )
         start = time.perf_counter()
         summary = generate_cohort(config)
         seconds = time.perf_counter() - start
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"subjects {summary.n_subjects}  knee-visits {summary.n_pairs}  radiographs {summary.n_radiographs}")
+    print(
+        f"subjects {summary.n_subjects}  knee-visits {summary.n_pairs}  radiographs {summary.n_radiographs}"
+    )
     print(f"time {seconds:.1f} s  ->  {summary.n_pairs / seconds:.1f} knee-visits/s")
-    print(f"disk {summary.disk_bytes / 1e6:.1f} MB ({summary.disk_bytes / max(summary.n_subjects, 1) / 1e6:.2f} MB/subject)")
+    print(
+        f"disk {summary.disk_bytes / 1e6:.1f} MB ({summary.disk_bytes / max(summary.n_subjects, 1) / 1e6:.2f} MB/subject)"
+    )
     print(f"peak RSS: main {own:.0f} MiB, largest worker {children:.0f} MiB")
 
 

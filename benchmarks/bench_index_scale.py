@@ -28,7 +28,9 @@ import time
 import numpy as np
 
 
-def mixture_embeddings(rows: int, dim: int = 512, latent: int = 32, clusters: int = 2048, seed: int = 0) -> np.ndarray:
+def mixture_embeddings(
+    rows: int, dim: int = 512, latent: int = 32, clusters: int = 2048, seed: int = 0
+) -> np.ndarray:
     rng = np.random.default_rng(seed)
     projection = rng.normal(0, 1 / np.sqrt(latent), (latent, dim)).astype(np.float32)
     centres = rng.normal(0, 1, (clusters, latent)).astype(np.float32)
@@ -43,14 +45,18 @@ def mixture_embeddings(rows: int, dim: int = 512, latent: int = 32, clusters: in
     return out
 
 
-def grown_embeddings(seed_rows: np.ndarray, rows: int, cosine: float = 0.95, seed: int = 0) -> np.ndarray:
+def grown_embeddings(
+    seed_rows: np.ndarray, rows: int, cosine: float = 0.95, seed: int = 0
+) -> np.ndarray:
     rng = np.random.default_rng(seed)
     dim = seed_rows.shape[1]
     sigma = np.sqrt((1 / cosine**2 - 1) / dim)
     out = np.empty((rows, dim), np.float32)
     for start in range(0, rows, 100_000):
         n = min(100_000, rows - start)
-        x = seed_rows[rng.integers(0, len(seed_rows), n)] + rng.normal(0, sigma, (n, dim)).astype(np.float32)
+        x = seed_rows[rng.integers(0, len(seed_rows), n)] + rng.normal(0, sigma, (n, dim)).astype(
+            np.float32
+        )
         out[start : start + n] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -77,17 +83,28 @@ def index_bytes(index) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
-    parser.add_argument("--max-rows", type=int, default=1_000_000, help="skip sizes above this (fit the machine)")
-    parser.add_argument("--seed-embeddings", help="grow the database from these real embeddings (.npy [n, 512])")
+    parser.add_argument(
+        "--max-rows", type=int, default=1_000_000, help="skip sizes above this (fit the machine)"
+    )
+    parser.add_argument(
+        "--seed-embeddings", help="grow the database from these real embeddings (.npy [n, 512])"
+    )
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--kind", default="auto", help="approximate kind to compare (auto picks by size; ivf forces IVF)")
+    parser.add_argument(
+        "--kind",
+        default="auto",
+        help="approximate kind to compare (auto picks by size; ivf forces IVF)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     import faiss
+
     from mris.index.build import build_faiss_index
     from mris.index.choose import choose_index
     from mris.index.verify import recall_at_k
@@ -96,7 +113,9 @@ def main() -> None:
     faiss.omp_set_num_threads(threads)
     seed_rows = np.load(args.seed_embeddings).astype(np.float32) if args.seed_embeddings else None
     results = []
-    print(f"threads {threads}; structure: {'grown from ' + args.seed_embeddings if seed_rows is not None else 'Gaussian mixture (32-d latent)'}")
+    print(
+        f"threads {threads}; structure: {'grown from ' + args.seed_embeddings if seed_rows is not None else 'Gaussian mixture (32-d latent)'}"
+    )
     for size in sorted(args.sizes):
         if size > args.max_rows:
             print(f"skip {size} rows (> --max-rows {args.max_rows})")
@@ -108,7 +127,11 @@ def main() -> None:
         else:
             both = mixture_embeddings(size + args.queries, seed=size)
             database, fresh = both[:size], both[size:]
-            noise = np.random.default_rng(1).normal(0, np.sqrt((1 / 0.8**2 - 1) / 512), fresh.shape).astype(np.float32)
+            noise = (
+                np.random.default_rng(1)
+                .normal(0, np.sqrt((1 / 0.8**2 - 1) / 512), fresh.shape)
+                .astype(np.float32)
+            )
             queries = fresh + noise
             queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         generated = time.perf_counter() - t
@@ -131,15 +154,27 @@ def main() -> None:
         row = {
             "rows": size,
             "generate_s": round(generated, 1),
-            "flat": {"build_s": round(flat_build, 2), "bytes": index_bytes(flat), "ms_1": round(flat_1, 2), "ms_per_query_16": round(flat_16, 3)},
+            "flat": {
+                "build_s": round(flat_build, 2),
+                "bytes": index_bytes(flat),
+                "ms_1": round(flat_1, 2),
+                "ms_per_query_16": round(flat_16, 3),
+            },
             "approx": {
-                "factory": spec.factory, "nprobe": built.nprobe, "build_s": round(approx_build, 1), "bytes": index_bytes(built.index),
-                "ms_1": round(approx_1, 2), "ms_per_query_16": round(approx_16, 3),
-                "recall_at_20_tuning": round(built.recall_at_20, 4), "recall_at_20_fresh": round(recall, 4),
+                "factory": spec.factory,
+                "nprobe": built.nprobe,
+                "build_s": round(approx_build, 1),
+                "bytes": index_bytes(built.index),
+                "ms_1": round(approx_1, 2),
+                "ms_per_query_16": round(approx_16, 3),
+                "recall_at_20_tuning": round(built.recall_at_20, 4),
+                "recall_at_20_fresh": round(recall, 4),
             },
             "speedup_1": round(flat_1 / approx_1, 1),
             "speedup_16": round(flat_16 / approx_16, 1),
-            "max_rss_mib": round(max(rss_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024),
+            "max_rss_mib": round(
+                max(rss_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+            ),
         }
         results.append(row)
         print(

@@ -46,7 +46,10 @@ def write(image: np.ndarray, ts: str, **encode: object) -> bytes:
     meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Modality = "DX"
     ds.Rows, ds.Columns = image.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -81,10 +84,14 @@ def main() -> None:
         ("JPEG 2000 lossless", uid.JPEG2000Lossless, {}),
         ("JPEG 2000 lossy", uid.JPEG2000, {"j2k_cr": [20]}),
     ]
-    print(f"{ROWS} x {COLS} 12-bit, {SPACING_MM} mm/px, ROI {config.roi_size_mm:g} mm -> "
-          f"{config.encoder_px} px, median of {args.repeats}")
-    print(f"{'syntax':<20} {'file MiB':>9} {'decode ms':>10} {'2 ROIs ms':>10} {'total ms':>9} "
-          f"{'sandboxed decode ms':>20} {'ratio':>6}")
+    print(
+        f"{ROWS} x {COLS} 12-bit, {SPACING_MM} mm/px, ROI {config.roi_size_mm:g} mm -> "
+        f"{config.encoder_px} px, median of {args.repeats}"
+    )
+    print(
+        f"{'syntax':<20} {'file MiB':>9} {'decode ms':>10} {'2 ROIs ms':>10} {'total ms':>9} "
+        f"{'sandboxed decode ms':>20} {'ratio':>6}"
+    )
     with DecodeSandbox(workers=1) as sandbox:
         for name, ts, encode in cases:
             data = write(image, ts, **encode)
@@ -92,8 +99,10 @@ def main() -> None:
             decode = median_ms(lambda data=data: read_radiograph(data), args.repeats)
             roi = median_ms(lambda r=radiograph: extract_rois(r, centres, config), args.repeats)
             sandboxed = median_ms(lambda data=data: sandbox.read(data), args.repeats)
-            print(f"{name:<20} {len(data) / 2**20:>9.2f} {decode:>10.1f} {roi:>10.1f} {decode + roi:>9.1f} "
-                  f"{sandboxed:>20.1f} {sandboxed / decode:>6.2f}")
+            print(
+                f"{name:<20} {len(data) / 2**20:>9.2f} {decode:>10.1f} {roi:>10.1f} {decode + roi:>9.1f} "
+                f"{sandboxed:>20.1f} {sandboxed / decode:>6.2f}"
+            )
 
 
 if __name__ == "__main__":

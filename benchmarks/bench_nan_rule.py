@@ -54,22 +54,33 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    pipeline = Pipeline.load(args.model, args.index, variant="separate", device="cpu", intra_op_threads=args.threads)
+    pipeline = Pipeline.load(
+        args.model, args.index, variant="separate", device="cpu", intra_op_threads=args.threads
+    )
     manifest = read_manifest(args.manifest)
     rows = manifest.select([args.split])
     if args.limit:
         rows = rows[: args.limit]
     rois = collect_rois(pipeline, manifest, rows, use_localiser=args.rois == "localiser")
-    print(f"{len(rois.rows)} {args.split} knee-visits with ROIs from the {args.rois} "
-          f"(skipped: {({r: len(p) for r, p in rois.skipped.items()})}, fallbacks: {rois.keypoint_fallbacks})")
+    print(
+        f"{len(rois.rows)} {args.split} knee-visits with ROIs from the {args.rois} "
+        f"(skipped: { ({r: len(p) for r, p in rois.skipped.items()}) }, fallbacks: {rois.keypoint_fallbacks})"
+    )
 
-    per = {rule: {c: {"coverage": [], "mae": [], "outside": [], "extra_mae": [], "extra_share": []} for c in CARTILAGES}
-           for rule in NAN_RULES}
+    per = {
+        rule: {
+            c: {"coverage": [], "mae": [], "outside": [], "extra_mae": [], "extra_share": []}
+            for c in CARTILAGES
+        }
+        for rule in NAN_RULES
+    }
     for start in range(0, len(rois.rows), BATCH):
-        batch_rows, batch_rois = rois.rows[start:start + BATCH], rois.rois[start:start + BATCH]
+        batch_rows, batch_rois = rois.rows[start : start + BATCH], rois.rois[start : start + BATCH]
         hits = pipeline.search(batch_rois, args.k)
-        answers = {rule: [synthesize_maps(h, pipeline.index, args.k, rule) for h in hits]
-                   for rule in NAN_RULES}
+        answers = {
+            rule: [synthesize_maps(h, pipeline.index, args.k, rule) for h in hits]
+            for rule in NAN_RULES
+        }
         for i, row in enumerate(batch_rows):
             for name in CARTILAGES:
                 truth = load_thickness_map(manifest.resolve_path(getattr(row, f"{name}_path")))
@@ -81,15 +92,21 @@ def main() -> None:
                     figures["coverage"].append(coverage)
                     figures["mae"].append(mae)
                     claimed = np.isfinite(predicted)
-                    figures["outside"].append((claimed & np.isnan(truth)).sum() / max(claimed.sum(), 1))
+                    figures["outside"].append(
+                        (claimed & np.isnan(truth)).sum() / max(claimed.sum(), 1)
+                    )
                     extra = np.isfinite(predicted) & np.isnan(strict) & np.isfinite(truth)
                     figures["extra_share"].append(extra.sum() / max(np.isfinite(truth).sum(), 1))
                     if extra.any():
-                        figures["extra_mae"].append(float(np.abs(predicted[extra] - truth[extra]).mean()))
+                        figures["extra_mae"].append(
+                            float(np.abs(predicted[extra] - truth[extra]).mean())
+                        )
 
     summary = {}
     print(f"\nk = {args.k}, {len(rois.rows)} knee-visits, {time.perf_counter() - started:.0f} s")
-    print(f"{'rule':<9} {'map':<3} {'coverage':>9} {'MAE mm':>8} {'median':>8} {'outside':>8} {'extra px':>9} {'MAE extra':>10}")
+    print(
+        f"{'rule':<9} {'map':<3} {'coverage':>9} {'MAE mm':>8} {'median':>8} {'outside':>8} {'extra px':>9} {'MAE extra':>10}"
+    )
     for rule in NAN_RULES:
         for name in CARTILAGES:
             f = per[rule][name]
@@ -102,13 +119,21 @@ def main() -> None:
                 "extra_mae_mean": float(np.mean(f["extra_mae"])) if f["extra_mae"] else None,
             }
             summary.setdefault(rule, {})[name] = entry
-            extra_mae = f"{entry['extra_mae_mean']:.3f}" if entry["extra_mae_mean"] is not None else "-"
-            print(f"{rule:<9} {name:<3} {100 * entry['coverage_mean']:>8.1f}% {entry['mae_mean']:>8.3f} "
-                  f"{entry['mae_median']:>8.3f} {100 * entry['outside_mean']:>7.1f}% "
-                  f"{100 * entry['extra_share_mean']:>8.1f}% {extra_mae:>10}")
+            extra_mae = (
+                f"{entry['extra_mae_mean']:.3f}" if entry["extra_mae_mean"] is not None else "-"
+            )
+            print(
+                f"{rule:<9} {name:<3} {100 * entry['coverage_mean']:>8.1f}% {entry['mae_mean']:>8.3f} "
+                f"{entry['mae_median']:>8.3f} {100 * entry['outside_mean']:>7.1f}% "
+                f"{100 * entry['extra_share_mean']:>8.1f}% {extra_mae:>10}"
+            )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"k": args.k, "knee_visits": len(rois.rows), "rois": args.rois, "figures": summary}, handle, indent=2)
+            json.dump(
+                {"k": args.k, "knee_visits": len(rois.rows), "rois": args.rois, "figures": summary},
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
-import sys
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("mris-demo"))
     parser.add_argument("--requests", type=int, default=60, help="requests per measurement")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--keypoints", action="store_true", help="send the true centres (skip the localiser)")
+    parser.add_argument(
+        "--keypoints", action="store_true", help="send the true centres (skip the localiser)"
+    )
     args = parser.parse_args()
 
     from mris.manifest import read_manifest
@@ -66,13 +68,22 @@ def main() -> None:
     # best in-process throughput: prepare in 2 threads, search in batches of 16 ROIs
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        prepared = list(pool.map(lambda i: pipeline.prepare(files[i % len(files)], options), range(args.requests)))
+        prepared = list(
+            pool.map(
+                lambda i: pipeline.prepare(files[i % len(files)], options), range(args.requests)
+            )
+        )
     rois = [roi.image for p in prepared for roi in p.rois]
     hits = []
     for start in range(0, len(rois), 16):
-        hits.extend(pipeline.search(rois[start:start + 16], 20))
+        hits.extend(pipeline.search(rois[start : start + 16], 20))
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda j: pipeline.assemble(prepared[j], hits[2 * j:2 * j + 2], 20), range(len(prepared))))
+        list(
+            pool.map(
+                lambda j: pipeline.assemble(prepared[j], hits[2 * j : 2 * j + 2], 20),
+                range(len(prepared)),
+            )
+        )
     inproc_rps = args.requests / (time.perf_counter() - started)
 
     # ---------------------------------------------------------------- the server (own process,
@@ -80,9 +91,24 @@ def main() -> None:
     port = _free_port()
     env = {**os.environ, "MRIS_LOG_LEVEL": "WARNING"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mris.cli", "serve", "--model", str(model), "--index-root", str(index_root),
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mris.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--index-root",
+            str(index_root),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -95,8 +121,12 @@ def main() -> None:
 
     def post(client: httpx.Client, i: int) -> tuple[int, float]:
         started = time.perf_counter()
-        response = client.post(f"{url}/synthesize", content=files[i % len(files)],
-                                headers={"Content-Type": "application/dicom"}, timeout=60)
+        response = client.post(
+            f"{url}/synthesize",
+            content=files[i % len(files)],
+            headers={"Content-Type": "application/dicom"},
+            timeout=60,
+        )
         return response.status_code, time.perf_counter() - started
 
     with httpx.Client() as client:
@@ -106,7 +136,10 @@ def main() -> None:
 
     def burst(n: int, clients: int) -> tuple[list[int], float]:
         started = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool, httpx.Client(limits=httpx.Limits(max_connections=clients)) as client:
+        with (
+            ThreadPoolExecutor(clients) as pool,
+            httpx.Client(limits=httpx.Limits(max_connections=clients)) as client,
+        ):
             results = list(pool.map(lambda i: post(client, i), range(n)))
         return [status for status, _ in results], time.perf_counter() - started
 
@@ -121,8 +154,14 @@ def main() -> None:
 
     def rebuild_and_reload() -> None:
         time.sleep(1.0)
-        build_index_bundle(model, args.workdir / "cohort" / "manifest.csv", index_root, variant="separate",
-                           publish=True, threads=1)
+        build_index_bundle(
+            model,
+            args.workdir / "cohort" / "manifest.csv",
+            index_root,
+            variant="separate",
+            publish=True,
+            threads=1,
+        )
         reload_status.append(httpx.post(f"{url}/admin/reload", timeout=60).status_code)
 
     side = threading.Thread(target=rebuild_and_reload)
@@ -133,15 +172,25 @@ def main() -> None:
     server.wait(timeout=30)
 
     cpu = os.cpu_count()
-    print(f"machine: {cpu} cores; requests per measurement: {args.requests}; radiographs: {len(files)} test DICOMs")
-    print(f"in-process floor  p50 {statistics.median(floor) * 1000:7.1f} ms  p95 {_percentile(floor, 95) * 1000:7.1f} ms")
-    print(f"HTTP /synthesize  p50 {statistics.median(http) * 1000:7.1f} ms  p95 {_percentile(http, 95) * 1000:7.1f} ms"
-          f"   ratio p50 {statistics.median(http) / statistics.median(floor):.2f}x (goal <= 1.3x)")
-    print(f"throughput: in-process best {inproc_rps:.1f} req/s; HTTP with {args.clients} clients {http_rps:.1f} req/s"
-          f" = {http_rps / inproc_rps:.2f}x (goal >= 0.85x on CPU); 1 client {args.requests // 2 / one_seconds:.1f} req/s;"
-          f" failures {sum(s != 200 for s in statuses + one_statuses)}")
-    print(f"load with rebuild + reload: {len(load_statuses)} requests in {load_seconds:.1f} s, reload status "
-          f"{reload_status}, failed requests {sum(s != 200 for s in load_statuses)} (goal 0)")
+    print(
+        f"machine: {cpu} cores; requests per measurement: {args.requests}; radiographs: {len(files)} test DICOMs"
+    )
+    print(
+        f"in-process floor  p50 {statistics.median(floor) * 1000:7.1f} ms  p95 {_percentile(floor, 95) * 1000:7.1f} ms"
+    )
+    print(
+        f"HTTP /synthesize  p50 {statistics.median(http) * 1000:7.1f} ms  p95 {_percentile(http, 95) * 1000:7.1f} ms"
+        f"   ratio p50 {statistics.median(http) / statistics.median(floor):.2f}x (goal <= 1.3x)"
+    )
+    print(
+        f"throughput: in-process best {inproc_rps:.1f} req/s; HTTP with {args.clients} clients {http_rps:.1f} req/s"
+        f" = {http_rps / inproc_rps:.2f}x (goal >= 0.85x on CPU); 1 client {args.requests // 2 / one_seconds:.1f} req/s;"
+        f" failures {sum(s != 200 for s in statuses + one_statuses)}"
+    )
+    print(
+        f"load with rebuild + reload: {len(load_statuses)} requests in {load_seconds:.1f} s, reload status "
+        f"{reload_status}, failed requests {sum(s != 200 for s in load_statuses)} (goal 0)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-
 from mris.evaluation.downstream import SplitMaps, classifier_map_px, downstream_table
 from mris.manifest import read_manifest
 from mris.thickness import load_thickness_map
@@ -38,7 +37,9 @@ def main() -> None:
     splits = {}
     for split in ("downstream", "test"):
         rows = manifest.select([split])
-        maps = SplitMaps(map_px=classifier_map_px(args.profile) if "resnet18" in classifiers else None)
+        maps = SplitMaps(
+            map_px=classifier_map_px(args.profile) if "resnet18" in classifiers else None
+        )
         maps.rows.extend(rows)
         fc = [load_thickness_map(manifest.resolve_path(r.fc_path)) for r in rows]
         tc = [load_thickness_map(manifest.resolve_path(r.tc_path)) for r in rows]
@@ -46,16 +47,29 @@ def main() -> None:
             maps.add("mr" if row == 0 else f"copy{row}", fc, tc)
         splits[split] = maps
     started, cpu_started = time.perf_counter(), time.process_time()
-    table = downstream_table(splits["downstream"], splits["test"], list(splits["test"].features), args.bootstrap, 0,
-                             classifiers=classifiers, profile=args.profile, epochs=args.epochs, threads=args.threads)
+    table = downstream_table(
+        splits["downstream"],
+        splits["test"],
+        list(splits["test"].features),
+        args.bootstrap,
+        0,
+        classifiers=classifiers,
+        profile=args.profile,
+        epochs=args.epochs,
+        threads=args.threads,
+    )
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     print(f"rows {args.rows}, counts {table['counts']}")
     for name, entry in table["classifiers"].items():
         mr = entry["methods"]["mr"]
-        print(f"{name}: {entry['seconds']:.0f} s; MR KLG accuracy {mr['klg']['accuracy']:.3f} "
-              f"balanced {mr['klg']['balanced_accuracy']:.3f} per class {mr['klg']['class_accuracy']}; "
-              f"progression AP {mr['progression']['average_precision']:.3f} AUC {mr['progression']['roc_auc']:.3f}")
-    print(f"total {total:.0f} s wall, {cpu:.0f} s CPU (all threads of this process); load average {os.getloadavg()}; settings {table['settings'].get('resnet18')}")
+        print(
+            f"{name}: {entry['seconds']:.0f} s; MR KLG accuracy {mr['klg']['accuracy']:.3f} "
+            f"balanced {mr['klg']['balanced_accuracy']:.3f} per class {mr['klg']['class_accuracy']}; "
+            f"progression AP {mr['progression']['average_precision']:.3f} AUC {mr['progression']['roc_auc']:.3f}"
+        )
+    print(
+        f"total {total:.0f} s wall, {cpu:.0f} s CPU (all threads of this process); load average {os.getloadavg()}; settings {table['settings'].get('resnet18')}"
+    )
 
 
 if __name__ == "__main__":

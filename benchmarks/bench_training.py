@@ -27,11 +27,20 @@ def bench(profile_name: str, device: torch.device, steps: int, warmup: int = 2) 
     s, n = profile.encoder_px, profile.batch_size
     f = build_model(ModelConfig("encoder")).to(device).train()
     g = build_model(ModelConfig("encoder")).to(device).train()
-    optimizer = torch.optim.AdamW([{"params": f.parameters(), "lr": profile.lr_radiograph},
-                                   {"params": g.parameters(), "lr": profile.lr_thickness}], weight_decay=profile.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": f.parameters(), "lr": profile.lr_radiograph},
+            {"params": g.parameters(), "lr": profile.lr_thickness},
+        ],
+        weight_decay=profile.weight_decay,
+    )
     x = torch.rand(n, 1, s, s, device=device)
     y = torch.rand(n, 1, s, s, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     timings = []
     for step in range(warmup + steps):
         if device.type == "cuda":
@@ -51,8 +60,15 @@ def bench(profile_name: str, device: torch.device, steps: int, warmup: int = 2) 
         if step >= warmup:
             timings.append(time.perf_counter() - start)
     per_step = sorted(timings)[len(timings) // 2]
-    return {"profile": profile_name, "device": str(device), "threads": torch.get_num_threads(), "input_px": s,
-            "batch": n, "median_step_s": round(per_step, 4), "pairs_per_s": round(n / per_step, 1)}
+    return {
+        "profile": profile_name,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "input_px": s,
+        "batch": n,
+        "median_step_s": round(per_step, 4),
+        "pairs_per_s": round(n / per_step, 1),
+    }
 
 
 def main() -> None:

@@ -33,22 +33,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--files", type=int, default=2_000)
     parser.add_argument("--map-px", type=int, default=310)
-    parser.add_argument("--reference-px", type=int, default=256, help="size the reference resizes each map to")
+    parser.add_argument(
+        "--reference-px", type=int, default=256, help="size the reference resizes each map to"
+    )
     parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument("--resident", action="store_true", help="load our maps into RAM (the service's choice)")
-    parser.add_argument("--workdir", help="keep the data here (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--resident", action="store_true", help="load our maps into RAM (the service's choice)"
+    )
+    parser.add_argument(
+        "--workdir", help="keep the data here (default: a temporary folder, removed)"
+    )
     args = parser.parse_args()
 
     import faiss
     from bench_index_scale import mixture_embeddings
     from bundle_factory import tiny_map
-    from mris.index.bundle import MapStore
 
     from mris.imageops import resize
+    from mris.index.bundle import MapStore
     from mris.synthesis import similarity_weights, synthesize
 
     # one FAISS thread: for single queries OpenMP start-up costs more than it saves on 2 shared cores
@@ -60,13 +68,18 @@ def main() -> None:
         both = mixture_embeddings(args.rows + args.queries, seed=3)
         database, queries = both[: args.rows], both[args.rows :]
         shape = (args.map_px, args.map_px)
-        print(f"writing {args.files} map files and a {args.rows} x {shape[0]} x {shape[1]} float32 maps array ...", flush=True)
+        print(
+            f"writing {args.files} map files and a {args.rows} x {shape[0]} x {shape[1]} float32 maps array ...",
+            flush=True,
+        )
         maps_dir = work / "maps"
         maps_dir.mkdir(exist_ok=True)
         distinct = [tiny_map(rng, shape) for _ in range(min(args.files, args.rows))]
         for i, m in enumerate(distinct):
             np.save(maps_dir / f"{i:06d}.npy", m)
-        array = np.lib.format.open_memmap(work / "maps-fc.npy", mode="w+", dtype=np.float32, shape=(args.rows, *shape))
+        array = np.lib.format.open_memmap(
+            work / "maps-fc.npy", mode="w+", dtype=np.float32, shape=(args.rows, *shape)
+        )
         for i in range(args.rows):
             array[i] = distinct[i % len(distinct)]
         array.flush()
@@ -105,16 +118,36 @@ def main() -> None:
             timings[name] = 1000 * float(np.median(times))
         # the parts of the reference step
         q = queries[0]
-        t = time.perf_counter(); sims = np.dot(database, q); t_dot = time.perf_counter() - t
-        t = time.perf_counter(); order = np.argsort(-sims)[:20]; t_sort = time.perf_counter() - t
-        t = time.perf_counter(); loaded = [np.load(maps_dir / f"{r % len(distinct):06d}.npy") for r in order]; t_load = time.perf_counter() - t
-        t = time.perf_counter(); [resize(np.nan_to_num(m), (args.reference_px,) * 2) for m in loaded]; t_resize = time.perf_counter() - t
-        t = time.perf_counter(); sims2, ids = index.search(q[None], 20); t_search = time.perf_counter() - t
-        t = time.perf_counter(); rows = store.rows(ids); t_rows = time.perf_counter() - t
-        t = time.perf_counter(); synthesize(rows, sims2); t_syn = time.perf_counter() - t
-        print(f"database {args.rows} rows, maps {shape[0]}x{shape[1]}, {args.queries} queries, maps {'resident' if args.resident else 'preadv rows'}")
-        print(f"reference: {timings['reference']:.2f} ms/query (dot {1000*t_dot:.2f}, argsort {1000*t_sort:.2f}, load 20 .npy {1000*t_load:.2f}, resize 20 {1000*t_resize:.2f})")
-        print(f"ours:      {timings['ours']:.2f} ms/query (faiss top-20 {1000*t_search:.2f}, read 20 rows {1000*t_rows:.2f}, eq. 4 + NaN rule + std {1000*t_syn:.2f})")
+        t = time.perf_counter()
+        sims = np.dot(database, q)
+        t_dot = time.perf_counter() - t
+        t = time.perf_counter()
+        order = np.argsort(-sims)[:20]
+        t_sort = time.perf_counter() - t
+        t = time.perf_counter()
+        loaded = [np.load(maps_dir / f"{r % len(distinct):06d}.npy") for r in order]
+        t_load = time.perf_counter() - t
+        t = time.perf_counter()
+        [resize(np.nan_to_num(m), (args.reference_px,) * 2) for m in loaded]
+        t_resize = time.perf_counter() - t
+        t = time.perf_counter()
+        sims2, ids = index.search(q[None], 20)
+        t_search = time.perf_counter() - t
+        t = time.perf_counter()
+        rows = store.rows(ids)
+        t_rows = time.perf_counter() - t
+        t = time.perf_counter()
+        synthesize(rows, sims2)
+        t_syn = time.perf_counter() - t
+        print(
+            f"database {args.rows} rows, maps {shape[0]}x{shape[1]}, {args.queries} queries, maps {'resident' if args.resident else 'preadv rows'}"
+        )
+        print(
+            f"reference: {timings['reference']:.2f} ms/query (dot {1000 * t_dot:.2f}, argsort {1000 * t_sort:.2f}, load 20 .npy {1000 * t_load:.2f}, resize 20 {1000 * t_resize:.2f})"
+        )
+        print(
+            f"ours:      {timings['ours']:.2f} ms/query (faiss top-20 {1000 * t_search:.2f}, read 20 rows {1000 * t_rows:.2f}, eq. 4 + NaN rule + std {1000 * t_syn:.2f})"
+        )
         print(f"speedup:   x{timings['reference'] / timings['ours']:.1f}")
         _ = similarity_weights
     finally:

@@ -36,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mris.constants import CARTILAGES, PREPROCESSING_VERSION
+from mris.encoders import OnnxEncoder, default_threads
+from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
+from mris.fsutil import atomic_save_npy, atomic_write_json, fsync_dir, sha256_file
 from mris.index import publish as publishing
 from mris.index.card import (
     CARD_NAME,
@@ -55,11 +60,6 @@ from mris.index.faiss_io import set_faiss_threads, write_index
 from mris.index.maps import MAPS_DTYPES, MapsWriter, prepend_maps
 from mris.index.rows import ROWS_NAME, RowMeta, read_rows, write_rows
 from mris.index.verify import exact_top_k, perturbed_queries, recall_at_k, verify_bundle
-
-from mris.constants import CARTILAGES, PREPROCESSING_VERSION
-from mris.encoders import OnnxEncoder, default_threads
-from mris.errors import BadParameter, BundleMismatch, ManifestError, MrisError
-from mris.fsutil import atomic_save_npy, atomic_write_json, fsync_dir, sha256_file
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
 
@@ -78,7 +78,9 @@ class BuiltIndex:
     seconds: float = 0.0
 
 
-def build_faiss_index(embeddings: np.ndarray, spec: IndexSpec, seed: int = 0, recall_queries: int = RECALL_QUERIES) -> BuiltIndex:
+def build_faiss_index(
+    embeddings: np.ndarray, spec: IndexSpec, seed: int = 0, recall_queries: int = RECALL_QUERIES
+) -> BuiltIndex:
     """A CPU FAISS inner-product index over ``embeddings`` (float32 [rows, d], unit norm)."""
     import faiss
 
@@ -92,7 +94,11 @@ def build_faiss_index(embeddings: np.ndarray, spec: IndexSpec, seed: int = 0, re
 
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train = embeddings if spec.train_rows >= rows else embeddings[np.sort(rng.choice(rows, spec.train_rows, replace=False))]
+    train = (
+        embeddings
+        if spec.train_rows >= rows
+        else embeddings[np.sort(rng.choice(rows, spec.train_rows, replace=False))]
+    )
     index.train(train)
     for begin in range(0, rows, 65536):
         index.add(embeddings[begin : begin + 65536])
@@ -193,8 +199,12 @@ def _versions() -> dict[str, str]:
 
     import mris
 
-    return {"faiss": faiss.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__, "mris": mris.__version__}
+    return {
+        "faiss": faiss.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "mris": mris.__version__,
+    }
 
 
 def load_inputs(
@@ -226,9 +236,15 @@ def load_inputs(
             f"manifest {manifest_path} has no rows for split(s) {', '.join(splits)}"
         )
     inputs = BuildInputs(
-        model=model, manifest=manifest, manifest_path=Path(manifest_path),
-        model_dir=Path(model_dir), splits=list(splits), variant=variant,
-        regions=list(model.card.variants[variant].regions), maps_dtype=maps_dtype, rows=rows,
+        model=model,
+        manifest=manifest,
+        manifest_path=Path(manifest_path),
+        model_dir=Path(model_dir),
+        splits=list(splits),
+        variant=variant,
+        regions=list(model.card.variants[variant].regions),
+        maps_dtype=maps_dtype,
+        rows=rows,
     )
     if append_from is not None:
         inputs.base = load_base(root, append_from, inputs)
@@ -256,9 +272,7 @@ def load_base(root: Path, append_from: str, inputs: BuildInputs) -> BaseBundle:
     try:
         check_encoders(card, inputs.model.card)
     except BundleMismatch as exc:
-        raise BundleMismatch(
-            f"cannot append: {exc.detail}; rebuild from scratch instead"
-        ) from exc
+        raise BundleMismatch(f"cannot append: {exc.detail}; rebuild from scratch instead") from exc
     if card.maps["fc"].dtype != inputs.maps_dtype:
         raise BadParameter(
             f"cannot append: {card.version} stores maps as {card.maps['fc'].dtype}, "
@@ -319,9 +333,7 @@ def embed_new_rows(
         for region in inputs.regions
     }
     n_new = len(inputs.rows)
-    writers = {
-        c: MapsWriter(building / maps_name(c), n_new, inputs.maps_dtype) for c in CARTILAGES
-    }
+    writers = {c: MapsWriter(building / maps_name(c), n_new, inputs.maps_dtype) for c in CARTILAGES}
 
     def on_maps(i: int, fc: np.ndarray, tc: np.ndarray) -> None:
         writers["fc"].write(i, fc)
@@ -330,9 +342,15 @@ def embed_new_rows(
     if on_start is not None:
         on_start(n_new)
     streamed: EmbeddedRows = embed_rows(
-        inputs.manifest, inputs.rows, encoders, inputs.variant,
-        inputs.model.card.preprocess_config, on_maps=on_maps, skip_bad=skip_bad,
-        batch_size=batch_size, on_progress=on_progress,
+        inputs.manifest,
+        inputs.rows,
+        encoders,
+        inputs.variant,
+        inputs.model.card.preprocess_config,
+        on_maps=on_maps,
+        skip_bad=skip_bad,
+        batch_size=batch_size,
+        on_progress=on_progress,
     )
     for reason, pairs in streamed.skipped.items():
         inputs.skipped.setdefault(reason, []).extend(pairs)
@@ -371,13 +389,19 @@ def join_base(inputs: BuildInputs, new: NewRows, building: Path) -> BundleRows:
         }
         base_rows = base.rows
     metas = list(base_rows) + [
-        RowMeta(len(base_rows) + i, r.pair_id, r.subject_id, r.side, r.visit_month, r.klg,
-                r.progressor)
+        RowMeta(
+            len(base_rows) + i, r.pair_id, r.subject_id, r.side, r.visit_month, r.klg, r.progressor
+        )
         for i, r in enumerate(new.rows)
     ]
     write_rows(building / ROWS_NAME, metas)
-    return BundleRows(metas=metas, embeddings=embeddings, map_shapes=map_shapes,
-                      new_rows=len(new.rows), reused_rows=len(base_rows))
+    return BundleRows(
+        metas=metas,
+        embeddings=embeddings,
+        map_shapes=map_shapes,
+        new_rows=len(new.rows),
+        reused_rows=len(base_rows),
+    )
 
 
 def write_indexes(
@@ -493,19 +517,34 @@ def build_index_bundle(
     """Build (and optionally publish) a new index bundle version under ``root``."""
     started = time.perf_counter()
     root = Path(root)
-    inputs = load_inputs(model_dir, manifest_path, root, splits=splits, variant=variant,
-                         maps_dtype=maps_dtype, append_from=append_from,
-                         skip_missing=skip_missing)
+    inputs = load_inputs(
+        model_dir,
+        manifest_path,
+        root,
+        splits=splits,
+        variant=variant,
+        maps_dtype=maps_dtype,
+        append_from=append_from,
+        skip_missing=skip_missing,
+    )
     version, building = start_building(root)
     try:
         threads = threads or default_threads()
         set_faiss_threads(threads)
-        new = embed_new_rows(inputs, building, device=device, threads=threads,
-                             batch_size=batch_size, skip_bad=skip_missing, on_start=on_start,
-                             on_progress=on_progress)
+        new = embed_new_rows(
+            inputs,
+            building,
+            device=device,
+            threads=threads,
+            batch_size=batch_size,
+            skip_bad=skip_missing,
+            on_start=on_start,
+            on_progress=on_progress,
+        )
         table = join_base(inputs, new, building)
-        region_cards = write_indexes(inputs, table, building, kind=kind,
-                                     memory_budget_bytes=memory_budget_bytes)
+        region_cards = write_indexes(
+            inputs, table, building, kind=kind, memory_budget_bytes=memory_budget_bytes
+        )
         card = write_card(inputs, table, region_cards, building, version, started)
         verify_bundle(building, model_card=inputs.model.card)
         final = publishing.finalize(building, root, version)
@@ -530,8 +569,22 @@ def build_index_bundle(
 
 
 __all__ = [
-    "BaseBundle", "BuildInputs", "BuildResult", "BuiltIndex", "BundleRows", "MrisError",
-    "NewRows", "build_faiss_index", "build_index_bundle", "drop_missing", "embed_new_rows",
-    "join_base", "load_base", "load_inputs", "set_faiss_threads", "start_building",
-    "write_card", "write_indexes",
+    "BaseBundle",
+    "BuildInputs",
+    "BuildResult",
+    "BuiltIndex",
+    "BundleRows",
+    "MrisError",
+    "NewRows",
+    "build_faiss_index",
+    "build_index_bundle",
+    "drop_missing",
+    "embed_new_rows",
+    "join_base",
+    "load_base",
+    "load_inputs",
+    "set_faiss_threads",
+    "start_building",
+    "write_card",
+    "write_indexes",
 ]

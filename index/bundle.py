@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mris.errors import BadParameter
 from mris.index.card import (
     CARD_NAME,
     INDEX_FORMAT,
@@ -28,8 +30,6 @@ from mris.index.card import check_sizes as check_file_sizes
 from mris.index.faiss_io import GpuCloner, gpu_available, load_search_index, search_device
 from mris.index.maps import MAPS_DTYPES, MapStore, MapsWriter
 from mris.index.rows import ROW_COLUMNS, ROWS_NAME, RowMeta, RowsTable, read_rows, write_rows
-
-from mris.errors import BadParameter
 from mris.model_bundle import ModelCard
 
 
@@ -64,8 +64,11 @@ class IndexBundle:
         self.mmapped: dict[str, bool] = {}
         for region, region_card in card.regions.items():
             self.indexes[region], self.mmapped[region] = load_search_index(
-                root / region_card.index_file, card.rows, region_card.nprobe,
-                mmap=mmap_index, gpu=gpu,
+                root / region_card.index_file,
+                card.rows,
+                region_card.nprobe,
+                mmap=mmap_index,
+                gpu=gpu,
             )
         self.maps = {
             c: MapStore(root / m.file, resident=resident_maps, shape=m.shape, dtype=m.dtype)
@@ -141,8 +144,27 @@ def load_index_bundle(
 
 
 __all__ = [
-    "CARD_NAME", "INDEX_FORMAT", "MAPS_DTYPES", "REGION_MAPS", "ROWS_NAME", "ROW_COLUMNS",
-    "IndexBundle", "IndexCard", "MapStore", "MapsCard", "MapsWriter", "RegionCard", "RowMeta",
-    "RowsTable", "check_encoders", "embeddings_name", "gpu_available", "index_name",
-    "load_index_bundle", "maps_name", "read_card", "read_rows", "write_rows",
+    "CARD_NAME",
+    "INDEX_FORMAT",
+    "MAPS_DTYPES",
+    "REGION_MAPS",
+    "ROWS_NAME",
+    "ROW_COLUMNS",
+    "IndexBundle",
+    "IndexCard",
+    "MapStore",
+    "MapsCard",
+    "MapsWriter",
+    "RegionCard",
+    "RowMeta",
+    "RowsTable",
+    "check_encoders",
+    "embeddings_name",
+    "gpu_available",
+    "index_name",
+    "load_index_bundle",
+    "maps_name",
+    "read_card",
+    "read_rows",
+    "write_rows",
 ]

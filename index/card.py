@@ -109,7 +109,8 @@ def read_card(root: str | Path, *, check_preprocessing: bool = True) -> IndexCar
         raise BundleInvalid(f"{path}: unknown format {card.format!r} (expected {INDEX_FORMAT})")
     if check_preprocessing:
         check_preprocessing_version(
-            card.preprocessing_version, f"index bundle {root}",
+            card.preprocessing_version,
+            f"index bundle {root}",
             "rebuilt with a current model bundle (`mris index build ...`)",
         )
     return card
@@ -158,6 +159,16 @@ def check_sizes(root: Path, card: IndexCard) -> None:
 
 
 __all__ = [
-    "CARD_NAME", "INDEX_FORMAT", "REGION_MAPS", "IndexCard", "MapsCard", "RegionCard",
-    "check_encoders", "check_sizes", "embeddings_name", "index_name", "maps_name", "read_card",
+    "CARD_NAME",
+    "INDEX_FORMAT",
+    "REGION_MAPS",
+    "IndexCard",
+    "MapsCard",
+    "RegionCard",
+    "check_encoders",
+    "check_sizes",
+    "embeddings_name",
+    "index_name",
+    "maps_name",
+    "read_card",
 ]

@@ -80,7 +80,10 @@ def choose_index(
         if rows < flat_max_rows:
             kind, reason = "flat", f"{rows} rows < {flat_max_rows}: exact search is fast enough"
         elif raw_bytes <= memory_budget_bytes:
-            kind, reason = "ivf", f"{rows} rows >= {flat_max_rows}: IVF-Flat, nprobe tuned to recall@20 >= {target_recall}"
+            kind, reason = (
+                "ivf",
+                f"{rows} rows >= {flat_max_rows}: IVF-Flat, nprobe tuned to recall@20 >= {target_recall}",
+            )
         else:
             kind = "ivfpq"
             reason = f"raw vectors ({raw_bytes / 2**30:.1f} GiB) exceed the memory budget: IVF-PQ (lossy)"
@@ -90,9 +93,16 @@ def choose_index(
         return IndexSpec(kind="flat", factory="Flat", reason=reason, target_recall=1.0)
     nlist = ivf_nlist(rows)
     if nlist < 2:
-        return IndexSpec(kind="flat", factory="Flat", reason=f"{rows} rows too few for IVF: flat", target_recall=1.0)
+        return IndexSpec(
+            kind="flat",
+            factory="Flat",
+            reason=f"{rows} rows too few for IVF: flat",
+            target_recall=1.0,
+        )
     train_rows = min(rows, 40 * nlist)  # >= 39 points per centroid, as FAISS asks
-    candidates = [p for p in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p <= nlist]
+    candidates = [
+        p for p in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p <= nlist
+    ]
     if nlist not in candidates:
         candidates.append(nlist)
     if kind == "ivf":

@@ -16,33 +16,48 @@ def _size(num_bytes: int) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    index_app = typer.Typer(help="Build, verify, list and garbage-collect index bundles.", no_args_is_help=True)
+    index_app = typer.Typer(
+        help="Build, verify, list and garbage-collect index bundles.", no_args_is_help=True
+    )
     app.add_typer(index_app, name="index")
 
     @index_app.command("build")
     def build(
-        model: Path = typer.Option(..., "--model", help="Model bundle directory (ONNX encoders + card.json)."),
+        model: Path = typer.Option(
+            ..., "--model", help="Model bundle directory (ONNX encoders + card.json)."
+        ),
         manifest: Path = typer.Option(..., "--manifest", help="Manifest CSV/Parquet."),
-        root: Path = typer.Option(..., "--root", help="Index root; the bundle goes to ROOT/<version>/."),
-        splits: list[str] = typer.Option(["database"], "--splits", help="Split(s) that form the database."),
+        root: Path = typer.Option(
+            ..., "--root", help="Index root; the bundle goes to ROOT/<version>/."
+        ),
+        splits: list[str] = typer.Option(
+            ["database"], "--splits", help="Split(s) that form the database."
+        ),
         variant: str = typer.Option("separate", "--variant", help="separate | combined"),
         kind: str = typer.Option("flat", "--kind", help="flat (exact) | auto | ivf | ivfpq"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (ONNX encoders)"),
-        publish: bool = typer.Option(False, "--publish", help="Point ROOT/current at the new version."),
+        publish: bool = typer.Option(
+            False, "--publish", help="Point ROOT/current at the new version."
+        ),
         append: str | None = typer.Option(
             None, "--append", help="Start from this version (or 'current') and embed only new rows."
         ),
         skip_missing: bool = typer.Option(
-            False, "--skip-missing", help="Skip rows whose maps are missing, unreadable or all NaN (counted)."
+            False,
+            "--skip-missing",
+            help="Skip rows whose maps are missing, unreadable or all NaN (counted).",
         ),
-        maps_dtype: str = typer.Option("float32", "--maps-dtype", help="float32 | float16 (see docs/INDEX.md)."),
+        maps_dtype: str = typer.Option(
+            "float32", "--maps-dtype", help="float32 | float16 (see docs/INDEX.md)."
+        ),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Encoder batch size."),
-        threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for ONNX and FAISS (0: all usable)."),
+        threads: int = typer.Option(
+            0, "--threads", min=0, help="CPU threads for ONNX and FAISS (0: all usable)."
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     ) -> None:
         """Embed the manifest's maps, build the FAISS index(es), verify, and (with --publish) publish."""
         from mris.index.build import build_index_bundle
-
         from mris.progress import console, progress_bar
 
         with progress_bar(enabled=not quiet) as bar:
@@ -73,7 +88,8 @@ def register(app: typer.Typer) -> None:
             )
         card = result.card
         kinds = ", ".join(
-            f"{region}: {rc.kind}" + (f" nprobe {rc.nprobe}, recall@20 {rc.recall_at_20:.4f}" if rc.kind != "flat" else "")
+            f"{region}: {rc.kind}"
+            + (f" nprobe {rc.nprobe}, recall@20 {rc.recall_at_20:.4f}" if rc.kind != "flat" else "")
             for region, rc in card.regions.items()
         )
         skipped = ", ".join(f"{len(p)} {reason}" for reason, p in result.skipped.items()) or "none"
@@ -89,18 +105,25 @@ def register(app: typer.Typer) -> None:
 
     @index_app.command("verify")
     def verify(
-        path: Path = typer.Argument(..., help="A bundle folder, or an index root (verifies its current)."),
-        model: Path | None = typer.Option(None, "--model", help="Also check the bundle matches these encoders."),
-        no_self_retrieval: bool = typer.Option(False, "--no-self-retrieval", help="Skip the self-retrieval search."),
+        path: Path = typer.Argument(
+            ..., help="A bundle folder, or an index root (verifies its current)."
+        ),
+        model: Path | None = typer.Option(
+            None, "--model", help="Also check the bundle matches these encoders."
+        ),
+        no_self_retrieval: bool = typer.Option(
+            False, "--no-self-retrieval", help="Skip the self-retrieval search."
+        ),
     ) -> None:
         """Checksums, counts, encoder match and self-retrieval; non-zero exit on any failure."""
         from mris.index.publish import resolve
         from mris.index.verify import verify_bundle
-
         from mris.model_bundle import load_model_bundle
 
         model_card = load_model_bundle(model).card if model is not None else None
-        report = verify_bundle(resolve(path), model_card=model_card, self_retrieval=not no_self_retrieval)
+        report = verify_bundle(
+            resolve(path), model_card=model_card, self_retrieval=not no_self_retrieval
+        )
         for line in report.checks:
             typer.echo(f"ok  {line}")
         typer.echo(f"verified {report.path}")
@@ -108,10 +131,9 @@ def register(app: typer.Typer) -> None:
     @index_app.command("list")
     def list_(root: Path = typer.Argument(..., help="Index root.")) -> None:
         """Versions (oldest first), which is current, sizes and row counts."""
+        from mris.constants import PREPROCESSING_VERSION
         from mris.index.bundle import read_card
         from mris.index.publish import list_versions
-
-        from mris.constants import PREPROCESSING_VERSION
 
         versions = list_versions(root)
         if not versions:
@@ -123,13 +145,19 @@ def register(app: typer.Typer) -> None:
             mark = "*" if info.current else " "
             typer.echo(
                 f"{mark} {info.version}  {card.variant:<9} {card.rows:>9} rows  {kinds:<6} {_size(info.size_bytes):>10}  {card.created}"
-                + ("" if card.preprocessing_version == PREPROCESSING_VERSION else "  (older preprocessing: rebuild)")
+                + (
+                    ""
+                    if card.preprocessing_version == PREPROCESSING_VERSION
+                    else "  (older preprocessing: rebuild)"
+                )
             )
 
     @index_app.command("gc")
     def gc(
         root: Path = typer.Argument(..., help="Index root."),
-        keep: int = typer.Option(..., "--keep", min=1, help="Keep this many newest versions (current always kept)."),
+        keep: int = typer.Option(
+            ..., "--keep", min=1, help="Keep this many newest versions (current always kept)."
+        ),
     ) -> None:
         """Remove old versions; never the one ``current`` points at."""
         from mris.index.publish import gc as collect

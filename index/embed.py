@@ -65,7 +65,9 @@ def _classify(exc: InvalidThicknessMap) -> str:
     return "unreadable"
 
 
-def region_inputs(variant: str, fc_mm: np.ndarray, tc_mm: np.ndarray, config: PreprocessConfig) -> dict[str, np.ndarray]:
+def region_inputs(
+    variant: str, fc_mm: np.ndarray, tc_mm: np.ndarray, config: PreprocessConfig
+) -> dict[str, np.ndarray]:
     """The thickness-encoder input per region (float32 2-D) for one knee-visit."""
     if variant == "combined":
         return {"combined": combined_input(fc_mm, tc_mm, config)}
@@ -82,7 +84,9 @@ class _Loaded:
     reason: str | None = None
 
 
-def _load_row(manifest: Manifest, row: ManifestRow, index: int, variant: str, config: PreprocessConfig) -> _Loaded:
+def _load_row(
+    manifest: Manifest, row: ManifestRow, index: int, variant: str, config: PreprocessConfig
+) -> _Loaded:
     try:
         fc = load_thickness_map(manifest.resolve_path(row.fc_path))
         tc = load_thickness_map(manifest.resolve_path(row.tc_path))
@@ -122,7 +126,10 @@ def embed_rows(
     map_shape: tuple[int, int] | None = None
 
     def load_batch(start: int) -> list[_Loaded]:
-        return [_load_row(manifest, rows[i], i, variant, config) for i in range(start, min(n, start + batch_size))]
+        return [
+            _load_row(manifest, rows[i], i, variant, config)
+            for i in range(start, min(n, start + batch_size))
+        ]
 
     starts = list(range(0, n, batch_size))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="mris-embed") as pool:
@@ -141,7 +148,9 @@ def embed_rows(
                 for item in loaded:
                     if item.error is None and map_shape is None:
                         map_shape = item.fc.shape
-                    if item.error is None and (item.fc.shape != map_shape or item.tc.shape != map_shape):
+                    if item.error is None and (
+                        item.fc.shape != map_shape or item.tc.shape != map_shape
+                    ):
                         item.error = (
                             f"{rows[item.index].pair_id}: maps are {item.fc.shape} / {item.tc.shape}, "
                             f"the others {map_shape}"
@@ -149,9 +158,13 @@ def embed_rows(
                         item.reason = "wrong_shape"
                     if item.error is not None:
                         if not skip_bad:
-                            raise MrisError(f"unusable thickness map: {item.error} (or pass --skip-missing to skip it)")
+                            raise MrisError(
+                                f"unusable thickness map: {item.error} (or pass --skip-missing to skip it)"
+                            )
                         keep[item.index] = False
-                        skipped.setdefault(item.reason or "unreadable", []).append(rows[item.index].pair_id)
+                        skipped.setdefault(item.reason or "unreadable", []).append(
+                            rows[item.index].pair_id
+                        )
                         continue
                     good.append(item)
                     if on_maps is not None:

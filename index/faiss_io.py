@@ -104,6 +104,12 @@ def load_search_index(
 
 
 __all__ = [
-    "GpuCloner", "gpu_available", "load_search_index", "read_index", "search_device",
-    "set_faiss_threads", "set_nprobe", "write_index",
+    "GpuCloner",
+    "gpu_available",
+    "load_search_index",
+    "read_index",
+    "search_device",
+    "set_faiss_threads",
+    "set_nprobe",
+    "write_index",
 ]

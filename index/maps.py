@@ -35,9 +35,7 @@ class MapsWriter:
 
     def __init__(self, path: Path, capacity: int, dtype: str):
         if dtype not in MAPS_DTYPES:
-            raise BadParameter(
-                f"maps dtype must be one of {', '.join(MAPS_DTYPES)}, got {dtype!r}"
-            )
+            raise BadParameter(f"maps dtype must be one of {', '.join(MAPS_DTYPES)}, got {dtype!r}")
         self.path = path
         self.capacity = capacity
         self.dtype = np.dtype(dtype)
@@ -186,7 +184,8 @@ class MapStore:
                 if row >= self.shape[0]:
                     raise IndexError(f"row {row} out of range ({self.shape[0]} rows)")
                 got = os.preadv(
-                    self._fd, [memoryview(out[slot]).cast("B")],
+                    self._fd,
+                    [memoryview(out[slot]).cast("B")],
                     self.offset + int(row) * self.row_bytes,
                 )
                 if got != self.row_bytes:

@@ -104,7 +104,9 @@ def resolve(path: str | Path) -> Path:
         return path.resolve()
     if (path / CURRENT).exists():
         return (path / CURRENT).resolve()
-    raise MrisError(f"{path} is neither an index bundle nor an index root with a published 'current'")
+    raise MrisError(
+        f"{path} is neither an index bundle nor an index root with a published 'current'"
+    )
 
 
 def publish(root: str | Path, version: str) -> None:
@@ -112,7 +114,9 @@ def publish(root: str | Path, version: str) -> None:
     ``os.replace``)."""
     root = Path(root)
     if not (root / version / CARD_NAME).is_file():
-        raise MrisError(f"cannot publish {version}: {root / version} is not a finished index bundle")
+        raise MrisError(
+            f"cannot publish {version}: {root / version} is not a finished index bundle"
+        )
     tmp = root / f".{CURRENT}-{os.getpid()}-{secrets.token_hex(4)}"
     os.symlink(version, tmp)
     try:
@@ -143,7 +147,12 @@ def list_versions(root: str | Path) -> list[VersionInfo]:
     current = current_version(root)
     infos = []
     for entry in sorted(root.iterdir()):
-        if entry.is_dir() and not entry.is_symlink() and is_version_name(entry.name) and (entry / CARD_NAME).is_file():
+        if (
+            entry.is_dir()
+            and not entry.is_symlink()
+            and is_version_name(entry.name)
+            and (entry / CARD_NAME).is_file()
+        ):
             infos.append(VersionInfo(entry.name, entry, entry.name == current, dir_size(entry)))
     return infos
 

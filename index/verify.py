@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from mris.index.card import CARD_NAME, IndexCard, check_encoders, read_card
-from mris.index.faiss_io import read_index, set_nprobe
-from mris.index.rows import ROWS_NAME, read_rows
 
 from mris.errors import BundleInvalid, MrisError
 from mris.fsutil import sha256_file
+from mris.index.card import CARD_NAME, IndexCard, check_encoders, read_card
+from mris.index.faiss_io import read_index, set_nprobe
+from mris.index.rows import ROWS_NAME, read_rows
 
 TIE_TOLERANCE = 1e-5
 LOSSY_SELF_RATE = 0.9
@@ -42,14 +42,18 @@ class VerifyReport:
     self_retrieval: dict[str, float] = field(default_factory=dict)
 
 
-def perturbed_queries(embeddings: np.ndarray, n: int, seed: int = 0, cosine: float = QUERY_COSINE) -> np.ndarray:
+def perturbed_queries(
+    embeddings: np.ndarray, n: int, seed: int = 0, cosine: float = QUERY_COSINE
+) -> np.ndarray:
     """``n`` radiograph-like queries: sampled rows plus isotropic noise, unit norm, with an
     expected cosine of ``cosine`` to their source row."""
     rng = np.random.default_rng(seed)
     rows, dim = embeddings.shape
     picks = rng.choice(rows, size=min(n, rows), replace=False)
     sigma = np.sqrt((1.0 / cosine**2 - 1.0) / dim)
-    queries = np.asarray(embeddings[np.sort(picks)], dtype=np.float32) + rng.normal(0, sigma, (len(picks), dim)).astype(np.float32)
+    queries = np.asarray(embeddings[np.sort(picks)], dtype=np.float32) + rng.normal(
+        0, sigma, (len(picks), dim)
+    ).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     return queries
 
@@ -70,8 +74,15 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / (k * len(truth))
 
 
-def measure_recall(index, embeddings: np.ndarray, k: int = 20, n_queries: int = 1000, seed: int = 0,
-                   truth: np.ndarray | None = None, queries: np.ndarray | None = None) -> tuple[float, int]:
+def measure_recall(
+    index,
+    embeddings: np.ndarray,
+    k: int = 20,
+    n_queries: int = 1000,
+    seed: int = 0,
+    truth: np.ndarray | None = None,
+    queries: np.ndarray | None = None,
+) -> tuple[float, int]:
     """recall@k of ``index`` vs exact search; returns (recall, number of queries)."""
     k = min(k, embeddings.shape[0])
     if queries is None:
@@ -82,7 +93,9 @@ def measure_recall(index, embeddings: np.ndarray, k: int = 20, n_queries: int = 
     return recall_at_k(found, truth), len(queries)
 
 
-def self_retrieval_failures(index, embeddings: np.ndarray, batch: int = 4096, extra: int = 4) -> np.ndarray:
+def self_retrieval_failures(
+    index, embeddings: np.ndarray, batch: int = 4096, extra: int = 4
+) -> np.ndarray:
     """Rows whose own embedding does not find them at rank 1 (ties with rank 1 allowed)."""
     rows = embeddings.shape[0]
     k = min(rows, 1 + extra)
@@ -119,7 +132,9 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
     if bad:
         raise BundleInvalid(f"index bundle {path} failed checksums: " + "; ".join(bad))
     unlisted = sorted(
-        str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != CARD_NAME and str(p.relative_to(path)) not in card.files
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and p.name != CARD_NAME and str(p.relative_to(path)) not in card.files
     )
     if unlisted:
         raise BundleInvalid(f"index bundle {path} holds unlisted file(s): {', '.join(unlisted)}")
@@ -132,17 +147,27 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
         raise BundleInvalid(f"index bundle {path}: duplicate pair_id in rows.csv")
     for cartilage, maps in card.maps.items():
         array = np.load(path / maps.file, mmap_mode="r")
-        if array.shape != tuple(maps.shape) or array.shape[0] != card.rows or str(array.dtype) != maps.dtype:
-            raise BundleInvalid(f"index bundle {path}: {maps.file} is {array.shape} {array.dtype}, card says {maps.shape} {maps.dtype}")
+        if (
+            array.shape != tuple(maps.shape)
+            or array.shape[0] != card.rows
+            or str(array.dtype) != maps.dtype
+        ):
+            raise BundleInvalid(
+                f"index bundle {path}: {maps.file} is {array.shape} {array.dtype}, card says {maps.shape} {maps.dtype}"
+            )
     embeddings = {}
     indexes = {}
     for region, region_card in card.regions.items():
         emb = np.load(path / region_card.embeddings_file, mmap_mode="r")
         if emb.shape != (card.rows, card.embedding_dim) or emb.dtype != np.float32:
-            raise BundleInvalid(f"index bundle {path}: {region_card.embeddings_file} is {emb.shape} {emb.dtype}")
+            raise BundleInvalid(
+                f"index bundle {path}: {region_card.embeddings_file} is {emb.shape} {emb.dtype}"
+            )
         index, _ = read_index(path / region_card.index_file)
         if index.ntotal != card.rows or index.d != card.embedding_dim:
-            raise BundleInvalid(f"index bundle {path}: {region_card.index_file} holds {index.ntotal} x {index.d}")
+            raise BundleInvalid(
+                f"index bundle {path}: {region_card.index_file} holds {index.ntotal} x {index.d}"
+            )
         set_nprobe(index, region_card.nprobe)
         embeddings[region], indexes[region] = emb, index
     report.checks.append(f"counts: {card.rows} rows in rows.csv, embeddings, indexes and maps")
@@ -164,7 +189,8 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
                     f"in region {region} (e.g. {shown})"
                 )
         report.checks.append(
-            "self-retrieval: " + ", ".join(f"{r} {rate:.4f}" for r, rate in report.self_retrieval.items())
+            "self-retrieval: "
+            + ", ".join(f"{r} {rate:.4f}" for r, rate in report.self_retrieval.items())
         )
     return report
 

@@ -43,6 +43,7 @@ err_console = Console(stderr=True)
 def _root() -> None:
     """MRIS: synthesize MR cartilage thickness maps from knee radiographs by retrieval."""
 
+
 # Each module exposes ``register(app: typer.Typer) -> None``.
 COMMAND_MODULES = [
     "mris.commands",

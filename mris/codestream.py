@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from mris.errors import UnreadableDicom
 
 # Start-of-frame markers of T.81 (all processes) and SOF55 of JPEG-LS.
-JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+JPEG_SOF = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+)
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
 _SOS, _EOI, _DNL, _LSE = 0xDA, 0xD9, 0xDC, 0xF8
 MAX_J2K_TILES = 65535  # Isot is 16 bits (A.4.2)
@@ -88,7 +90,9 @@ def jpeg_frame_header(codestream: bytes) -> FrameHeader:
             rows, columns = struct.unpack_from(">HH", codestream, body + 1)
             components = codestream[body + 5]
             if length != 8 + 3 * components:
-                raise UnreadableDicom("the JPEG frame header (SOF) length does not match its components")
+                raise UnreadableDicom(
+                    "the JPEG frame header (SOF) length does not match its components"
+                )
             sof = (marker, precision, rows, columns, components)
         elif marker == _LSE and length >= 3 and codestream[body] == 4:
             # JPEG-LS oversize image dimension: Wxy bytes each for Y and X.
@@ -115,7 +119,9 @@ def jpeg_frame_header(codestream: bytes) -> FrameHeader:
             "marker); such codestreams are not accepted"
         )
     if codestream.find(b"\xff\xdc", pos) >= 0:
-        raise UnreadableDicom(f"the {kind} codestream holds a DNL marker; such codestreams are not accepted")
+        raise UnreadableDicom(
+            f"the {kind} codestream holds a DNL marker; such codestreams are not accepted"
+        )
     return FrameHeader(kind, rows, columns, components, precision)
 
 
@@ -137,8 +143,12 @@ def j2k_frame_header(codestream: bytes, kind: str = "JPEG 2000") -> FrameHeader:
     if xsiz <= x_off or ysiz <= y_off:
         raise UnreadableDicom(f"the {kind} SIZ marker declares an empty image (0 rows or columns)")
     if (
-        x_tile == 0 or y_tile == 0 or x_tile_off > x_off or y_tile_off > y_off
-        or x_tile_off + x_tile <= x_off or y_tile_off + y_tile <= y_off
+        x_tile == 0
+        or y_tile == 0
+        or x_tile_off > x_off
+        or y_tile_off > y_off
+        or x_tile_off + x_tile <= x_off
+        or y_tile_off + y_tile <= y_off
     ):
         raise UnreadableDicom(f"the {kind} SIZ marker declares an impossible tiling")
     tiles = -(-(xsiz - x_tile_off) // x_tile) * -(-(ysiz - y_tile_off) // y_tile)
@@ -149,7 +159,9 @@ def j2k_frame_header(codestream: bytes, kind: str = "JPEG 2000") -> FrameHeader:
         if depth > 38 or x_sub == 0 or y_sub == 0:
             raise UnreadableDicom(f"the {kind} SIZ marker declares an impossible component")
         if (x_sub, y_sub) != (1, 1):
-            raise UnreadableDicom(f"the {kind} codestream subsamples a component (not a grayscale radiograph)")
+            raise UnreadableDicom(
+                f"the {kind} codestream subsamples a component (not a grayscale radiograph)"
+            )
         precision = max(precision, depth)
     return FrameHeader(kind, ysiz - y_off, xsiz - x_off, components, precision, tiles)
 

@@ -32,8 +32,13 @@ def check_preprocessing_version(version: int | None, what: str, rebuild: str) ->
     bundle in the message, ``rebuild`` the command that makes a current one."""
     if version == PREPROCESSING_VERSION:
         return
-    made = "no preprocessing version (an older ROI normalisation)" if version is None else (
-        f"preprocessing version {version}" + (" (an older ROI normalisation)" if version < PREPROCESSING_VERSION else "")
+    made = (
+        "no preprocessing version (an older ROI normalisation)"
+        if version is None
+        else (
+            f"preprocessing version {version}"
+            + (" (an older ROI normalisation)" if version < PREPROCESSING_VERSION else "")
+        )
     )
     raise BundleMismatch(
         f"{what} was made with {made}; this mris uses preprocessing version {PREPROCESSING_VERSION} "
@@ -67,7 +72,7 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

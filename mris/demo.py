@@ -39,7 +39,16 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
     if manifest.is_file():
         console.print(f"reusing {manifest}")
     else:
-        run_mris("cohort", "--out", str(cohort), "--subjects", str(subjects), "--seed", str(seed), "--force")
+        run_mris(
+            "cohort",
+            "--out",
+            str(cohort),
+            "--subjects",
+            str(subjects),
+            "--seed",
+            str(seed),
+            "--force",
+        )
 
     console.rule("[bold]2/4 training (quick profile, separate variant, knee localiser)")
     if (model / "card.json").is_file():
@@ -48,15 +57,37 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
         run_json = workdir / "model.training" / "run.json"
         resume = ["--resume"] if run_json.is_file() else ["--force"]
         epoch_args = ["--epochs", str(epochs)] if epochs else []
-        run_mris("train", "--manifest", str(manifest), "--out", str(model), "--variant", "separate",
-              "--profile", "quick", *epoch_args, *resume)
+        run_mris(
+            "train",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(model),
+            "--variant",
+            "separate",
+            "--profile",
+            "quick",
+            *epoch_args,
+            *resume,
+        )
 
     console.rule("[bold]3/4 index build and publish")
     if (index / "current").exists():
         console.print(f"reusing {index / 'current'} -> {(index / 'current').resolve().name}")
     else:
-        run_mris("index", "build", "--model", str(model), "--manifest", str(manifest), "--root", str(index),
-              "--variant", "separate", "--publish")
+        run_mris(
+            "index",
+            "build",
+            "--model",
+            str(model),
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(index),
+            "--variant",
+            "separate",
+            "--publish",
+        )
     return {"manifest": manifest, "model": model, "index": index}
 
 
@@ -86,24 +117,41 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
         results = pipeline.run(manifest.resolve_path(any_row.radiograph_path), RequestOptions(k=20))
         elapsed_ms = (time.perf_counter() - started) * 1000
         truths = []
-        table = Table(title=f"test radiograph {number}: {Path(any_row.radiograph_path).name} "
-                            f"({elapsed_ms:.0f} ms, knees found by the localiser)")
-        for column in ("knee", "KL", "true centre px", "found centre px", "top-3 fc neighbours (similarity)",
-                       "MAE fc mm", "MAE tc mm"):
+        table = Table(
+            title=f"test radiograph {number}: {Path(any_row.radiograph_path).name} "
+            f"({elapsed_ms:.0f} ms, knees found by the localiser)"
+        )
+        for column in (
+            "knee",
+            "KL",
+            "true centre px",
+            "found centre px",
+            "top-3 fc neighbours (similarity)",
+            "MAE fc mm",
+            "MAE tc mm",
+        ):
             table.add_column(column)
         for result in results:
             row = rows[result.side]
-            truth = {"fc": load_thickness_map(manifest.resolve_path(row.fc_path)),
-                     "tc": load_thickness_map(manifest.resolve_path(row.tc_path))}
+            truth = {
+                "fc": load_thickness_map(manifest.resolve_path(row.fc_path)),
+                "tc": load_thickness_map(manifest.resolve_path(row.tc_path)),
+            }
             truths.append(truth)
             errors = {name: _mae(result.maps_mm[name], truth[name]) for name in CARTILAGES}
             for name in errors:
                 maes[name].append(errors[name])
-            top = ", ".join(f"{n.pair_id} ({n.similarity:.2f})" for n in result.neighbours["fc"][:3])
+            top = ", ".join(
+                f"{n.pair_id} ({n.similarity:.2f})" for n in result.neighbours["fc"][:3]
+            )
             table.add_row(
-                result.side, str(row.klg), f"{row.keypoint_x:.0f}, {row.keypoint_y:.0f}",
-                f"{result.roi.centre_xy[0]:.0f}, {result.roi.centre_xy[1]:.0f}", top,
-                f"{errors['fc']:.3f}", f"{errors['tc']:.3f}",
+                result.side,
+                str(row.klg),
+                f"{row.keypoint_x:.0f}, {row.keypoint_y:.0f}",
+                f"{result.roi.centre_xy[0]:.0f}, {result.roi.centre_xy[1]:.0f}",
+                top,
+                f"{errors['fc']:.3f}",
+                f"{errors['tc']:.3f}",
             )
         console.print(table)
         png = workdir / f"demo-synthesis-{number}.png"
@@ -116,20 +164,52 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
         )
 
 
-def run_demo(workdir: Path, subjects: int, seed: int, prepare_only: bool = False, serve: bool = False,
-             port: int = 8000, epochs: int | None = None, evaluate: bool = False) -> None:
+def run_demo(
+    workdir: Path,
+    subjects: int,
+    seed: int,
+    prepare_only: bool = False,
+    serve: bool = False,
+    port: int = 8000,
+    epochs: int | None = None,
+    evaluate: bool = False,
+) -> None:
     started = time.perf_counter()
     paths = prepare(workdir, subjects, seed, epochs)
     if not prepare_only:
         synthesize_examples(paths, workdir)
     if evaluate:
-        console.rule("[bold]evaluation (--evaluate): the paper's three tables (trains the U-Net and the combined encoders)")
+        console.rule(
+            "[bold]evaluation (--evaluate): the paper's three tables (trains the U-Net and the combined encoders)"
+        )
         epoch_args = ["--epochs", str(epochs)] if epochs else []
-        run_mris("evaluate", "--manifest", str(paths["manifest"]), "--model", str(paths["model"]), "--index",
-                 str(paths["index"]), "--out", str(workdir / "evaluation"), *epoch_args)
-    console.print(f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is in {workdir}")
+        run_mris(
+            "evaluate",
+            "--manifest",
+            str(paths["manifest"]),
+            "--model",
+            str(paths["model"]),
+            "--index",
+            str(paths["index"]),
+            "--out",
+            str(workdir / "evaluation"),
+            *epoch_args,
+        )
+    console.print(
+        f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is in {workdir}"
+    )
     if not evaluate:
-        console.print("the paper's three tables on this cohort: [bold]mris demo --evaluate[/] (about 11 minutes more on 2 idle cores)")
+        console.print(
+            "the paper's three tables on this cohort: [bold]mris demo --evaluate[/] (about 11 minutes more on 2 idle cores)"
+        )
     if serve:
         console.print(f"serving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
-        run_mris("serve", "--model", str(paths["model"]), "--index-root", str(paths["index"]), "--port", str(port))
+        run_mris(
+            "serve",
+            "--model",
+            str(paths["model"]),
+            "--index-root",
+            str(paths["index"]),
+            "--port",
+            str(port),
+        )

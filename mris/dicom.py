@@ -233,7 +233,9 @@ class Radiograph:
 # ----------------------------------------------------------------------------- bytes in
 
 
-def _read_source(source: bytes | bytearray | memoryview | str | Path, limits: DecodeLimits) -> bytes:
+def _read_source(
+    source: bytes | bytearray | memoryview | str | Path, limits: DecodeLimits
+) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > limits.max_file_bytes:
@@ -249,7 +251,9 @@ def _read_source(source: bytes | bytearray | memoryview | str | Path, limits: De
         if not path.is_file():
             raise UnreadableDicom(f"{path} is not a file")
         if size > limits.max_file_bytes:
-            raise ImageTooLarge(f"the file is {size} bytes; the limit is {limits.max_file_bytes} bytes")
+            raise ImageTooLarge(
+                f"the file is {size} bytes; the limit is {limits.max_file_bytes} bytes"
+            )
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -380,10 +384,13 @@ def _check_header(ds: Any, limits: DecodeLimits) -> _Geometry:
         )
     if representation not in (0, 1):
         raise UnreadableDicom(f"PixelRepresentation {representation} is neither 0 nor 1")
-    return _Geometry(rows, columns, frames, bits_allocated, bits_stored, representation == 1, photometric)
+    return _Geometry(
+        rows, columns, frames, bits_allocated, bits_stored, representation == 1, photometric
+    )
 
 
 # ----------------------------------------------------------------------------- codestreams
+
 
 def _first_frame(pixel_data: bytes) -> bytes:
     from pydicom.encaps import generate_frames
@@ -394,7 +401,9 @@ def _first_frame(pixel_data: bytes) -> bytes:
 HTJ2K_UIDS = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
 
 
-def _check_codestream(ts: Any, pixel_data: bytes, geometry: _Geometry, limits: DecodeLimits) -> None:
+def _check_codestream(
+    ts: Any, pixel_data: bytes, geometry: _Geometry, limits: DecodeLimits
+) -> None:
     """Check a compressed frame's own header (``mris.codestream``) against the limits and the
     DICOM header, before its decoder runs."""
     from pydicom import uid
@@ -513,7 +522,9 @@ def _mask_unused_bits(array: np.ndarray, geometry: _Geometry) -> np.ndarray:
     # int32 holds every 8- or 16-bit value: half the memory of int64 on a full-size image.
     as_unsigned = array.astype(np.int32) & ((1 << bits) - 1)
     if geometry.signed:
-        as_unsigned = np.where(as_unsigned >= 1 << (bits - 1), as_unsigned - (1 << bits), as_unsigned)
+        as_unsigned = np.where(
+            as_unsigned >= 1 << (bits - 1), as_unsigned - (1 << bits), as_unsigned
+        )
     return as_unsigned
 
 
@@ -639,8 +650,11 @@ def _infer_transfer_syntax(ds: Any) -> None:
         raise UnreadableDicom("the dataset's encoding (implicit VR big endian) is not valid DICOM")
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = (
-        uid.ImplicitVRLittleEndian if implicit else
-        uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+        uid.ImplicitVRLittleEndian
+        if implicit
+        else uid.ExplicitVRLittleEndian
+        if little
+        else uid.ExplicitVRBigEndian
     )
 
 
@@ -716,6 +730,9 @@ def read_radiograph(
     metadata["spacing_mm"] = spacing
     metadata["spacing_source"] = source_name
     return Radiograph(
-        pixels=pixels, spacing_mm=float(spacing), spacing_source=source_name, metadata=metadata,
+        pixels=pixels,
+        spacing_mm=float(spacing),
+        spacing_source=source_name,
+        metadata=metadata,
         source=identity,
     )

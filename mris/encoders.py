@@ -91,13 +91,19 @@ class OnnxEncoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=self.providers
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleInvalid(f"encoder {self.path} cannot be loaded by onnxruntime: {exc}") from exc
+            raise BundleInvalid(
+                f"encoder {self.path} cannot be loaded by onnxruntime: {exc}"
+            ) from exc
         inputs = self.session.get_inputs()
         outputs = self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
-            raise BundleInvalid(f"encoder {self.path}: expected one input and an 'embedding' output")
+            raise BundleInvalid(
+                f"encoder {self.path}: expected one input and an 'embedding' output"
+            )
         self.input_name = inputs[0].name
         names = [o.name for o in outputs]
         self.output_name = "embedding" if "embedding" in names else names[0]
@@ -105,10 +111,14 @@ class OnnxEncoder:
         if len(shape) != 4:
             raise BundleInvalid(f"encoder {self.path}: input must be [N, 1, H, W], got {shape}")
         self.input_px: tuple[int, int] | None = (
-            (int(shape[2]), int(shape[3])) if isinstance(shape[2], int) and isinstance(shape[3], int) else None
+            (int(shape[2]), int(shape[3]))
+            if isinstance(shape[2], int) and isinstance(shape[3], int)
+            else None
         )
         out_shape = outputs[names.index(self.output_name)].shape
-        self.embedding_dim: int | None = int(out_shape[-1]) if isinstance(out_shape[-1], int) else None
+        self.embedding_dim: int | None = (
+            int(out_shape[-1]) if isinstance(out_shape[-1], int) else None
+        )
         self._lock = threading.Lock()
         self.images_embedded = 0
         self.runs = 0

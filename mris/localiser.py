@@ -68,7 +68,9 @@ class LocaliserConfig:
         return PreprocessConfig(roi_size_mm=self.refine_mm, encoder_px=self.refine_px)
 
 
-def scale_intensity(image: np.ndarray, percentile: float = 99.0, target: float = 0.99) -> np.ndarray:
+def scale_intensity(
+    image: np.ndarray, percentile: float = 99.0, target: float = 0.99
+) -> np.ndarray:
     """Scale so ``percentile`` of the pixels maps to ``target`` (minimum first moved to 0)."""
     image = image.astype(np.float32, copy=True)
     image -= float(image.min()) if image.size else 0.0
@@ -99,7 +101,9 @@ def patch_scale(spacing_mm: float, config: LocaliserConfig) -> float:
     return config.refine_mm / spacing_mm / config.refine_px
 
 
-def offset_to_source(centre_xy, offset_px, side: str, spacing_mm: float, config: LocaliserConfig) -> tuple[float, float]:
+def offset_to_source(
+    centre_xy, offset_px, side: str, spacing_mm: float, config: LocaliserConfig
+) -> tuple[float, float]:
     """A refinement offset (patch px, flipped frame for RIGHT) -> the new (col, row) source centre."""
     scale = patch_scale(spacing_mm, config)
     dx = float(offset_px[0]) * scale
@@ -108,7 +112,9 @@ def offset_to_source(centre_xy, offset_px, side: str, spacing_mm: float, config:
     return float(centre_xy[0]) + dx, float(centre_xy[1]) + float(offset_px[1]) * scale
 
 
-def source_to_offset(centre_xy, true_xy, side: str, spacing_mm: float, config: LocaliserConfig) -> tuple[float, float]:
+def source_to_offset(
+    centre_xy, true_xy, side: str, spacing_mm: float, config: LocaliserConfig
+) -> tuple[float, float]:
     """Inverse of ``offset_to_source``: the training target of a patch cut at ``centre_xy``."""
     scale = patch_scale(spacing_mm, config)
     dx = (float(true_xy[0]) - float(centre_xy[0])) / scale
@@ -137,16 +143,25 @@ def _session(path: Path, threads: int | None):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # onnxruntime raises its own types
-        raise BundleInvalid(f"knee localiser {path} cannot be loaded by onnxruntime: {exc}") from exc
+        raise BundleInvalid(
+            f"knee localiser {path} cannot be loaded by onnxruntime: {exc}"
+        ) from exc
 
 
 class KneeLocaliser:
     """The two ONNX stages and their constants."""
 
-    def __init__(self, global_path: str | Path, refine_path: str | Path, config: LocaliserConfig,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        global_path: str | Path,
+        refine_path: str | Path,
+        config: LocaliserConfig,
+        threads: int | None = None,
+    ):
         self.config = config
         self.global_session = _session(Path(global_path), threads)
         self.refine_session = _session(Path(refine_path), threads)
@@ -163,8 +178,12 @@ class KneeLocaliser:
             raise BundleInvalid(f"model bundle {bundle.root} has no knee localiser")
         refine = card.details.get("refine_file", REFINE_FILE)
         if refine not in bundle.card.files:
-            raise BundleInvalid(f"model bundle {bundle.root}: localiser refinement {refine} is not in the card")
-        config = LocaliserConfig.from_dict({**card.details.get("config", {}), "global_input_px": card.input_px})
+            raise BundleInvalid(
+                f"model bundle {bundle.root}: localiser refinement {refine} is not in the card"
+            )
+        config = LocaliserConfig.from_dict(
+            {**card.details.get("config", {}), "global_input_px": card.input_px}
+        )
         return cls(bundle.path(card.file), bundle.path(refine), config, threads)
 
     def coarse(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +191,10 @@ class KneeLocaliser:
         image = global_input(pixels, self.config)[None, None]
         centres, confidence = self.global_session.run(["centres", "confidence"], {"image": image})
         shape = pixels.shape
-        return (np.array([global_to_source(c, shape) for c in centres[0]]), confidence[0].astype(np.float64))
+        return (
+            np.array([global_to_source(c, shape) for c in centres[0]]),
+            confidence[0].astype(np.float64),
+        )
 
     def refine(self, radiograph, side: str, centre_xy) -> tuple[tuple[float, float], float]:
         centre, confidence = (float(centre_xy[0]), float(centre_xy[1])), 1.0
@@ -183,7 +205,9 @@ class KneeLocaliser:
             confidence = float(conf[0])
         return centre, confidence
 
-    def locate(self, radiograph, sides: Iterable[str] = SIDES) -> dict[str, tuple[tuple[float, float], float]]:
+    def locate(
+        self, radiograph, sides: Iterable[str] = SIDES
+    ) -> dict[str, tuple[tuple[float, float], float]]:
         """side -> ((col, row), confidence) for every requested side, found or not."""
         coarse, coarse_conf = self.coarse(radiograph.pixels)
         found = {}
@@ -198,8 +222,9 @@ class KneeLocaliser:
         return found
 
 
-def locate_knees(radiograph, localiser, config: LocaliserConfig | None = None,
-                 sides: Iterable[str] = SIDES) -> dict[str, tuple[tuple[float, float], float]]:
+def locate_knees(
+    radiograph, localiser, config: LocaliserConfig | None = None, sides: Iterable[str] = SIDES
+) -> dict[str, tuple[tuple[float, float], float]]:
     """Both (or the requested) knee centres of ``radiograph`` (a ``mris.dicom.Radiograph``).
 
     ``localiser``: a ``KneeLocaliser``, a ``ModelBundle`` or a bundle path; ``config`` overrides
@@ -226,12 +251,15 @@ def locate_knees(radiograph, localiser, config: LocaliserConfig | None = None,
                 f"< {threshold:.2f}); give the joint centres as keypoints if this is a knee radiograph"
             )
         if not (0 <= x < cols and 0 <= y < rows):
-            raise KneeNotFound(f"the {side.lower()} knee centre the localiser found lies outside the image")
+            raise KneeNotFound(
+                f"the {side.lower()} knee centre the localiser found lies outside the image"
+            )
     return found
 
 
-def evaluate_localiser(localiser, manifest, split: str = "test", max_images: int | None = None,
-                       tick=None) -> dict[str, Any]:
+def evaluate_localiser(
+    localiser, manifest, split: str = "test", max_images: int | None = None, tick=None
+) -> dict[str, Any]:
     """Error of the localiser against the manifest's keypoints on one split.
 
     For every radiograph of ``split`` with keypoints: the Euclidean error per knee in mm (pixels
@@ -257,7 +285,9 @@ def evaluate_localiser(localiser, manifest, split: str = "test", max_images: int
         ok = True
         for side, true_xy in truth[path].items():
             (x, y), confidence = found[side]
-            errors_mm.append(float(np.hypot(x - true_xy[0], y - true_xy[1])) * radiograph.spacing_mm)
+            errors_mm.append(
+                float(np.hypot(x - true_xy[0], y - true_xy[1])) * radiograph.spacing_mm
+            )
             ok &= confidence >= threshold
         both_found += int(ok)
         if tick is not None:

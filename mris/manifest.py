@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from mris.constants import SIDES, SPLITS
 from mris.errors import ManifestError
@@ -156,7 +156,9 @@ def read_manifest(path: str | Path) -> Manifest:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ManifestError("reading a Parquet manifest needs pyarrow (pip install pyarrow)") from exc
+            raise ManifestError(
+                "reading a Parquet manifest needs pyarrow (pip install pyarrow)"
+            ) from exc
         table = pq.read_table(path).to_pylist()
         records = [{k: "" if v is None else str(v) for k, v in r.items()} for r in table]
     else:
@@ -164,7 +166,9 @@ def read_manifest(path: str | Path) -> Manifest:
             reader = csv.DictReader(handle)
             missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or [])
             if missing:
-                raise ManifestError(f"manifest {path} lacks column(s): {', '.join(sorted(missing))}")
+                raise ManifestError(
+                    f"manifest {path} lacks column(s): {', '.join(sorted(missing))}"
+                )
             records = list(reader)
     rows = [_row_from_dict(record, line) for line, record in enumerate(records, start=2)]
     seen: set[str] = set()

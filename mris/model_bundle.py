@@ -130,7 +130,9 @@ def load_model_bundle(root: str | Path, verify: bool = True) -> ModelBundle:
     except (ValueError, TypeError) as exc:
         raise BundleInvalid(f"{card_path} is not a valid model card: {exc}") from exc
     if card.format != MODEL_FORMAT:
-        raise BundleInvalid(f"{card_path}: unknown format {card.format!r} (expected {MODEL_FORMAT})")
+        raise BundleInvalid(
+            f"{card_path}: unknown format {card.format!r} (expected {MODEL_FORMAT})"
+        )
     check_preprocessing_version(
         card.preprocessing_version, f"model bundle {root}", "retrained (`mris train ...`)"
     )
@@ -151,5 +153,7 @@ def load_model_bundle(root: str | Path, verify: bool = True) -> ModelBundle:
             if not path.is_file():
                 raise BundleInvalid(f"model bundle {root} is incomplete: {name} is missing")
             if sha256_file(path) != digest:
-                raise BundleInvalid(f"model bundle {root}: {name} does not match its sha256 in card.json")
+                raise BundleInvalid(
+                    f"model bundle {root}: {name} does not match its sha256 in card.json"
+                )
     return ModelBundle(root, card)

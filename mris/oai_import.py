@@ -135,7 +135,9 @@ def _normalise_folds(folds: Iterable[str]) -> set[str]:
             if part.isdigit():
                 part = f"fold{int(part)}"
             if not re.fullmatch(r"fold\d+", part):
-                raise BadParameter(f"--downstream-folds takes fold names like fold3 or 3, got {item!r}")
+                raise BadParameter(
+                    f"--downstream-folds takes fold names like fold3 or 3, got {item!r}"
+                )
             names.add(f"fold{int(part[4:])}")
     return names
 
@@ -148,7 +150,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
 
 
-def read_keypoints(sheets_root: Path) -> dict[tuple[str, int], dict[str, tuple[float, float] | None]]:
+def read_keypoints(
+    sheets_root: Path,
+) -> dict[tuple[str, int], dict[str, tuple[float, float] | None]]:
     """(patient_id, month) -> {"RIGHT": (x, y) | None, "LEFT": ...} from every xray_keypoints.csv."""
     points: dict[tuple[str, int], dict[str, tuple[float, float] | None]] = {}
     for sheet in sorted(sheets_root.rglob("xray_keypoints.csv")):
@@ -196,7 +200,11 @@ def import_oai(
         Path(xray_root).resolve(),
         Path(thickness_root).resolve(),
     )
-    for name, folder in (("--sheets", sheets_root), ("--xray-root", xray_root), ("--thickness-root", thickness_root)):
+    for name, folder in (
+        ("--sheets", sheets_root),
+        ("--xray-root", xray_root),
+        ("--thickness-root", thickness_root),
+    ):
         if not folder.is_dir():
             raise BadParameter(f"{name} {folder} is not a folder")
     folds = _normalise_folds(downstream_folds)
@@ -222,7 +230,17 @@ def import_oai(
             summary.knee_visits += 2 * len(records)
             continue
         for record in records:
-            _import_record(record, split, xray_root, thickness_root, keypoints, klg, summary, seen_pairs, subject_split)
+            _import_record(
+                record,
+                split,
+                xray_root,
+                thickness_root,
+                keypoints,
+                klg,
+                summary,
+                seen_pairs,
+                subject_split,
+            )
     return summary
 
 
@@ -261,7 +279,14 @@ def _import_record(
         if subject_split.setdefault(patient, split) != split:
             summary.skipped["subject already in another split"] += 1
             continue
-        maps = thickness_root / patient / "MR_SAG_3D_DESS" / f"{side}_KNEE" / month_folder(month) / "avsm"
+        maps = (
+            thickness_root
+            / patient
+            / "MR_SAG_3D_DESS"
+            / f"{side}_KNEE"
+            / month_folder(month)
+            / "avsm"
+        )
         fc_path, tc_path = maps / "FC_2d_thickness.npy", maps / "TC_2d_thickness.npy"
         if not radiograph.is_file():
             summary.skipped["radiograph missing"] += 1
@@ -270,7 +295,11 @@ def _import_record(
             summary.skipped["thickness map missing"] += 1
             continue
         point = keypoints.get((patient, month), {}).get(side)
-        grade = klg.get((patient, side, MONTH_VISIT_CODES.get(xray_month, -1))) if xray_month is not None else None
+        grade = (
+            klg.get((patient, side, MONTH_VISIT_CODES.get(xray_month, -1)))
+            if xray_month is not None
+            else None
+        )
         summary.without_keypoints += point is None
         summary.without_klg += grade is None
         seen_pairs.add(pair_id)

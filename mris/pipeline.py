@@ -253,12 +253,17 @@ class Pipeline:
 
         model = load_model_bundle(model_dir)
         # Maps resident in memory: random row reads from a cold memory map are slow (PERF_FACTS).
-        index = load_index_bundle(index_root, model_card=model.card, device=device, resident_maps=True)
+        index = load_index_bundle(
+            index_root, model_card=model.card, device=device, resident_maps=True
+        )
         limits = DecodeLimits()
         if max_pixels is not None:
             side = math.isqrt(max_pixels)
-            limits = DecodeLimits(max_rows=max(side, limits.max_rows), max_columns=max(side, limits.max_columns),
-                                  max_pixel_bytes=max_pixels * 4)
+            limits = DecodeLimits(
+                max_rows=max(side, limits.max_rows),
+                max_columns=max(side, limits.max_columns),
+                max_pixel_bytes=max_pixels * 4,
+            )
         return cls(model, index, variant, device, intra_op_threads, limits)
 
     @property
@@ -280,7 +285,9 @@ class Pipeline:
         if options.keypoints is not None:
             missing = [side.lower() for side in options.knees if side not in options.keypoints]
             if missing:
-                raise BadParameter(f"keypoints lack the {' and '.join(missing)} knee (or set knees=...)")
+                raise BadParameter(
+                    f"keypoints lack the {' and '.join(missing)} knee (or set knees=...)"
+                )
             return {side: options.keypoints[side] for side in options.knees}, {
                 side: None for side in options.knees
             }
@@ -303,9 +310,16 @@ class Pipeline:
             radiograph = read_radiograph(data, spacing_mm=options.spacing_mm, limits=self.limits)
         centres, confidences = self.locate(radiograph, options)
         source = "caller" if options.keypoints is not None else "localiser"
-        rois = [extract_roi(radiograph, side, centres[side], self.config, source=source) for side in options.knees]
-        return Prepared(rois=rois, spacing_source=radiograph.spacing_source,
-                        confidences=confidences, source=radiograph.source)
+        rois = [
+            extract_roi(radiograph, side, centres[side], self.config, source=source)
+            for side in options.knees
+        ]
+        return Prepared(
+            rois=rois,
+            spacing_source=radiograph.spacing_source,
+            confidences=confidences,
+            source=radiograph.source,
+        )
 
     # ------------------------------------------------------------------ stage 2: per batch
     def search(self, rois: Sequence[KneeRoi | np.ndarray], k: int) -> list[dict[str, Hits]]:
@@ -314,8 +328,14 @@ class Pipeline:
         return search_batch(rois, k, encoders=self.encoders, index=self.index)
 
     # ------------------------------------------------------------------ stage 3: per request
-    def assemble(self, prepared: Prepared, hits: Sequence[dict[str, Hits]], k: int,
-                 with_maps: bool = True, nan_rule: NanRule = DEFAULT_NAN_RULE) -> list[KneeResult]:
+    def assemble(
+        self,
+        prepared: Prepared,
+        hits: Sequence[dict[str, Hits]],
+        k: int,
+        with_maps: bool = True,
+        nan_rule: NanRule = DEFAULT_NAN_RULE,
+    ) -> list[KneeResult]:
         """``synthesize_maps`` per knee (neighbours and, ``with_maps``, eq. 4 with
         ``nan_rule``), decorated with the request's ROI, spacing source and confidence and the
         neighbours' ids and public metadata."""
@@ -328,8 +348,9 @@ class Pipeline:
                     roi=roi,
                     spacing_source=prepared.spacing_source,
                     confidence=prepared.confidences.get(roi.side),
-                    neighbours={region: self._neighbours(knee, region)
-                                for region in knee.neighbours},
+                    neighbours={
+                        region: self._neighbours(knee, region) for region in knee.neighbours
+                    },
                     maps_mm=knee.maps_mm,
                     std_mm=knee.std_mm,
                     nan_rule=knee.nan_rule,
@@ -350,8 +371,12 @@ class Pipeline:
             for row, similarity, weight in zip(best.rows, best.similarities, weights)
         ]
 
-    def run(self, data: bytes | str | Path, options: RequestOptions | None = None,
-            with_maps: bool = True) -> list[KneeResult]:
+    def run(
+        self,
+        data: bytes | str | Path,
+        options: RequestOptions | None = None,
+        with_maps: bool = True,
+    ) -> list[KneeResult]:
         """The whole path in-process, for one radiograph."""
         options = options or RequestOptions()
         prepared = self.prepare(data, options)

@@ -37,14 +37,41 @@ def render_results_png(
         panels = [("ROI (encoder input)", result.roi.image, "gray", 0.0, 1.0, None)]
         for name in CARTILAGES:
             if name in result.maps_mm:
-                panels.append((f"{name.upper()} synthesized", result.maps_mm[name], "viridis", 0.0, THICKNESS_MAX_MM, "mm"))
+                panels.append(
+                    (
+                        f"{name.upper()} synthesized",
+                        result.maps_mm[name],
+                        "viridis",
+                        0.0,
+                        THICKNESS_MAX_MM,
+                        "mm",
+                    )
+                )
         for name in CARTILAGES:
             if name in result.std_mm:
-                panels.append((f"{name.upper()} uncertainty (SD)", result.std_mm[name], "magma", 0.0, STD_MAX_MM, "mm"))
+                panels.append(
+                    (
+                        f"{name.upper()} uncertainty (SD)",
+                        result.std_mm[name],
+                        "magma",
+                        0.0,
+                        STD_MAX_MM,
+                        "mm",
+                    )
+                )
         if truth_mm:
             for name in CARTILAGES:
                 if name in truth_mm[row]:
-                    panels.append((f"{name.upper()} true (MR)", truth_mm[row][name], "viridis", 0.0, THICKNESS_MAX_MM, "mm"))
+                    panels.append(
+                        (
+                            f"{name.upper()} true (MR)",
+                            truth_mm[row][name],
+                            "viridis",
+                            0.0,
+                            THICKNESS_MAX_MM,
+                            "mm",
+                        )
+                    )
         for column in range(columns):
             ax = axes[row, column]
             ax.set_xticks([])

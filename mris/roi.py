@@ -79,7 +79,9 @@ def _check_side(side: str) -> str:
     return name
 
 
-def _check_centre(radiograph: Radiograph, side: str, centre_xy: Sequence[float]) -> tuple[float, float]:
+def _check_centre(
+    radiograph: Radiograph, side: str, centre_xy: Sequence[float]
+) -> tuple[float, float]:
     try:
         col, row = (float(centre_xy[0]), float(centre_xy[1]))
     except (TypeError, ValueError, IndexError) as exc:
@@ -251,7 +253,9 @@ def parse_keypoints(text: str | None) -> dict[str, tuple[float, float]] | None:
         raw = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError, OverflowError):
         # ValueError covers JSONDecodeError and ints past Python's digit limit.
-        raise BadParameter('keypoints must be JSON like {"left": [x, y], "right": [x, y]}') from None
+        raise BadParameter(
+            'keypoints must be JSON like {"left": [x, y], "right": [x, y]}'
+        ) from None
     if not isinstance(raw, dict) or not raw:
         raise BadParameter('keypoints must be a JSON object like {"left": [x, y], "right": [x, y]}')
     centres: dict[str, tuple[float, float]] = {}

@@ -129,7 +129,10 @@ def _share_bytes(data: bytes) -> tuple[_SharedBytes, shared_memory.SharedMemory]
 
 
 def _read_in_worker(
-    source: bytes | str | _SharedBytes, spacing_mm: float | None, limits: DecodeLimits, memory_mb: int
+    source: bytes | str | _SharedBytes,
+    spacing_mm: float | None,
+    limits: DecodeLimits,
+    memory_mb: int,
 ) -> _SharedPixels | Radiograph:
     if isinstance(source, _SharedBytes):
         block = shared_memory.SharedMemory(name=source.block)
@@ -151,8 +154,14 @@ def _read_in_worker(
         raise ImageTooLarge(
             f"decoding this file needs more than the decoder's memory budget of {memory_mb} MB"
         ) from None
-    return _SharedPixels(block.name, radiograph.shape, radiograph.spacing_mm, radiograph.spacing_source,
-                         radiograph.metadata, radiograph.source)
+    return _SharedPixels(
+        block.name,
+        radiograph.shape,
+        radiograph.spacing_mm,
+        radiograph.spacing_source,
+        radiograph.metadata,
+        radiograph.source,
+    )
 
 
 class DecodeSandbox:
@@ -167,7 +176,10 @@ class DecodeSandbox:
     """
 
     def __init__(
-        self, workers: int = 2, memory_mb: int = DEFAULT_MEMORY_MB, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        workers: int = 2,
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if workers < 1 or memory_mb < 256 or timeout_s <= 0:
             raise ValueError("DecodeSandbox needs workers >= 1, memory_mb >= 256 and timeout_s > 0")
@@ -185,7 +197,10 @@ class DecodeSandbox:
         # The forkserver imports the decoders once; each worker is a fork of it.
         context.set_forkserver_preload(list(_PRELOAD))
         pool = ProcessPool(
-            max_workers=self.workers, initializer=_limit_memory, initargs=(self.memory_mb,), context=context
+            max_workers=self.workers,
+            initializer=_limit_memory,
+            initargs=(self.memory_mb,),
+            context=context,
         )
         pool.schedule(os.getpid).result()  # start the workers now, not on the first file
         return pool
@@ -232,16 +247,24 @@ class DecodeSandbox:
         self.close()
 
     def submit(
-        self, source: bytes | str | Path, spacing_mm: float | None = None, limits: DecodeLimits | None = None
+        self,
+        source: bytes | str | Path,
+        spacing_mm: float | None = None,
+        limits: DecodeLimits | None = None,
     ) -> concurrent.futures.Future:
         pool = self._pool
         if pool is None:
-            raise DecoderCrashed("the decoder pool is not running (the service is starting or stopping)")
+            raise DecoderCrashed(
+                "the decoder pool is not running (the service is starting or stopping)"
+            )
         if isinstance(source, Path):
             source = str(source)
         shared = None
-        if (isinstance(source, (bytes, bytearray, memoryview)) and len(source) > _SHARED_INPUT_BYTES
-                and _shm_has_room(len(source))):
+        if (
+            isinstance(source, (bytes, bytearray, memoryview))
+            and len(source) > _SHARED_INPUT_BYTES
+            and _shm_has_room(len(source))
+        ):
             source, shared = _share_bytes(source)
         future = pool.schedule(
             _read_in_worker,
@@ -284,7 +307,10 @@ class DecodeSandbox:
             ) from None
 
     def read(
-        self, source: bytes | str | Path, spacing_mm: float | None = None, limits: DecodeLimits | None = None
+        self,
+        source: bytes | str | Path,
+        spacing_mm: float | None = None,
+        limits: DecodeLimits | None = None,
     ) -> Radiograph:
         """Blocking read (CLI tools, the fuzzer)."""
         for attempt in (1, 2):

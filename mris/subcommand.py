@@ -42,7 +42,9 @@ from mris.progress import console
 GRACE_ENV = "MRIS_STOP_GRACE_S"
 DEFAULT_GRACE_S = 20.0
 NESTED_GRACE_STEP_S = 5.0
-FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+FORWARDED_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 _POLL_S = 0.25  # how often the wait looks at the grace deadline
 
 
@@ -77,7 +79,9 @@ class _Forwarder:
             self.child.send_signal(signal.SIGTERM)  # a no-op once the child has been reaped
 
 
-def _wait_forwarding(command: list[str], env: dict[str, str], forwarder: _Forwarder, name: str) -> int:
+def _wait_forwarding(
+    command: list[str], env: dict[str, str], forwarder: _Forwarder, name: str
+) -> int:
     """Run ``command`` with ``forwarder`` handling the signals; returns its exit code. The signal
     that came meanwhile is ``forwarder.signum`` (read it after this returns: one that lands while
     the handlers are put back is still recorded)."""
@@ -99,11 +103,15 @@ def _wait_forwarding(command: list[str], env: dict[str, str], forwarder: _Forwar
                 return child.wait(timeout=_POLL_S)
             except subprocess.TimeoutExpired:
                 if forwarder.deadline is not None and time.monotonic() >= forwarder.deadline:
-                    console.print(f"[yellow]'mris {name}' did not stop within {forwarder.grace_s:g} s: killing it[/]")
+                    console.print(
+                        f"[yellow]'mris {name}' did not stop within {forwarder.grace_s:g} s: killing it[/]"
+                    )
                     child.kill()
                     forwarder.deadline = None
     finally:
-        if child is not None and child.poll() is None:  # an error of ours: still never leave it running
+        if (
+            child is not None and child.poll() is None
+        ):  # an error of ours: still never leave it running
             child.kill()
             child.wait()
         for signum, handler in previous.items():
@@ -128,7 +136,13 @@ def run_mris(*args: str) -> None:
     forwarder = _Forwarder(grace_s)
     returncode = _wait_forwarding(command, env, forwarder, args[0])
     if forwarder.signum is not None:
-        signal.raise_signal(forwarder.signum)  # the previous handler decides: KeyboardInterrupt, or death by the signal
+        signal.raise_signal(
+            forwarder.signum
+        )  # the previous handler decides: KeyboardInterrupt, or death by the signal
     if returncode != 0:
-        how = f"was killed by {_signal_name(-returncode)}" if returncode < 0 else f"failed with exit code {returncode}"
+        how = (
+            f"was killed by {_signal_name(-returncode)}"
+            if returncode < 0
+            else f"failed with exit code {returncode}"
+        )
         raise MrisError(f"'mris {args[0]}' {how}")

@@ -111,7 +111,9 @@ def synthesize(
         raise ValueError(f"neighbour maps must be [N, k, H, W], got shape {maps.shape}")
     weights = similarity_weights(similarities)
     if weights.shape != maps.shape[:2]:
-        raise ValueError(f"similarities {weights.shape} do not match neighbour maps {maps.shape[:2]}")
+        raise ValueError(
+            f"similarities {weights.shape} do not match neighbour maps {maps.shape[:2]}"
+        )
     if nan_rule not in NAN_RULES:
         raise ValueError(f"nan_rule must be one of {', '.join(NAN_RULES)}, got {nan_rule!r}")
     if not 0.0 < min_cartilage_share <= 1.0:
@@ -149,5 +151,10 @@ def synthesize(
     thickness = np.where(cartilage, mean, nan).astype(np.float32).reshape(n, h, w)
     std = np.where(cartilage, np.sqrt(variance), nan).astype(np.float32).reshape(n, h, w)
     share = share.reshape(n, h, w)
-    return Synthesis(thickness_mm=thickness, std_mm=std, weights=weights,
-                     cartilage_share=share.astype(np.float32, copy=False), nan_rule=nan_rule)
+    return Synthesis(
+        thickness_mm=thickness,
+        std_mm=std,
+        weights=weights,
+        cartilage_share=share.astype(np.float32, copy=False),
+        nan_rule=nan_rule,
+    )

@@ -32,6 +32,7 @@ def roi_info(result: KneeResult) -> dict:
 
 def _knee(result: KneeResult, with_maps: bool) -> dict:
     """One knee's answer: /synthesize gives weights and maps, /retrieve the row metadata."""
+
     def neighbour(n) -> dict:
         extra = {"weight": n.weight} if with_maps else n.metadata
         return {"id": n.pair_id, "similarity": n.similarity, **extra}
@@ -39,7 +40,9 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
     knee = {
         "side": result.side,
         "roi": roi_info(result),
-        "neighbours": {region: [neighbour(n) for n in found] for region, found in result.neighbours.items()},
+        "neighbours": {
+            region: [neighbour(n) for n in found] for region, found in result.neighbours.items()
+        },
     }
     if with_maps:
         knee["maps"] = {
@@ -55,11 +58,17 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
     return knee
 
 
-def synthesis_payload(results: list[KneeResult], index_version: str, variant: str, k: int,
-                      nan_rule: str) -> dict:
+def synthesis_payload(
+    results: list[KneeResult], index_version: str, variant: str, k: int, nan_rule: str
+) -> dict:
     knees = [_knee(result, with_maps=True) for result in results]
-    return {"index_version": index_version, "variant": variant, "k": k, "nan_rule": nan_rule,
-            "knees": knees}
+    return {
+        "index_version": index_version,
+        "variant": variant,
+        "k": k,
+        "nan_rule": nan_rule,
+        "knees": knees,
+    }
 
 
 def retrieval_payload(results: list[KneeResult], index_version: str, variant: str, k: int) -> dict:

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+
+from mris.sandbox import DecodeSandbox
 from mris.service.batching import MicroBatcher
 from mris.service.batching import search_by_state as _search_batch
 from mris.service.config import Settings
@@ -18,8 +20,6 @@ from mris.service.metrics import Metrics
 from mris.service.problems import install_problem_handlers
 from mris.service.routes import router
 from mris.service.state import StateHolder
-
-from mris.sandbox import DecodeSandbox
 
 log = logging.getLogger("mris.service")
 
@@ -31,9 +31,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         configure_logging(settings.log_level)
-        app.state.executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="mris-cpu")
-        decoder = DecodeSandbox(settings.decode_workers, settings.decode_memory_mb, settings.decode_timeout_s)
-        app.state.decoder = await asyncio.get_running_loop().run_in_executor(app.state.executor, decoder.start)
+        app.state.executor = ThreadPoolExecutor(
+            settings.worker_threads, thread_name_prefix="mris-cpu"
+        )
+        decoder = DecodeSandbox(
+            settings.decode_workers, settings.decode_memory_mb, settings.decode_timeout_s
+        )
+        app.state.decoder = await asyncio.get_running_loop().run_in_executor(
+            app.state.executor, decoder.start
+        )
         compute = ThreadPoolExecutor(1, thread_name_prefix="mris-compute")
         app.state.batcher = MicroBatcher(
             _search_batch,
@@ -94,8 +100,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.latency.labels(route=name, status=str(status)).observe(elapsed)
             log.info(
                 "request",
-                extra={"method": request.method, "route": name, "status": status,
-                       "duration_ms": round(elapsed * 1000, 2)},
+                extra={
+                    "method": request.method,
+                    "route": name,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
             )
 
     app.include_router(router)

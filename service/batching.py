@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
-    from mris.service.state import ServingState
 
     from mris.pipeline import Hits
+    from mris.service.state import ServingState
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -161,7 +161,9 @@ class MicroBatcher(Generic[T, R]):
         if self._on_batch is not None:
             self._on_batch(len(live))
         try:
-            results = await loop.run_in_executor(self._executor, self._process, [p.item for p in live])
+            results = await loop.run_in_executor(
+                self._executor, self._process, [p.item for p in live]
+            )
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise

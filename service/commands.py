@@ -10,21 +10,34 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: Path | None = typer.Option(None, "--model", help="Model bundle (default: $MRIS_MODEL_DIR)."),
-        index_root: Path | None = typer.Option(None, "--index-root", help="Index root (default: $MRIS_INDEX_ROOT)."),
-        host: str | None = typer.Option(None, help="Address to listen on (default: $MRIS_HOST or 127.0.0.1)."),
+        model: Path | None = typer.Option(
+            None, "--model", help="Model bundle (default: $MRIS_MODEL_DIR)."
+        ),
+        index_root: Path | None = typer.Option(
+            None, "--index-root", help="Index root (default: $MRIS_INDEX_ROOT)."
+        ),
+        host: str | None = typer.Option(
+            None, help="Address to listen on (default: $MRIS_HOST or 127.0.0.1)."
+        ),
         port: int | None = typer.Option(None, help="Port (default: $MRIS_PORT or 8000)."),
-        variant: str | None = typer.Option(None, help="separate (MRIS-S, default) or combined (MRIS-C)."),
+        variant: str | None = typer.Option(
+            None, help="separate (MRIS-S, default) or combined (MRIS-C)."
+        ),
     ) -> None:
         """Serve POST /synthesize and /retrieve. Every option also comes from MRIS_* variables."""
         import uvicorn
+
         from mris.service.app import create_app
         from mris.service.config import Settings
 
         overrides = {
             key: value
             for key, value in {
-                "model_dir": model, "index_root": index_root, "host": host, "port": port, "variant": variant,
+                "model_dir": model,
+                "index_root": index_root,
+                "host": host,
+                "port": port,
+                "variant": variant,
             }.items()
             if value is not None
         }

@@ -35,18 +35,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from mris.service.batching import MicroBatcher
-from mris.service.config import Settings
-from mris.service.metrics import Metrics
-from mris.service.problems import ServiceProblem
-from mris.service.schemas import DICOM_MEDIA_TYPES
-from mris.service.state import ServingState, StateHolder
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mris.errors import BadParameter
 from mris.options import OPTION_NAMES, SynthesisOptions, option_text_limit
 from mris.sandbox import DecodeSandbox
+from mris.service.batching import MicroBatcher
+from mris.service.config import Settings
+from mris.service.metrics import Metrics
+from mris.service.problems import ServiceProblem
+from mris.service.schemas import DICOM_MEDIA_TYPES
+from mris.service.state import ServingState, StateHolder
 
 MAX_FORM_FIELDS = 16
 MAX_FORM_PART_BYTES = 1 << 20  # a text part; the longest legitimate one (keypoints) is 256 chars

@@ -12,23 +12,32 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "mris_requests_total", "HTTP requests by route and status", ["route", "status"],
+            "mris_requests_total",
+            "HTTP requests by route and status",
+            ["route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "mris_request_seconds", "HTTP request latency by route and status", ["route", "status"],
-            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            "mris_request_seconds",
+            "HTTP request latency by route and status",
+            ["route", "status"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
         self.batch_size = Histogram(
-            "mris_batch_size", "Knee ROIs per encoder/search batch", buckets=BATCH_BUCKETS,
+            "mris_batch_size",
+            "Knee ROIs per encoder/search batch",
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "mris_queue_depth", "Knee ROIs waiting for the encoder", registry=self.registry
         )
         self.bundle = Gauge(
-            "mris_bundle_info", "Served bundle (value 1) by index version and variant",
-            ["index_version", "variant"], registry=self.registry,
+            "mris_bundle_info",
+            "Served bundle (value 1) by index version and variant",
+            ["index_version", "variant"],
+            registry=self.registry,
         )
         self.reloads = Counter(
             "mris_reloads_total", "Bundle reloads by outcome", ["outcome"], registry=self.registry

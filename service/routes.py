@@ -6,6 +6,9 @@ import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from mris.pipeline import KneeResult
+from mris.render import render_results_png
 from mris.service.answers import (
     NPZ_MEDIA_TYPE,
     json_response,
@@ -34,9 +37,6 @@ from mris.service.schemas import (
     upload_openapi,
 )
 from mris.service.state import ServingState
-
-from mris.pipeline import KneeResult
-from mris.render import render_results_png
 
 router = APIRouter()
 
@@ -71,22 +71,35 @@ async def readyz(holder: HolderDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "index_version": holder.current.index_version})
 
 
-@router.get("/info", tags=["operations"], dependencies=[Authorized],
-            responses={**_GUARDED, 503: _ERRORS[503]})
+@router.get(
+    "/info",
+    tags=["operations"],
+    dependencies=[Authorized],
+    responses={**_GUARDED, 503: _ERRORS[503]},
+)
 async def info(state: ServedStateDep) -> dict:
     """The model card and the index card of the bundle being served."""
     return state.pipeline.info()
 
 
-@router.get("/metrics", tags=["operations"], dependencies=[Authorized], responses=_GUARDED,
-            response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    dependencies=[Authorized],
+    responses=_GUARDED,
+    response_class=PlainTextResponse,
+)
 async def metrics(registry: MetricsDep) -> Response:
     """Prometheus metrics."""
     return Response(registry.render(), media_type="text/plain; version=0.0.4")
 
 
-@router.post("/admin/reload", tags=["operations"], dependencies=[Authorized],
-             responses={**_GUARDED, 503: _ERRORS[503]})
+@router.post(
+    "/admin/reload",
+    tags=["operations"],
+    dependencies=[Authorized],
+    responses={**_GUARDED, 503: _ERRORS[503]},
+)
 async def reload(holder: HolderDep, workers: WorkersDep) -> dict:
     """Load the bundle `current` points to, check it against the encoders, swap atomically."""
     try:  # the one reload path: it also counts the reload and updates the metrics
@@ -99,8 +112,9 @@ async def reload(holder: HolderDep, workers: WorkersDep) -> dict:
     return {"index_version": state.index_version, "previous_version": previous}
 
 
-async def _run(workers: Workers, timeout_s: float, state: ServingState, upload: Upload,
-               with_maps: bool) -> list[KneeResult]:
+async def _run(
+    workers: Workers, timeout_s: float, state: ServingState, upload: Upload, with_maps: bool
+) -> list[KneeResult]:
     options = upload.params.request_options()  # checked by read_upload
     loop = asyncio.get_running_loop()
     pipeline = state.pipeline
@@ -118,18 +132,31 @@ async def _run(workers: Workers, timeout_s: float, state: ServingState, upload: 
                 [(state, roi.image, options.k) for roi in prepared.rois]
             )
         except Overloaded as exc:
-            raise ServiceProblem(503, "Overloaded", f"the service is busy ({exc}); retry shortly",
-                                 {"Retry-After": "1"}) from None
+            raise ServiceProblem(
+                503,
+                "Overloaded",
+                f"the service is busy ({exc}); retry shortly",
+                {"Retry-After": "1"},
+            ) from None
         return await loop.run_in_executor(
-            workers.executor, pipeline.assemble, prepared, hits, options.k, with_maps,
+            workers.executor,
+            pipeline.assemble,
+            prepared,
+            hits,
+            options.k,
+            with_maps,
             options.nan_rule,
         )
 
     try:
         return await asyncio.wait_for(work(), timeout_s)
     except asyncio.TimeoutError:
-        raise ServiceProblem(503, "Timed out", "the request took longer than the configured limit",
-                             {"Retry-After": "1"}) from None
+        raise ServiceProblem(
+            503,
+            "Timed out",
+            "the request took longer than the configured limit",
+            {"Retry-After": "1"},
+        ) from None
 
 
 @router.post(
@@ -137,8 +164,15 @@ async def _run(workers: Workers, timeout_s: float, state: ServingState, upload: 
     tags=["synthesis"],
     dependencies=[Authorized],
     response_model=SynthesisResponse,
-    responses={**_ERRORS, 200: {"content": {NPZ_MEDIA_TYPE: {"schema": BINARY_SCHEMA},
-                                            "image/png": {"schema": BINARY_SCHEMA}}}},
+    responses={
+        **_ERRORS,
+        200: {
+            "content": {
+                NPZ_MEDIA_TYPE: {"schema": BINARY_SCHEMA},
+                "image/png": {"schema": BINARY_SCHEMA},
+            }
+        },
+    },
     openapi_extra=_UPLOAD_BODY,
 )
 async def synthesize(
@@ -153,8 +187,9 @@ async def synthesize(
 
     def render() -> Response:
         # base64, JSON and PNG encoding are CPU work: off the event loop, like the rest.
-        payload = synthesis_payload(results, state.index_version, state.pipeline.variant, params.k,
-                                    params.nan_rule)
+        payload = synthesis_payload(
+            results, state.index_version, state.pipeline.variant, params.k, params.nan_rule
+        )
         if params.format == "npz":
             return npz_response(results, payload)
         if params.format == "png":
@@ -177,7 +212,9 @@ async def retrieve(
 ) -> JSONResponse:
     """The k nearest database knee-visits of each knee: ids, similarities and metadata, no maps."""
     results = await _run(workers, settings.request_timeout_s, state, upload, with_maps=False)
-    payload = retrieval_payload(results, state.index_version, state.pipeline.variant, upload.params.k)
+    payload = retrieval_payload(
+        results, state.index_version, state.pipeline.variant, upload.params.k
+    )
     return await asyncio.get_running_loop().run_in_executor(
         workers.executor, json_response, payload
     )

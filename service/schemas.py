@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from mris.service.problems import PROBLEM_MEDIA_TYPE
 from pydantic import BaseModel, Field
 
 from mris.options import OPTION_NAMES, SynthesisOptions
+from mris.service.problems import PROBLEM_MEDIA_TYPE
 from mris.synthesis import NAN_RULES
 
 DICOM_MEDIA_TYPES = ("application/dicom", "application/octet-stream")

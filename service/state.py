@@ -19,10 +19,9 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from mris.pipeline import Pipeline
 from mris.service.config import Settings
 from mris.service.metrics import Metrics
-
-from mris.pipeline import Pipeline
 
 log = logging.getLogger("mris.service")
 
@@ -104,7 +103,10 @@ class StateHolder:
             await loop.run_in_executor(executor, release_freed_memory)
             log.info(
                 "bundle loaded",
-                extra={"index_version": state.index_version, "previous_version": previous,
-                       "trigger": trigger},
+                extra={
+                    "index_version": state.index_version,
+                    "previous_version": previous,
+                    "trigger": trigger,
+                },
             )
             return state, previous

@@ -27,7 +27,9 @@ TINY_ENCODER_PX = 32
 TINY_MAP_PX = (40, 36)
 
 
-def make_encoder_onnx(path: str | Path, input_px: tuple[int, int], seed: int, channels: int = 8) -> Path:
+def make_encoder_onnx(
+    path: str | Path, input_px: tuple[int, int], seed: int, channels: int = 8
+) -> Path:
     """Write a small real ONNX encoder: [N, 1, rows, cols] float32 -> [N, 512] unit-norm."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -43,7 +45,11 @@ def make_encoder_onnx(path: str | Path, input_px: tuple[int, int], seed: int, ch
         helper.make_node("Conv", ["image", "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["conv"], ["relu"]),
         helper.make_node(
-            "AveragePool", ["relu"], ["pooled"], kernel_shape=[rows // 4, cols // 4], strides=[rows // 4, cols // 4]
+            "AveragePool",
+            ["relu"],
+            ["pooled"],
+            kernel_shape=[rows // 4, cols // 4],
+            strides=[rows // 4, cols // 4],
         ),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "proj"], ["raw"]),
@@ -60,7 +66,9 @@ def make_encoder_onnx(path: str | Path, input_px: tuple[int, int], seed: int, ch
             numpy_helper.from_array(proj, "proj"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mris-tests")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mris-tests"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     path = Path(path)
@@ -84,7 +92,10 @@ def make_model_bundle(root: str | Path, encoder_px: int = TINY_ENCODER_PX, seed:
         make_encoder_onnx(root / radiograph, square, seed * 100 + 2 * index)
         make_encoder_onnx(root / thickness, square, seed * 100 + 2 * index + 1)
         regions[region] = EncoderPair(
-            radiograph=radiograph, thickness=thickness, radiograph_input_px=square, thickness_input_px=square
+            radiograph=radiograph,
+            thickness=thickness,
+            radiograph_input_px=square,
+            thickness_input_px=square,
         )
     variants["separate"] = VariantCard(regions=regions)
     make_encoder_onnx(root / "combined-radiograph.onnx", square, seed * 100 + 10)
@@ -110,7 +121,9 @@ def make_model_bundle(root: str | Path, encoder_px: int = TINY_ENCODER_PX, seed:
     return root
 
 
-def tiny_map(rng: np.random.Generator, shape: tuple[int, int] = TINY_MAP_PX, base_mm: float = 2.3) -> np.ndarray:
+def tiny_map(
+    rng: np.random.Generator, shape: tuple[int, int] = TINY_MAP_PX, base_mm: float = 2.3
+) -> np.ndarray:
     """One float32 thickness map (mm): a smooth random pattern inside an ellipse, NaN outside."""
     rows, cols = shape
     y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)

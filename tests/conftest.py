@@ -147,7 +147,11 @@ def make_dicom_bytes(
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True, little_endian=False, implicit_vr=False)
         return buffer.getvalue()
-    if ts in (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian):
+    if ts in (
+        uid.ImplicitVRLittleEndian,
+        uid.ExplicitVRLittleEndian,
+        uid.DeflatedExplicitVRLittleEndian,
+    ):
         ds.file_meta.TransferSyntaxUID = ts
         ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
         ds["PixelData"].VR = "OW" if bits_allocated > 8 else "OB"
@@ -217,8 +221,14 @@ def rewrap_encapsulated(source_path: str, **overrides: Any) -> bytes:
     src = pydicom.dcmread(source_path)
     ds = _base_dataset(src.file_meta.TransferSyntaxUID)
     for keyword in (
-        "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
-        "BitsStored", "HighBit", "PixelRepresentation",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
     ):
         setattr(ds, keyword, getattr(src, keyword))
     ds.ImagerPixelSpacing = ["0.2", "0.2"]
@@ -266,7 +276,9 @@ def knee_phantom(rows: int = 96, cols: int = 128, bits: int = 12, seed: int = 0)
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float64)
     image = 0.15 + 0.05 * yy / rows
     for cx in (0.3 * cols, 0.7 * cols):
-        image += 0.6 * np.exp(-(((xx - cx) / (0.12 * cols)) ** 2 + ((yy - rows / 2) / (0.3 * rows)) ** 2))
+        image += 0.6 * np.exp(
+            -(((xx - cx) / (0.12 * cols)) ** 2 + ((yy - rows / 2) / (0.3 * rows)) ** 2)
+        )
     image += rng.normal(0, 0.01, size=image.shape)
     top = (1 << bits) - 1
     return np.clip(image * top, 0, top).astype(np.uint16)

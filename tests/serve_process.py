@@ -19,6 +19,7 @@ def tiny_bundle(root: Path, pairs: int = 24) -> tuple[Path, Path]:
     """A tiny real model bundle (tests/bundle_factory.py: ONNX encoders, no localiser, so requests
     give keypoints) and a published index of ``pairs`` tiny maps under ``root``."""
     from bundle_factory import make_map_cohort, make_model_bundle
+
     from mris.index.build import build_index_bundle
 
     model = make_model_bundle(root / "model", encoder_px=32)
@@ -76,12 +77,29 @@ def alive(pid: int) -> bool:
 class ServeProcess:
     """``mris serve --model M --index-root I`` with ``env`` added to the environment."""
 
-    def __init__(self, model: Path, index_root: Path, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: Path,
+        index_root: Path,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "mris.cli", "serve", "--model", str(model),
-                        "--index-root", str(index_root), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = [
+            sys.executable,
+            "-m",
+            "mris.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--index-root",
+            str(index_root),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.env = {**os.environ, "MRIS_LOG_LEVEL": "WARNING", **(env or {})}
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
@@ -92,10 +110,13 @@ class ServeProcess:
         """Start (or restart, on the same port) and wait until ``/readyz`` answers 200."""
         if self.log_path is not None:
             with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                self.process = subprocess.Popen(
+                    self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                )
         else:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -19,7 +19,6 @@ import random
 
 import httpx
 import pytest
-
 from conftest import require
 
 require("schemathesis")

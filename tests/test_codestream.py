@@ -52,13 +52,25 @@ def j2k() -> bytes:
 
 
 def test_frame_headers_of_good_files():
-    header = codestream.jpeg_frame_header(first_frame(rewrap_encapsulated(
-        get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))))
+    header = codestream.jpeg_frame_header(
+        first_frame(rewrap_encapsulated(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")))
+    )
     assert (header.kind, header.rows, header.columns, header.components, header.precision) == (
-        "JPEG-LS", 64, 64, 1, 16)
-    j2k_header = codestream.j2k_frame_header(first_frame(make_dicom_bytes(
-        knee_phantom(), uid.JPEG2000Lossless, bits_stored=12)))
-    assert (j2k_header.rows, j2k_header.columns, j2k_header.components, j2k_header.tiles) == (96, 128, 1, 1)
+        "JPEG-LS",
+        64,
+        64,
+        1,
+        16,
+    )
+    j2k_header = codestream.j2k_frame_header(
+        first_frame(make_dicom_bytes(knee_phantom(), uid.JPEG2000Lossless, bits_stored=12))
+    )
+    assert (j2k_header.rows, j2k_header.columns, j2k_header.components, j2k_header.tiles) == (
+        96,
+        128,
+        1,
+        1,
+    )
 
 
 @pytest.mark.parametrize("name", ["jpeg-ls-sof55-zero-lines", "jpeg-extended-sof1-zero-lines"])
@@ -113,7 +125,11 @@ def test_j2k_siz_checks(j2k):
     assert "impossible tiling" in edit(22, ">I", 0)  # XTsiz 0
     one_pixel_tiles = bytearray(frame)
     struct.pack_into(">IIIIII", one_pixel_tiles, siz + 6, 1000, 1000, 0, 0, 1, 1)
-    assert codestream.j2k_frame_header(bytes(one_pixel_tiles)).tiles == 1_000_000 > codestream.MAX_J2K_TILES
+    assert (
+        codestream.j2k_frame_header(bytes(one_pixel_tiles)).tiles
+        == 1_000_000
+        > codestream.MAX_J2K_TILES
+    )
     assert "malformed" in edit(38, ">H", 3)  # Csiz 3 without their bytes
     subsampled = bytearray(frame)
     subsampled[siz + 41] = 2
@@ -143,6 +159,8 @@ def test_htj2k_is_checked_like_jpeg_2000(j2k):
 def test_checks_can_be_disabled_only_explicitly(jpeg_ls):
     assert DecodeLimits().check_codestreams is True
     np.testing.assert_array_equal(
-        read_radiograph(jpeg_ls, limits=DecodeLimits(min_side_px=8, check_codestreams=False)).pixels,
+        read_radiograph(
+            jpeg_ls, limits=DecodeLimits(min_side_px=8, check_codestreams=False)
+        ).pixels,
         read_radiograph(jpeg_ls, limits=SMALL).pixels,
     )

@@ -73,7 +73,9 @@ def test_manifest_contract(cohort_pair):
     for row in rows:
         splits.setdefault(row.subject_id, set()).add(row.split)
     assert all(len(s) == 1 for s in splits.values())
-    assert (first / "cohort_stats.json").is_file() and (first / "preview.png").stat().st_size > 10_000
+    assert (first / "cohort_stats.json").is_file() and (
+        first / "preview.png"
+    ).stat().st_size > 10_000
 
 
 def test_maps_are_float32_mm_with_nan_outside(cohort_pair):
@@ -128,7 +130,9 @@ def test_medial_faces_the_image_centre(tmp_path):
         jsw[side] = maps.joint_space_mm(knee, states[side], pair.central_mm)
     rng = np.random.default_rng(0)
     pos = radiograph.sample_positioning(rng)
-    image = radiograph.render_radiograph(subject.knees, states, jsw, pos, 1.0, rng).pixels.astype(float)
+    image = radiograph.render_radiograph(subject.knees, states, jsw, pos, 1.0, rng).pixels.astype(
+        float
+    )
     for side, sign in (("RIGHT", -1), ("LEFT", 1)):
         x, y = (int(round(v)) for v in image_centre(pos, side))
         below = image[y + 25 : y + 40]  # fibular head level, 25-40 mm below the joint
@@ -145,8 +149,13 @@ def image_centre(pos, side):
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "mris.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mris.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_refuses_non_empty_out_without_force(tmp_path):
@@ -159,7 +168,9 @@ def test_cli_refuses_non_empty_out_without_force(tmp_path):
 
 def test_cli_force_writes_and_summarises(tmp_path):
     (tmp_path / "something.txt").write_text("old")
-    result = _run_cli("cohort", "--out", str(tmp_path), "--subjects", "2", "--workers", "1", "--force")
+    result = _run_cli(
+        "cohort", "--out", str(tmp_path), "--subjects", "2", "--workers", "1", "--force"
+    )
     assert result.returncode == 0, result.stderr
     assert "baseline KL0" in result.stdout and (tmp_path / "manifest.csv").is_file()
 
@@ -195,7 +206,9 @@ def test_eval_preset_has_a_large_test_split_at_encoder_resolution(tmp_path):
 
     preset = PRESETS["eval"]
     assert 2 * assign_splits(preset.subjects, seed=7).count("test") >= 500
-    result = _run_cli("cohort", "--out", str(tmp_path), "--preset", "eval", "--subjects", "2", "--workers", "1")
+    result = _run_cli(
+        "cohort", "--out", str(tmp_path), "--preset", "eval", "--subjects", "2", "--workers", "1"
+    )
     assert result.returncode == 0, result.stderr
     encoder_mm_per_px = PreprocessConfig().roi_size_mm / 128
     for row in read_manifest(tmp_path / "manifest.csv").rows:

@@ -48,10 +48,26 @@ def test_outline_does_not_follow_the_visible_bone_size():
 
 def test_severe_oa_denudes_the_central_zone_inside_the_outline():
     knee = next(k for k in _knees(40) if k.worse_compartment == "medial")
-    healthy = latent.KneeState(month=0, severity=0.5, narrowing_medial=0.0, narrowing_lateral=0.0,
-                               osteophyte_mm=0.0, sclerosis=0.0, klg=0, thinning=0.0)
-    severe = latent.KneeState(month=0, severity=4.8, narrowing_medial=0.85, narrowing_lateral=0.2,
-                              osteophyte_mm=6.0, sclerosis=1.0, klg=4, thinning=0.0)
+    healthy = latent.KneeState(
+        month=0,
+        severity=0.5,
+        narrowing_medial=0.0,
+        narrowing_lateral=0.0,
+        osteophyte_mm=0.0,
+        sclerosis=0.0,
+        klg=0,
+        thinning=0.0,
+    )
+    severe = latent.KneeState(
+        month=0,
+        severity=4.8,
+        narrowing_medial=0.85,
+        narrowing_lateral=0.2,
+        osteophyte_mm=6.0,
+        sclerosis=1.0,
+        klg=4,
+        thinning=0.0,
+    )
     before = maps.thickness_maps(knee, healthy, GRID)
     after = maps.thickness_maps(knee, severe, GRID)
     # Same outline (NaN pattern), denuded cells (< 0.1 mm) inside it, on the medial side.

@@ -67,7 +67,9 @@ def test_lossless_syntaxes_decode_to_identical_pixels(phantom, ts):
 def test_jpeg_ls_lossless_matches_uncompressed_signed_16_bit():
     # No JPEG-LS encoder is installed: pydicom ships the same MR image in both syntaxes.
     plain = read_radiograph(rewrap_encapsulated_native("MR_small.dcm"))
-    jpeg_ls = read_radiograph(rewrap_encapsulated(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")))
+    jpeg_ls = read_radiograph(
+        rewrap_encapsulated(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    )
     assert jpeg_ls.metadata["transfer_syntax_uid"] == uid.JPEGLSLossless
     assert plain.pixels.min() < 0 or plain.metadata["pixel_representation"] == 1
     np.testing.assert_array_equal(jpeg_ls.pixels, plain.pixels)
@@ -181,7 +183,9 @@ def test_rgb_and_multiframe_are_refused(phantom):
     ],
 )
 def test_spacing_rules(phantom, imager, pixel, expected, source):
-    radiograph = read_radiograph(make_dicom_bytes(phantom, imager_spacing=imager, pixel_spacing=pixel))
+    radiograph = read_radiograph(
+        make_dicom_bytes(phantom, imager_spacing=imager, pixel_spacing=pixel)
+    )
     assert radiograph.spacing_mm == pytest.approx(expected)
     assert radiograph.spacing_source == source
 
@@ -206,7 +210,9 @@ def test_unusable_spacing_is_an_error_unless_the_caller_gives_one(phantom, image
 
 
 def test_caller_spacing_overrides_the_file(phantom):
-    radiograph = read_radiograph(make_dicom_bytes(phantom, imager_spacing=(0.15, 0.15)), spacing_mm=0.1)
+    radiograph = read_radiograph(
+        make_dicom_bytes(phantom, imager_spacing=(0.15, 0.15)), spacing_mm=0.1
+    )
     assert (radiograph.spacing_mm, radiograph.spacing_source) == (0.1, "caller")
     assert radiograph.metadata["file_spacing_mm"] == 0.15
 
@@ -346,13 +352,23 @@ def test_cohort_generator_files_read_back(tmp_path):
     """The synthetic cohort's own DICOM writer (when present): every syntax and photometric it
     uses reads back to the same bone-bright pixels, with no identifier in the metadata."""
     from mris.cohort import dicom_writer as writer
+
     image = knee_phantom(64, 96, seed=5)
     photometrics = {scanner[2]: index for index, scanner in enumerate(writer.SCANNERS)}
     for photometric, scanner in photometrics.items():
         for ts, _ in writer.TRANSFER_SYNTAX_SHARES:
-            choices = writer.DicomChoices(scanner=scanner, transfer_syntax=str(ts), spacing_tags="imager")
+            choices = writer.DicomChoices(
+                scanner=scanner, transfer_syntax=str(ts), spacing_tags="imager"
+            )
             ds = writer.build_dataset(
-                image, 0.15, choices, seed=1, subject_id="S0001", sex="F", age=60.0, month=12,
+                image,
+                0.15,
+                choices,
+                seed=1,
+                subject_id="S0001",
+                sex="F",
+                age=60.0,
+                month=12,
                 magnification=1.1,
             )
             path = tmp_path / f"{photometric}-{uid.UID(ts).keyword}.dcm"
@@ -394,7 +410,9 @@ def test_pixel_formats_are_those_dx_and_cr_allow(phantom):
     assert "PixelRepresentation 2" in _raises_fast(UnreadableDicom, write_dataset(ds)).detail
     # Signed 16-bit pixels: a documented superset (DX requires unsigned).
     signed = (phantom.astype(np.int32) - 2048).astype(np.int16)
-    np.testing.assert_array_equal(read_radiograph(make_dicom_bytes(signed)).pixels, signed.astype(np.float32))
+    np.testing.assert_array_equal(
+        read_radiograph(make_dicom_bytes(signed)).pixels, signed.astype(np.float32)
+    )
 
 
 def test_corrupt_tags_read_after_decoding_are_typed_errors(phantom):
@@ -407,7 +425,11 @@ def test_corrupt_tags_read_after_decoding_are_typed_errors(phantom):
     ]
     typed = (UnreadableDicom, UnsupportedDicom, NoUsableSpacing, ImageTooLarge)
     for data in seeds:
-        spacing = data.find(b"\x28\x00\x30\x00DS") if b"\x28\x00\x30\x00DS" in data else data.find(b"\x18\x00\x64\x11DS")
+        spacing = (
+            data.find(b"\x28\x00\x30\x00DS")
+            if b"\x28\x00\x30\x00DS" in data
+            else data.find(b"\x18\x00\x64\x11DS")
+        )
         pixel_data = data.rfind(b"\xe0\x7f\x10\x00")
         for _ in range(150):
             corrupt = bytearray(data)

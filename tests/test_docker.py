@@ -37,14 +37,27 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_hadolint_passes():
-    result = subprocess.run([_tool("hadolint"), "docker/Dockerfile", "docker/Dockerfile.gpu"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [_tool("hadolint"), "docker/Dockerfile", "docker/Dockerfile.gpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_compose_file_follows_the_compose_specification():
-    result = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            _tool("check-jsonschema"),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            "docker-compose.yml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -57,17 +70,27 @@ def test_compose_wiring():
     assert any(volume.endswith(":ro") for volume in services["api"]["volumes"])
     assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])
     assert services["api-gpu"]["profiles"] == ["gpu"]
-    assert services["api-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["api-gpu"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "capabilities"
+    ] == ["gpu"]
 
 
 def test_init_entrypoint_prepares_the_demo_then_does_nothing(tmp_path):
     env = _env(MRIS_DATA=str(tmp_path), MRIS_DEMO_SUBJECTS="24", MRIS_DEMO_SEED="3")
-    first = subprocess.run(["sh", "docker/init.sh", "--epochs", "1"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+    first = subprocess.run(
+        ["sh", "docker/init.sh", "--epochs", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert (tmp_path / "model" / "card.json").is_file()
     assert (tmp_path / "index" / "current" / "card.json").is_file()
-    again = subprocess.run(["sh", "docker/init.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        ["sh", "docker/init.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
@@ -78,10 +101,21 @@ def test_serve_entrypoint_serves_from_the_environment(tmp_path):
     manifest = make_map_cohort(tmp_path / "cohort", 8)
     build_index_bundle(model, manifest, tmp_path / "index", publish=True, threads=1)
     port = "18765"
-    env = _env(MRIS_MODEL_DIR=str(model), MRIS_INDEX_ROOT=str(tmp_path / "index"), MRIS_HOST="127.0.0.1",
-               MRIS_PORT=port, MRIS_INTRA_OP_THREADS="1")
-    process = subprocess.Popen(["sh", "docker/serve.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    env = _env(
+        MRIS_MODEL_DIR=str(model),
+        MRIS_INDEX_ROOT=str(tmp_path / "index"),
+        MRIS_HOST="127.0.0.1",
+        MRIS_PORT=port,
+        MRIS_INTRA_OP_THREADS="1",
+    )
+    process = subprocess.Popen(
+        ["sh", "docker/serve.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline, status = time.time() + 60, None
         while time.time() < deadline and status != 200:

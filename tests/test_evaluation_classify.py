@@ -33,5 +33,7 @@ def test_constant_features_predict_the_majority_class():
     labels = np.array([0] * 7 + [1] * 3)
     model = fit_logistic(features, labels, [f"s{i}" for i in range(10)])
     assert model.predict(features).tolist() == [0] * 10
-    assert np.allclose(positive_score(model, features, positive=1), 0.3, atol=0.01)  # the prevalence
+    assert np.allclose(
+        positive_score(model, features, positive=1), 0.3, atol=0.01
+    )  # the prevalence
     assert np.allclose(positive_score(model, features, positive=7), 0.0)  # a class never seen

@@ -33,7 +33,9 @@ def test_mean_map_is_eq4_with_equal_weights_in_chunks():
 
 def test_oracle_finds_the_true_map_in_the_database():
     database = {"fc": _maps(30, 3), "tc": _maps(30, 4)}
-    oracle = OracleMethod(lambda name, ids: database[name][ids], 30, shortlist=4, chunk_rows=7)  # 5 chunks
+    oracle = OracleMethod(
+        lambda name, ids: database[name][ids], 30, shortlist=4, chunk_rows=7
+    )  # 5 chunks
     truth = {"fc": database["fc"][[7, 21]], "tc": database["tc"][[2, 2]]}
     answer = oracle.predict_from_truth(truth)
     assert oracle.chosen == {"fc": [7, 21], "tc": [2, 2]}
@@ -47,8 +49,9 @@ def test_oracle_does_not_pick_a_map_that_covers_little():
     exact_corner = np.full((4, 4), np.nan, np.float32)
     exact_corner[0, 0] = 2.0  # perfect on 1 of 16 pixels, missing elsewhere
     close_everywhere = np.full((4, 4), 2.2, np.float32)
-    oracle = OracleMethod.from_arrays({"fc": np.stack([exact_corner, close_everywhere]),
-                                     "tc": np.stack([close_everywhere] * 2)})
+    oracle = OracleMethod.from_arrays(
+        {"fc": np.stack([exact_corner, close_everywhere]), "tc": np.stack([close_everywhere] * 2)}
+    )
     assert oracle.best_rows("fc", truth).tolist() == [1]
 
 
@@ -64,7 +67,9 @@ def test_mris_maps_use_the_papers_all_rule_unless_told(tmp_path):
     model, index = tiny_bundle(tmp_path)
     pipeline = Pipeline.load(model, index, device="cpu", intra_op_threads=1)
     options = RequestOptions(keypoints=parse_keypoints(json.dumps(KEYPOINTS)))
-    rois = pipeline.prepare(make_dicom_bytes(knee_phantom(), imager_spacing=(0.2, 0.2)), options).rois
+    rois = pipeline.prepare(
+        make_dicom_bytes(knee_phantom(), imager_spacing=(0.2, 0.2)), options
+    ).rois
     hits = pipeline.search(rois, 5)
     method = MrisMethod(pipeline, 5)
     assert method.nan_rule == "all"
@@ -72,8 +77,12 @@ def test_mris_maps_use_the_papers_all_rule_unless_told(tmp_path):
     for rule, answer in (("all", strict), ("majority", majority)):
         expected = [synthesize_maps(knee_hits, pipeline.index, 5, rule) for knee_hits in hits]
         for name in ("fc", "tc"):
-            np.testing.assert_array_equal(answer[name], np.stack([r.maps_mm[name] for r in expected]))
-    assert np.isnan(strict.fc).sum() > np.isnan(majority.fc).sum()  # the rules differ on this bundle
+            np.testing.assert_array_equal(
+                answer[name], np.stack([r.maps_mm[name] for r in expected])
+            )
+    assert (
+        np.isnan(strict.fc).sum() > np.isnan(majority.fc).sum()
+    )  # the rules differ on this bundle
 
 
 def test_evaluate_takes_a_nan_rule_and_defaults_to_all(tmp_path):
@@ -87,6 +96,20 @@ def test_evaluate_takes_a_nan_rule_and_defaults_to_all(tmp_path):
     assert EvaluateRequest(tmp_path, tmp_path, tmp_path, tmp_path).nan_rule == "all"
     evaluate = typer.main.get_command(app).commands["evaluate"]
     assert next(p for p in evaluate.params if p.name == "nan_rule").default == "all"
-    result = CliRunner().invoke(app, ["evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", str(tmp_path),
-                                      "--index", str(tmp_path), "--out", str(tmp_path / "r"), "--nan-rule", "any"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--manifest",
+            str(tmp_path / "m.csv"),
+            "--model",
+            str(tmp_path),
+            "--index",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+            "--nan-rule",
+            "any",
+        ],
+    )
     assert isinstance(result.exception, BadParameter) and "nan_rule" in str(result.exception)

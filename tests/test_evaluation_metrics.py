@@ -15,15 +15,19 @@ def test_perfect_retrieval_gives_recall_one():
 
 
 def test_ranks_and_recall_by_hand():
-    similarity = np.array([
-        [0.9, 0.1, 0.2],  # own 0.9 best: rank 0
-        [0.5, 0.4, 0.6],  # own 0.4, two higher: rank 2
-        [0.3, 0.7, 0.5],  # own 0.5, one higher: rank 1
-    ])
+    similarity = np.array(
+        [
+            [0.9, 0.1, 0.2],  # own 0.9 best: rank 0
+            [0.5, 0.4, 0.6],  # own 0.4, two higher: rank 2
+            [0.3, 0.7, 0.5],  # own 0.5, one higher: rank 1
+        ]
+    )
     assert metrics.retrieval_ranks(similarity).tolist() == [0, 2, 1]
     recall = metrics.recall_at_k(similarity, ks=(1, 2, 3))
     assert recall == pytest.approx({"R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0})
-    assert metrics.recall_curve(np.array([0, 2, 1]), 3).tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert metrics.recall_curve(np.array([0, 2, 1]), 3).tolist() == pytest.approx(
+        [1 / 3, 2 / 3, 1.0]
+    )
 
 
 def test_ties_go_to_the_query():
@@ -42,7 +46,10 @@ def test_map_error_by_hand():
     mae, coverage = metrics.map_error(predicted, truth)
     assert mae == pytest.approx((0.5 + 1.0) / 2)  # pixels (0,0) and (1,0) are cartilage in both
     assert coverage == pytest.approx(2 / 3)  # 2 of the 3 true cartilage pixels covered
-    assert metrics.map_error(truth, truth) == (0.0, 1.0)  # a perfect synthesis: error 0, all covered
+    assert metrics.map_error(truth, truth) == (
+        0.0,
+        1.0,
+    )  # a perfect synthesis: error 0, all covered
 
 
 def test_map_error_without_overlap_is_nan():

@@ -46,8 +46,17 @@ def _map(rng: np.random.Generator, shape, dtype=np.float32) -> np.ndarray:
 
 
 def _row(i: int, subject: str, klg: int | None) -> ManifestRow:
-    return ManifestRow(pair_id=f"p{i}", subject_id=subject, side="LEFT", visit_month=12 * i, radiograph_path="x.dcm",
-                       fc_path="fc.npy", tc_path="tc.npy", split="test", klg=klg)
+    return ManifestRow(
+        pair_id=f"p{i}",
+        subject_id=subject,
+        side="LEFT",
+        visit_month=12 * i,
+        radiograph_path="x.dcm",
+        fc_path="fc.npy",
+        tc_path="tc.npy",
+        split="test",
+        klg=klg,
+    )
 
 
 @pytest.mark.parametrize("shape", [(310, 310), (40, 36), (32, 32), (300, 200)])
@@ -60,17 +69,24 @@ def test_resize_is_skimages(shape, dtype):
     assert ours.dtype == expected.dtype and ours.shape == (256, 256)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected))
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6, equal_nan=True)
-    assert np.isnan(image).any() and not np.isnan(skimage_resize(np.nan_to_num(image), (64, 64))).any()
+    assert (
+        np.isnan(image).any() and not np.isnan(skimage_resize(np.nan_to_num(image), (64, 64))).any()
+    )
 
 
 def test_a_constant_offset_has_that_median_and_no_spread():
     truth = _map(np.random.default_rng(0), (64, 64))
     errors = ReferenceErrors()
-    errors.add([_row(0, "a", 2)], {"fc": truth[None], "tc": truth[None]},
-               {"unet": {"fc": truth[None] + np.float32(0.25), "tc": truth[None]}})
+    errors.add(
+        [_row(0, "a", 2)],
+        {"fc": truth[None], "tc": truth[None]},
+        {"unet": {"fc": truth[None] + np.float32(0.25), "tc": truth[None]}},
+    )
     table = reference_table(errors, resamples=10, seed=0)
     fc, tc = table["methods"]["unet"]["fc"], table["methods"]["unet"]["tc"]
-    assert fc["KLG2"]["median"] == pytest.approx(0.25, abs=1e-6) and fc["KLG2"]["mad"] == pytest.approx(0, abs=1e-6)
+    assert fc["KLG2"]["median"] == pytest.approx(0.25, abs=1e-6) and fc["KLG2"][
+        "mad"
+    ] == pytest.approx(0, abs=1e-6)
     assert tc["all"]["median"] == 0.0 and fc["KLG01"]["n"] == 0 and np.isnan(fc["KLG01"]["median"])
 
 
@@ -89,16 +105,34 @@ def test_table_equals_the_reference_statistic_by_hand():
             m[:, :, :3] = np.nan  # a method may claim less cartilage than the truth
             maps[name] = m
         answers[method] = maps
-    answers["empty"] = {name: np.full_like(truth[name], np.nan) for name in ("fc", "tc")}  # no cartilage at all
+    answers["empty"] = {
+        name: np.full_like(truth[name], np.nan) for name in ("fc", "tc")
+    }  # no cartilage at all
     errors = ReferenceErrors()
-    errors.add(rows[:4], {n: truth[n][:4] for n in truth}, {m: {n: a[n][:4] for n in a} for m, a in answers.items()})
-    errors.add(rows[4:], {n: truth[n][4:] for n in truth}, {m: {n: a[n][4:] for n in a} for m, a in answers.items()})
+    errors.add(
+        rows[:4],
+        {n: truth[n][:4] for n in truth},
+        {m: {n: a[n][:4] for n in a} for m, a in answers.items()},
+    )
+    errors.add(
+        rows[4:],
+        {n: truth[n][4:] for n in truth},
+        {m: {n: a[n][4:] for n in a} for m, a in answers.items()},
+    )
     table = reference_table(errors, resamples=30, seed=0)
 
-    strata = {"KLG01": [0, 1], "KLG2": [2, 6], "KLG3": [3], "KLG4": [4], "all": list(range(len(rows)))}
+    strata = {
+        "KLG01": [0, 1],
+        "KLG2": [2, 6],
+        "KLG3": [3],
+        "KLG4": [4],
+        "all": list(range(len(rows))),
+    }
     for method in ("mris-s", "unet"):
         for name in ("fc", "tc"):
-            by_pair = np.array([reference_pair(truth[name][i], answers[method][name][i]) for i in range(len(rows))])
+            by_pair = np.array(
+                [reference_pair(truth[name][i], answers[method][name][i]) for i in range(len(rows))]
+            )
             for stratum, members in strata.items():
                 cell = table["methods"][method][name][stratum]
                 assert cell["median"] == pytest.approx(np.nanmean(by_pair[members, 0]), abs=1e-6)
@@ -110,15 +144,22 @@ def test_table_equals_the_reference_statistic_by_hand():
     assert empty["n"] == 0 and np.isnan(empty["median"])
     paired = table["paired"]["mris-s vs unet"]["fc"]
     assert paired["n"] == len(rows) and paired["subjects"] == 5
-    expected = np.mean([reference_pair(truth["fc"][i], answers["mris-s"]["fc"][i])[0]
-                        - reference_pair(truth["fc"][i], answers["unet"]["fc"][i])[0] for i in range(len(rows))])
+    expected = np.mean(
+        [
+            reference_pair(truth["fc"][i], answers["mris-s"]["fc"][i])[0]
+            - reference_pair(truth["fc"][i], answers["unet"]["fc"][i])[0]
+            for i in range(len(rows))
+        ]
+    )
     assert paired["mean_difference_mm"] == pytest.approx(expected, abs=1e-6)
     assert "mris-s vs mris-c" not in table["paired"] and "mris-s vs pix2pix" not in table["paired"]
 
 
 def test_paired_difference_resamples_subjects():
     """Ten knee-visits of one subject are one subject's evidence: a single draw, a point interval."""
-    paired = paired_difference(np.linspace(0.1, 0.5, 10), np.full(10, 0.3), ["s"] * 10, resamples=50, seed=0)
+    paired = paired_difference(
+        np.linspace(0.1, 0.5, 10), np.full(10, 0.3), ["s"] * 10, resamples=50, seed=0
+    )
     assert paired["subjects"] == 1 and paired["n"] == 10
     assert paired["mean_difference_ci95"][0] == pytest.approx(paired["mean_difference_ci95"][1])
     assert paired_difference([np.nan], [0.1], ["s"], 10, 0) == {"n": 0, "subjects": 0}

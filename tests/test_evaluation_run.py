@@ -9,9 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from conftest import require
+from typer.testing import CliRunner
 
 require("torch")
 
@@ -30,21 +29,58 @@ def evaluated(tmp_path_factory):
     manifest = write_tiny_cohort(root / "cohort", subjects=16)
     model = root / "model"
     # The separate variant only, one epoch of the quick profile, no localiser (ROIs from keypoints).
-    train(TrainRequest(manifest=manifest, out=model, variant="separate", profile="quick", epochs=1, batch_size=8,
-                       threads=2, localiser=False))
+    train(
+        TrainRequest(
+            manifest=manifest,
+            out=model,
+            variant="separate",
+            profile="quick",
+            epochs=1,
+            batch_size=8,
+            threads=2,
+            localiser=False,
+        )
+    )
     out = root / "report"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(root / "no-index-yet"),
-        "--out", str(out), "--epochs", "1", "--bootstrap", "50", "--threads", "2", "--examples", "3", "--quiet",
-        "--classifier-epochs", "1",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(model),
+            "--index",
+            str(root / "no-index-yet"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--bootstrap",
+            "50",
+            "--threads",
+            "2",
+            "--examples",
+            "3",
+            "--quiet",
+            "--classifier-epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return manifest, model, out, result.output
 
 
 def test_every_table_and_figure_is_written(evaluated):
     manifest, _, out, output = evaluated
-    for name in ("report.md", "report.json", "knees.csv", "recall_at_k.png", "error_by_klg.png", "examples.png"):
+    for name in (
+        "report.md",
+        "report.json",
+        "knees.csv",
+        "recall_at_k.png",
+        "error_by_klg.png",
+        "examples.png",
+    ):
         assert (out / name).is_file(), name
     for name in ("recall_at_k.png", "error_by_klg.png", "examples.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,13 +99,28 @@ def test_every_table_and_figure_is_written(evaluated):
     assert set(report["table3_downstream"]["classifiers"]) == {"resnet18", "logistic"}
     assert report["table3_downstream"]["settings"]["resnet18"]["klg"]["epochs"] == 1
     # what was missing was made under OUT/work by the user's commands
-    for folder in ("model-combined/card.json", "unet/unet-card.json", "pix2pix/pix2pix-card.json",
-                   "index-separate/current", "index-combined/current"):
+    for folder in (
+        "model-combined/card.json",
+        "unet/unet-card.json",
+        "pix2pix/pix2pix-card.json",
+        "index-separate/current",
+        "index-combined/current",
+    ):
         assert (out / "work" / folder).exists(), folder
     text = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 2b", "Table 3", "What agrees with the paper", "## Cohort", "mris evaluate",
-                    "ratio to chance", "Paired comparisons",
-                    "| pix2pix |", "- pix2pix: U-Net width 16 at 64 px (quick profile"):
+    for heading in (
+        "Table 1",
+        "Table 2",
+        "Table 2b",
+        "Table 3",
+        "What agrees with the paper",
+        "## Cohort",
+        "mris evaluate",
+        "ratio to chance",
+        "Paired comparisons",
+        "| pix2pix |",
+        "- pix2pix: U-Net width 16 at 64 px (quick profile",
+    ):
         assert heading in text
     assert "Table 1: retrieval" in output and "report:" in output
 
@@ -94,15 +145,23 @@ def test_mean_map_row_equals_an_independent_computation(evaluated):
     per_knee = report["per_knee"]
     rows = {row.pair_id: row for row in manifest.select(["test"])}
     for name, column in (("fc", "fc_path"), ("tc", "tc_path")):
-        database = np.stack([load_thickness_map(manifest.resolve_path(getattr(r, column)))
-                             for r in manifest.select(["database"])]).astype(np.float64)
+        database = np.stack(
+            [
+                load_thickness_map(manifest.resolve_path(getattr(r, column)))
+                for r in manifest.select(["database"])
+            ]
+        ).astype(np.float64)
         present = np.isfinite(database)
         total = np.where(present, database, 0.0).sum(axis=0)
-        mean = np.where(present.mean(axis=0) >= 0.5, total / np.maximum(present.sum(axis=0), 1), np.nan)
+        mean = np.where(
+            present.mean(axis=0) >= 0.5, total / np.maximum(present.sum(axis=0), 1), np.nan
+        )
         for pair, reported in zip(per_knee["pair_ids"], per_knee["mae"]["mean"][name]):
             truth = load_thickness_map(manifest.resolve_path(getattr(rows[pair], column)))
             both = np.isfinite(truth) & np.isfinite(mean)
-            assert reported == pytest.approx(float(np.mean(np.abs(mean[both] - truth[both]))), rel=1e-4)
+            assert reported == pytest.approx(
+                float(np.mean(np.abs(mean[both] - truth[both]))), rel=1e-4
+            )
         # Table 2's median of the mean-map row is the median of those per-knee errors
         table = report["table2_error"]["methods"]["mean"][name]["all"]
         assert table["median"] == pytest.approx(float(np.median(per_knee["mae"]["mean"][name])))
@@ -136,31 +195,66 @@ def test_an_unreadable_radiograph_and_a_missing_map_are_skipped_and_counted(eval
     no_map = next(row.pair_id for row in test_rows if row.radiograph_path != victim)
     rows = []
     for row in manifest.rows:
-        row.radiograph_path = str(manifest.resolve_path(row.radiograph_path)) if row.radiograph_path != victim else str(broken)
-        row.fc_path, row.tc_path = str(manifest.resolve_path(row.fc_path)), str(manifest.resolve_path(row.tc_path))
+        row.radiograph_path = (
+            str(manifest.resolve_path(row.radiograph_path))
+            if row.radiograph_path != victim
+            else str(broken)
+        )
+        row.fc_path, row.tc_path = (
+            str(manifest.resolve_path(row.fc_path)),
+            str(manifest.resolve_path(row.tc_path)),
+        )
         if row.pair_id == no_map:
             row.fc_path = str(tmp_path / "gone_fc.npy")
         rows.append(row)
     copy = write_manifest(tmp_path / "manifest.csv", rows)
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, [
-        "evaluate", "--manifest", str(copy), "--model", str(model), "--index", str(first / "work" / "index-separate"),
-        "--out", str(out), "--methods", "mris-s,mean", "--bootstrap", "10", "--quiet", "--classifiers", "logistic",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--manifest",
+            str(copy),
+            "--model",
+            str(model),
+            "--index",
+            str(first / "work" / "index-separate"),
+            "--out",
+            str(out),
+            "--methods",
+            "mris-s,mean",
+            "--bootstrap",
+            "10",
+            "--quiet",
+            "--classifiers",
+            "logistic",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     victims = sum(1 for row in rows if row.radiograph_path == str(broken))
     assert report["rois"]["test"]["skipped"] == {"UnreadableDicom": victims, "missing map": 1}
     assert no_map not in report["per_knee"]["pair_ids"]
-    assert "trained on another manifest" in " ".join(report["warnings"])  # the copy differs byte-wise
+    assert "trained on another manifest" in " ".join(
+        report["warnings"]
+    )  # the copy differs byte-wise
     assert not (out / "work" / "index-separate").exists()  # --index held the right variant: reused
 
 
 def test_bad_options_are_one_clear_error(evaluated, tmp_path):
     manifest, model, first, _ = evaluated
     runner = CliRunner()
-    base = ["evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(first),
-            "--out", str(tmp_path / "r")]
+    base = [
+        "evaluate",
+        "--manifest",
+        str(manifest),
+        "--model",
+        str(model),
+        "--index",
+        str(first),
+        "--out",
+        str(tmp_path / "r"),
+    ]
     result = runner.invoke(app, [*base, "--methods", "mris-s,magic"])
     assert result.exit_code != 0 and "magic" in str(result.exception)
     result = runner.invoke(app, [*base, "--methods", "unet", "--profile", "paper"])
@@ -178,8 +272,8 @@ import sys
 from typer.testing import CliRunner
 from mris.cli import app
 r = CliRunner().invoke(app, ["evaluate", "--manifest", r"{manifest}", "--model", r"{model}",
-    "--index", r"{work / 'index-separate'}", "--combined-model", r"{work / 'model-combined'}",
-    "--unet", r"{work / 'unet'}", "--pix2pix", r"{work / 'pix2pix'}", "--out", r"{tmp_path / 'report'}", "--bootstrap", "10", "--quiet",
+    "--index", r"{work / "index-separate"}", "--combined-model", r"{work / "model-combined"}",
+    "--unet", r"{work / "unet"}", "--pix2pix", r"{work / "pix2pix"}", "--out", r"{tmp_path / "report"}", "--bootstrap", "10", "--quiet",
     "--classifiers", "logistic"])  # Table 3's ResNet-18 is the one part that needs torch
 assert r.exit_code == 0, (r.output, r.exception)
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"

@@ -23,14 +23,21 @@ CASES = int(os.environ.get("MRIS_FUZZ_CASES", "1200"))
 @pytest.fixture(scope="module")
 def fuzz_targets(tmp_path_factory):
     model, index = tiny_bundle(tmp_path_factory.mktemp("fuzz"))
-    with ServeProcess(model, index, {"MRIS_API_TOKEN": TOKEN}) as server, DecodeSandbox() as sandbox:
+    with (
+        ServeProcess(model, index, {"MRIS_API_TOKEN": TOKEN}) as server,
+        DecodeSandbox() as sandbox,
+    ):
         yield server, sandbox
 
 
 def test_known_hostile_files_and_saved_regressions(fuzz_targets):
     server, sandbox = fuzz_targets
     files = regression_files()
-    assert {"jpeg-ls-sof55-zero-lines", "jpeg-extended-sof1-zero-lines", "dx-32-bit-float-values"} <= set(files)
+    assert {
+        "jpeg-ls-sof55-zero-lines",
+        "jpeg-extended-sof1-zero-lines",
+        "dx-32-bit-float-values",
+    } <= set(files)
     tally = campaign(server, sandbox, seed=0, count=0, save=False, extra=files)
     assert tally.cases == len(files)
     assert not tally.findings, tally.findings

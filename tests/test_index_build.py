@@ -14,12 +14,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from bundle_factory import make_map_cohort, make_model_bundle
+
+from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
 from mris.index import publish as pub
 from mris.index.build import build_index_bundle
 from mris.index.bundle import load_index_bundle, read_card
 from mris.index.verify import verify_bundle
-
-from mris.errors import BadParameter, BundleInvalid, BundleMismatch, ManifestError, MrisError
 from mris.manifest import read_manifest, write_manifest
 from mris.model_bundle import load_model_bundle
 from mris.synthesis import synthesize
@@ -59,7 +59,8 @@ def synthesize_from(bundle, region, queries, k):
     """Search + eq. 4 per cartilage, as ``mris.pipeline`` does with a bundle."""
     similarities, ids = bundle.search(region, queries, k)
     return {
-        c: synthesize(bundle.neighbour_maps(c, ids), similarities) for c in bundle.cartilages(region)
+        c: synthesize(bundle.neighbour_maps(c, ids), similarities)
+        for c in bundle.cartilages(region)
     }
 
 
@@ -77,7 +78,10 @@ def test_build_verify_publish_search_synthesize(model_dir, cohort, tmp_path):
     report = verify_bundle(root / result.version, model_card=model.card)
     assert report.self_retrieval == {"fc": 1.0, "tc": 1.0}
     card = read_card(root / "current")
-    assert card.regions["fc"].thickness_encoder_sha256 == model.card.files["separate-fc-thickness.onnx"]
+    assert (
+        card.regions["fc"].thickness_encoder_sha256
+        == model.card.files["separate-fc-thickness.onnx"]
+    )
     assert card.regions["fc"].kind == "flat" and card.maps["fc"].shape == (N_PAIRS, 40, 36)
 
     bundle = load_index_bundle(root, model_card=model.card)
@@ -99,7 +103,9 @@ def test_build_verify_publish_search_synthesize(model_dir, cohort, tmp_path):
         out = synthesize_from(bundle, region, queries, 20)[region]
         neighbour_maps = np.stack([np.stack([maps[i] for i in row]) for row in want_ids])
         expected = synthesize(neighbour_maps, want_sims)
-        np.testing.assert_allclose(out.thickness_mm, expected.thickness_mm, atol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(
+            out.thickness_mm, expected.thickness_mm, atol=1e-5, equal_nan=True
+        )
         np.testing.assert_allclose(out.std_mm, expected.std_mm, atol=1e-5, equal_nan=True)
     assert bundle.row_metadata([0])[0]["pair_id"] == rows[0].pair_id
     assert bundle.search("fc", queries, 500)[1].shape == (6, N_PAIRS)  # k capped at rows
@@ -107,7 +113,9 @@ def test_build_verify_publish_search_synthesize(model_dir, cohort, tmp_path):
         bundle.search("combined", queries, 5)
     resident = load_index_bundle(root, resident_maps=True)
     ids = bundle.search("tc", queries, 20)[1]
-    np.testing.assert_array_equal(resident.neighbour_maps("tc", ids), bundle.neighbour_maps("tc", ids))
+    np.testing.assert_array_equal(
+        resident.neighbour_maps("tc", ids), bundle.neighbour_maps("tc", ids)
+    )
 
 
 def test_combined_variant_synthesizes_both_maps(model_dir, cohort, tmp_path):
@@ -118,7 +126,14 @@ def test_combined_variant_synthesizes_both_maps(model_dir, cohort, tmp_path):
     rows = manifest.select(["database"])
     config = load_model_bundle(model_dir).card.preprocess_config
     inputs = np.stack(
-        [combined_input(np.load(manifest.resolve_path(r.fc_path)), np.load(manifest.resolve_path(r.tc_path)), config) for r in rows]
+        [
+            combined_input(
+                np.load(manifest.resolve_path(r.fc_path)),
+                np.load(manifest.resolve_path(r.tc_path)),
+                config,
+            )
+            for r in rows
+        ]
     )[:, None]
     database = ort_embed(model_dir / "combined-thickness.onnx", inputs)
     np.testing.assert_allclose(bundle.embeddings("combined"), database, atol=1e-6)
@@ -139,9 +154,20 @@ def test_append_reuses_stored_embeddings_and_refuses_other_encoders(model_dir, t
         (data / row.fc_path).unlink()
         (data / row.tc_path).unlink()
     seen = []
-    appended = build(model_dir, data / "all.csv", tmp_path / "index", append_from="current", publish=True,
-                     on_start=seen.append)
-    assert seen == [10] and appended.new_rows == 10 and appended.reused_rows == 30 and appended.rows == 40
+    appended = build(
+        model_dir,
+        data / "all.csv",
+        tmp_path / "index",
+        append_from="current",
+        publish=True,
+        on_start=seen.append,
+    )
+    assert (
+        seen == [10]
+        and appended.new_rows == 10
+        and appended.reused_rows == 30
+        and appended.rows == 40
+    )
     new = load_index_bundle(tmp_path / "index")
     old = load_index_bundle(tmp_path / "index" / base.version)
     assert new.card.source["appended_from"] == base.version
@@ -194,9 +220,27 @@ def test_sigkill_mid_build_leaves_current_serving_old_bundle(model_dir, tmp_path
     shutil.move(real, data / "held.npy")
     os.mkfifo(real)  # reading it blocks: the build is stuck half-way until we kill it
     process = subprocess.Popen(
-        [sys.executable, "-m", "mris.cli", "index", "build", "--model", str(model_dir), "--manifest", str(manifest),
-         "--root", str(root), "--publish", "--quiet", "--batch-size", "4", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "mris.cli",
+            "index",
+            "build",
+            "--model",
+            str(model_dir),
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(root),
+            "--publish",
+            "--quiet",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.time() + 60
@@ -235,7 +279,11 @@ def test_tampered_file_fails_verify(model_dir, cohort, tmp_path):
     maps.write_bytes(bytes(data))
     with pytest.raises(BundleInvalid, match="maps-fc.npy sha256 differs"):
         verify_bundle(result.path)
-    cli = subprocess.run([sys.executable, "-m", "mris.cli", "index", "verify", str(result.path)], capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "mris.cli", "index", "verify", str(result.path)],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode != 0 and "sha256 differs" in cli.stderr
     maps.write_bytes(bytes(data[:-100]))
     with pytest.raises(BundleInvalid, match="card says"):
@@ -291,9 +339,23 @@ def test_bad_input_is_a_clear_error_and_never_touches_current(model_dir, tmp_pat
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
     cli = subprocess.run(
-        [sys.executable, "-m", "mris.cli", "index", "build", "--model", str(model_dir), "--manifest", str(manifest),
-         "--root", str(root), "--publish", "--quiet"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mris.cli",
+            "index",
+            "build",
+            "--model",
+            str(model_dir),
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(root),
+            "--publish",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert cli.returncode == 2 and "missing" in cli.stderr and "--skip-missing" in cli.stderr
     assert snapshot(root) == before
@@ -303,7 +365,9 @@ def test_float16_maps(model_dir, cohort, tmp_path):
     full = load_index_bundle(build(model_dir, cohort, tmp_path / "a").path)
     half = load_index_bundle(build(model_dir, cohort, tmp_path / "b", maps_dtype="float16").path)
     assert half.card.maps["fc"].dtype == "float16"
-    assert (tmp_path / "b").stat() and half.maps["fc"].array.nbytes * 2 == full.maps["fc"].array.nbytes
+    assert (tmp_path / "b").stat() and half.maps["fc"].array.nbytes * 2 == full.maps[
+        "fc"
+    ].array.nbytes
     queries = full.embeddings("fc")[:8] * 0.9 + full.embeddings("fc")[8:16] * 0.1
     a = synthesize_from(full, "fc", queries, 20)["fc"].thickness_mm
     b = synthesize_from(half, "fc", queries, 20)["fc"].thickness_mm
@@ -353,7 +417,9 @@ def _set_preprocessing_version(card_path, version):
 
 
 @pytest.mark.parametrize("old_version", [None, 1])
-def test_bundles_of_an_older_roi_normalisation_are_refused(model_dir, cohort, tmp_path, old_version):
+def test_bundles_of_an_older_roi_normalisation_are_refused(
+    model_dir, cohort, tmp_path, old_version
+):
     from mris.constants import PREPROCESSING_VERSION
 
     root = tmp_path / "index"
@@ -368,7 +434,9 @@ def test_bundles_of_an_older_roi_normalisation_are_refused(model_dir, cohort, tm
         load_model_bundle(old_model)
     with pytest.raises(BundleMismatch, match="older ROI normalisation"):
         build(old_model, cohort, tmp_path / "index-from-old-model")
-    assert not (tmp_path / "index-from-old-model").exists() or not pub.list_versions(tmp_path / "index-from-old-model")
+    assert not (tmp_path / "index-from-old-model").exists() or not pub.list_versions(
+        tmp_path / "index-from-old-model"
+    )
 
     _set_preprocessing_version(result.path / "card.json", old_version)
     model = load_model_bundle(model_dir)

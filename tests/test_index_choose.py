@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from mris.errors import MrisError
 from mris.index.build import build_faiss_index
 from mris.index.choose import FLAT_MAX_ROWS, choose_index, ivf_nlist
 from mris.index.verify import self_retrieval_failures
-
-from mris.errors import MrisError
 
 
 def test_auto_thresholds():

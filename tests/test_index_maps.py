@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mris.index.maps import MapStore, MapsWriter, prepend_maps
 
 from mris.errors import BadParameter, BundleInvalid
+from mris.index.maps import MapStore, MapsWriter, prepend_maps
 
 
 def thickness_maps(n, h=6, w=5, seed=0):

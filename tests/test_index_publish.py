@@ -8,9 +8,9 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from mris.index import publish as pub
 
 from mris.errors import MrisError
+from mris.index import publish as pub
 
 
 def fake_version(root, name):
@@ -26,7 +26,10 @@ def test_version_names_sort_by_time():
 
 
 def test_publish_list_gc_never_removes_current(tmp_path):
-    names = [fake_version(tmp_path, pub.new_version_name(datetime(2025, 1, d, tzinfo=timezone.utc))) for d in (1, 2, 3, 4)]
+    names = [
+        fake_version(tmp_path, pub.new_version_name(datetime(2025, 1, d, tzinfo=timezone.utc)))
+        for d in (1, 2, 3, 4)
+    ]
     assert pub.current_version(tmp_path) is None
     pub.publish(tmp_path, names[0])
     assert pub.current_version(tmp_path) == names[0]
@@ -46,7 +49,9 @@ def test_publish_list_gc_never_removes_current(tmp_path):
 
 
 def test_stale_building_dirs_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".building-20250101T000000000000Z-abcdef-{dead_pid}"
     stale.mkdir()

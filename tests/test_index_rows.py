@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from mris.index.rows import ROW_COLUMNS, ROWS_NAME, RowMeta, RowsTable, read_rows, write_rows
 
 from mris.errors import BundleInvalid
+from mris.index.rows import ROW_COLUMNS, ROWS_NAME, RowMeta, RowsTable, read_rows, write_rows
 
 ROWS = [
     RowMeta(0, "S1-L-00", "S1", "LEFT", 0, 2, 0),

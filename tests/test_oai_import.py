@@ -60,14 +60,25 @@ def oai_tree(tmp_path: Path) -> dict[str, Path]:
     def row(patient: str, month: int, left: str = "1", right: str = "1") -> list[str]:
         return [patient, f"{month:02d}_MONTH", left, right, XRAYS[(patient, month)]]
 
-    _write_csv(sheets / "test_set" / "mri_xray.csv", header, [row("9000001", 0), row("9000001", 12)])
-    _write_csv(sheets / "train_set" / "fold1" / "mri_xray.csv", header, [row("9000002", 0, right="NA")])
-    _write_csv(sheets / "train_set" / "fold2" / "mri_xray.csv", header, [row("9000003", 0), row("9000003", 24)])
+    _write_csv(
+        sheets / "test_set" / "mri_xray.csv", header, [row("9000001", 0), row("9000001", 12)]
+    )
+    _write_csv(
+        sheets / "train_set" / "fold1" / "mri_xray.csv", header, [row("9000002", 0, right="NA")]
+    )
+    _write_csv(
+        sheets / "train_set" / "fold2" / "mri_xray.csv",
+        header,
+        [row("9000003", 0), row("9000003", 24)],
+    )
     _write_csv(sheets / "train_set" / "fold3" / "mri_xray.csv", header, [row("9000004", 0)])
     _write_csv(
         sheets / "test_set" / "xray_keypoints.csv",
         ["patient_id", "month", "keypoint_right", "keypoint_left"],
-        [["9000001", "00_MONTH", '"[10, 20]"', '"[40.5, 21]"'], ["9000001", "12_MONTH", '"[11, 19]"', "NA"]],
+        [
+            ["9000001", "00_MONTH", '"[10, 20]"', '"[40.5, 21]"'],
+            ["9000001", "12_MONTH", '"[11, 19]"', "NA"],
+        ],
     )
     _write_csv(
         sheets / "train_set" / "fold2" / "xray_keypoints.csv",
@@ -87,7 +98,11 @@ def oai_tree(tmp_path: Path) -> dict[str, Path]:
 
 def test_import_row_by_row(oai_tree):
     summary = import_oai(
-        oai_tree["sheets"], oai_tree["xray"], oai_tree["maps"], oai_tree["klg"], downstream_folds=["fold2"]
+        oai_tree["sheets"],
+        oai_tree["xray"],
+        oai_tree["maps"],
+        oai_tree["klg"],
+        downstream_folds=["fold2"],
     )
     rows = {row.pair_id: row for row in summary.rows}
     expected = {
@@ -105,7 +120,11 @@ def test_import_row_by_row(oai_tree):
     for pair_id, (subject, side, month, split, point, grade) in expected.items():
         row = rows[pair_id]
         assert (row.subject_id, row.side, row.visit_month, row.split, row.klg) == (
-            subject, side, month, split, grade,
+            subject,
+            side,
+            month,
+            split,
+            grade,
         ), pair_id
         assert (None if row.keypoint_x is None else (row.keypoint_x, row.keypoint_y)) == point
         assert Path(row.radiograph_path).is_file() and Path(row.radiograph_path).name == "001"
@@ -127,9 +146,19 @@ def test_cli_import_writes_the_manifest(oai_tree):
     result = CliRunner().invoke(
         app,
         [
-            "import-oai", "--sheets", str(oai_tree["sheets"]), "--xray-root", str(oai_tree["xray"]),
-            "--thickness-root", str(oai_tree["maps"]), "--klg", str(oai_tree["klg"]),
-            "--downstream-folds", "2,3", "--out", str(out),
+            "import-oai",
+            "--sheets",
+            str(oai_tree["sheets"]),
+            "--xray-root",
+            str(oai_tree["xray"]),
+            "--thickness-root",
+            str(oai_tree["maps"]),
+            "--klg",
+            str(oai_tree["klg"]),
+            "--downstream-folds",
+            "2,3",
+            "--out",
+            str(out),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -145,15 +174,29 @@ def test_bad_options(oai_tree):
     with pytest.raises(BadParameter):
         import_oai(oai_tree["sheets"], oai_tree["xray"], oai_tree["root"] / "nope")
     with pytest.raises(BadParameter):
-        import_oai(oai_tree["sheets"], oai_tree["xray"], oai_tree["maps"], downstream_folds=["train"])
+        import_oai(
+            oai_tree["sheets"], oai_tree["xray"], oai_tree["maps"], downstream_folds=["train"]
+        )
     with pytest.raises(BadParameter):
         import_oai(oai_tree["maps"], oai_tree["xray"], oai_tree["maps"])  # no sheets there
 
 
 def test_parsers():
-    assert parse_month("00_MONTH") == 0 and parse_month("12_MONTH") == 12 and parse_month("ENROLLMENT") == 0
+    assert (
+        parse_month("00_MONTH") == 0
+        and parse_month("12_MONTH") == 12
+        and parse_month("ENROLLMENT") == 0
+    )
     assert [xray_visit_month(f"{code}.C.2/x") for code in (0, 1, 2, 3, 4, 5, 6, 8, 10)] == [
-        0, 12, 18, 24, 30, 36, 48, 72, 96,
+        0,
+        12,
+        18,
+        24,
+        30,
+        36,
+        48,
+        72,
+        96,
     ]
     assert xray_visit_month("7.C.2/x") is None
     assert parse_point("[1, 2.5]") == (1.0, 2.5) and parse_point("NA") is None
@@ -161,7 +204,8 @@ def test_parsers():
 
 def test_parse_keypoints():
     assert parse_keypoints('{"left": [300, 10], "right": [100, 12]}') == {
-        "RIGHT": (100.0, 12.0), "LEFT": (300.0, 10.0),
+        "RIGHT": (100.0, 12.0),
+        "LEFT": (300.0, 10.0),
     }
     for bad in ("[1, 2]", '{"middle": [1, 2]}', '{"left": [1]}', "not json"):
         with pytest.raises(BadParameter):
@@ -170,7 +214,9 @@ def test_parse_keypoints():
 
 def test_cli_roi_renders_png(tmp_path):
     dicom = tmp_path / "knees.dcm"
-    dicom.write_bytes(make_dicom_bytes(knee_phantom(300, 400), bits_stored=12, imager_spacing=(0.5, 0.5)))
+    dicom.write_bytes(
+        make_dicom_bytes(knee_phantom(300, 400), bits_stored=12, imager_spacing=(0.5, 0.5))
+    )
     out = tmp_path / "roi.png"
     keypoints = json.dumps({"right": [120, 150], "left": [280, 150]})
     result = CliRunner().invoke(
@@ -198,7 +244,9 @@ def test_cli_roi_refuses_a_pixel_format_the_service_refuses(tmp_path):
     dicom = tmp_path / "float.dcm"
     dicom.write_bytes(make_dicom_bytes(knee_phantom().astype(np.float32).view(np.uint32)))
     keypoints = json.dumps({"right": [38, 48], "left": [90, 48]})
-    result = CliRunner().invoke(app, ["roi", str(dicom), "--keypoints", keypoints, "--out", str(tmp_path / "x.png")])
+    result = CliRunner().invoke(
+        app, ["roi", str(dicom), "--keypoints", keypoints, "--out", str(tmp_path / "x.png")]
+    )
     assert isinstance(result.exception, UnsupportedDicom), result.output
     assert "BitsAllocated 32" in result.exception.detail
     assert not (tmp_path / "x.png").exists()

@@ -161,8 +161,9 @@ def test_openapi_body_is_the_models_schema(service_app, route):
     }
     model["k"].pop("default")  # the service's MRIS_DEFAULT_K, not the model's
     assert properties == model
-    query = {p["name"]: {**p["schema"], "description": p["description"]}
-             for p in operation["parameters"]}
+    query = {
+        p["name"]: {**p["schema"], "description": p["description"]} for p in operation["parameters"]
+    }
     assert query == model
 
 
@@ -197,29 +198,52 @@ def test_cli_and_service_refuse_a_spacing_alike(service_app, tmp_path, spacing_m
     detail = _service_detail(service_app, keypoints=KEYPOINTS, spacing_mm=spacing_mm)
     assert detail.startswith("spacing_mm: ")
     if _is_float(spacing_mm):  # else typer refuses it as no number, before mris sees it
-        error = _cli_error("roi", str(tmp_path / "x.dcm"), "--keypoints", KEYPOINTS,
-                           "--spacing-mm", spacing_mm)
+        error = _cli_error(
+            "roi", str(tmp_path / "x.dcm"), "--keypoints", KEYPOINTS, "--spacing-mm", spacing_mm
+        )
         assert error.detail == detail
 
 
 @pytest.mark.parametrize(
     "option, value, flag",
-    [("nan_rule", "any", "--nan-rule"), ("nan_rule", "ALL", "--nan-rule"), ("k", "0", "--k"),
-     ("k", str(MAX_K + 1), "--k")],
+    [
+        ("nan_rule", "any", "--nan-rule"),
+        ("nan_rule", "ALL", "--nan-rule"),
+        ("k", "0", "--k"),
+        ("k", str(MAX_K + 1), "--k"),
+    ],
 )
 def test_cli_and_service_refuse_evaluate_options_alike(service_app, tmp_path, option, value, flag):
     detail = _service_detail(service_app, keypoints=KEYPOINTS, **{option: value})
     assert detail.startswith(f"{option}: ")
-    args = ["evaluate", "--manifest", str(tmp_path / "m.csv"), "--model", str(tmp_path),
-            "--index", str(tmp_path), "--out", str(tmp_path / "out"), flag, value]
+    args = [
+        "evaluate",
+        "--manifest",
+        str(tmp_path / "m.csv"),
+        "--model",
+        str(tmp_path),
+        "--index",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+        flag,
+        value,
+    ]
     result = CliRunner().invoke(cli_app, args)
     if option == "k":  # typer's own range check, with the model's bound
         assert result.exit_code == 2 and "--k" in result.output, result.output
         from mris.evaluation.run import EvaluateRequest, evaluate
 
         with pytest.raises(BadParameter) as refused:
-            evaluate(EvaluateRequest(manifest=tmp_path / "m.csv", model=tmp_path, index=tmp_path,
-                                     out=tmp_path / "out", k=int(value)))
+            evaluate(
+                EvaluateRequest(
+                    manifest=tmp_path / "m.csv",
+                    model=tmp_path,
+                    index=tmp_path,
+                    out=tmp_path / "out",
+                    k=int(value),
+                )
+            )
         assert refused.value.detail == detail
     else:
         assert isinstance(result.exception, BadParameter), result.output

@@ -16,8 +16,22 @@ import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
-    ".ruff_cache", "tests", "docs", "benchmarks", "mris-demo", "demo-cohort", ".whl", ".gl",
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    "tests",
+    "docs",
+    "benchmarks",
+    "mris-demo",
+    "demo-cohort",
+    ".whl",
+    ".gl",
 )
 # a room that does not exist yet: a subpackage, a nested one, and static files without __init__
 NEW_ROOM = {
@@ -86,9 +100,21 @@ def wheel(tmp_path_factory):
         (tree / name).write_text(text)
     out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *_pip_wheel_args(),
-         "-w", str(out), str(tree)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            *_pip_wheel_args(),
+            "-w",
+            str(out),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (built,) = out.glob("mris-*.whl")
@@ -99,8 +125,13 @@ def wheel(tmp_path_factory):
 def test_wheel_holds_every_module_of_every_mapped_folder(wheel):
     tree, names = wheel
     modules = expected_modules(tree)
-    assert {"mris/index/card.py", "mris/service/__init__.py", "mris/cohort/__init__.py",
-            "mris/training/run.py", "mris/batch/engines/ray_engine.py"} <= modules
+    assert {
+        "mris/index/card.py",
+        "mris/service/__init__.py",
+        "mris/cohort/__init__.py",
+        "mris/training/run.py",
+        "mris/batch/engines/ray_engine.py",
+    } <= modules
     assert not modules - names, sorted(modules - names)
     assert not [n for n in names if n.split("/")[0] in ("index", "training", "service")]
 

@@ -80,8 +80,14 @@ class FakeMaps:
 def _rois(n: int, size: int = 8) -> list[KneeRoi]:
     rng = np.random.default_rng(5)
     return [
-        KneeRoi(image=rng.uniform(0, 1, (size, size)).astype(np.float32), centre_xy=(10.0, 10.0),
-                size_px=20.0, spacing_mm=0.2, side=("RIGHT", "LEFT")[i % 2], source="caller")
+        KneeRoi(
+            image=rng.uniform(0, 1, (size, size)).astype(np.float32),
+            centre_xy=(10.0, 10.0),
+            size_px=20.0,
+            spacing_mm=0.2,
+            side=("RIGHT", "LEFT")[i % 2],
+            source="caller",
+        )
         for i in range(n)
     ]
 

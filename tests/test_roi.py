@@ -15,7 +15,9 @@ CONFIG = PreprocessConfig(encoder_px=64)
 
 
 def _radiograph(pixels: np.ndarray, spacing_mm: float = 1.0) -> Radiograph:
-    return Radiograph(pixels=pixels.astype(np.float32), spacing_mm=spacing_mm, spacing_source="caller")
+    return Radiograph(
+        pixels=pixels.astype(np.float32), spacing_mm=spacing_mm, spacing_source="caller"
+    )
 
 
 def test_roi_size_centre_and_percentile():
@@ -48,7 +50,9 @@ def test_right_knee_is_flipped():
     left = extract_roi(radiograph, "LEFT", (120, 150), CONFIG)
     right = extract_roi(radiograph, "right", (120, 150), CONFIG)
     np.testing.assert_allclose(right.image, left.image[:, ::-1])
-    unflipped = extract_roi(radiograph, "RIGHT", (120, 150), PreprocessConfig(encoder_px=64, flip_right=False))
+    unflipped = extract_roi(
+        radiograph, "RIGHT", (120, 150), PreprocessConfig(encoder_px=64, flip_right=False)
+    )
     np.testing.assert_allclose(unflipped.image, left.image)
 
 
@@ -56,7 +60,9 @@ def test_monochrome1_and_2_give_the_same_roi():
     image = knee_phantom(300, 400, seed=2)
     mono2 = read_radiograph(make_dicom_bytes(image, bits_stored=12), spacing_mm=0.5)
     mono1 = read_radiograph(
-        make_dicom_bytes((4095 - image).astype(np.uint16), photometric="MONOCHROME1", bits_stored=12),
+        make_dicom_bytes(
+            (4095 - image).astype(np.uint16), photometric="MONOCHROME1", bits_stored=12
+        ),
         spacing_mm=0.5,
     )
     centres = {"RIGHT": (120, 150), "LEFT": (280, 150)}
@@ -119,7 +125,9 @@ def test_padding_maps_to_zero_and_is_left_out_of_the_statistics():
     # radiograph whose padding value differs.
     brighter_pad = image.copy()
     brighter_pad[:5, :] = 40.0
-    other = extract_roi(_radiograph(brighter_pad, 1.0), "LEFT", (199, 100), PreprocessConfig(encoder_px=70))
+    other = extract_roi(
+        _radiograph(brighter_pad, 1.0), "LEFT", (199, 100), PreprocessConfig(encoder_px=70)
+    )
     np.testing.assert_allclose(other.image[:, :34], inside, atol=1e-5)
     np.testing.assert_array_equal(other.image[:, 40:], 0.0)
 

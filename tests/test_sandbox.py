@@ -52,7 +52,9 @@ def test_typed_errors_pass_through(sandbox):
     with pytest.raises(NoUsableSpacing):
         sandbox.read(make_dicom_bytes(knee_phantom(), imager_spacing=None))
     with pytest.raises(UnreadableDicom, match="0 lines"):
-        sandbox.read(hostile_files()["jpeg-ls-sof55-zero-lines"], limits=DecodeLimits(min_side_px=8))
+        sandbox.read(
+            hostile_files()["jpeg-ls-sof55-zero-lines"], limits=DecodeLimits(min_side_px=8)
+        )
 
 
 @pytest.mark.parametrize("name", ["jpeg-ls-sof55-zero-lines", "jpeg-extended-sof1-zero-lines"])
@@ -64,7 +66,9 @@ def test_a_runaway_decoder_is_contained(sandbox, name):
         sandbox.read(hostile_files()[name], spacing_mm=0.2, limits=UNCHECKED)
     elapsed = time.monotonic() - started
     assert elapsed < sandbox.timeout_s + 3, "the deadline bounds the decode"
-    assert rss_mb(os.getpid()) - before < 50, "the runaway allocation happened in a worker, not here"
+    assert rss_mb(os.getpid()) - before < 50, (
+        "the runaway allocation happened in a worker, not here"
+    )
     assert "Secret" not in caught.value.detail
     # The pool replaced a worker that died, and still decodes.
     assert sandbox.read(make_dicom_bytes(knee_phantom(), bits_stored=12)).shape == (96, 128)

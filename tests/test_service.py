@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from bundle_factory import make_map_cohort, make_model_bundle
 from conftest import PLANTED_SECRETS, identity_dicom_bytes, knee_phantom, make_dicom_bytes
-from mris.index.build import build_index_bundle
 
 from mris.constants import PreprocessConfig
 from mris.dicom import read_radiograph
+from mris.index.build import build_index_bundle
 from mris.manifest import read_manifest
 from mris.roi import extract_roi
 from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES
@@ -45,11 +45,14 @@ def _free_port() -> int:
 class RunningServer:
     def __init__(self, settings):
         import uvicorn
+
         from mris.service.app import create_app
 
         self.app = create_app(settings)
         self.port = settings.port
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -87,8 +90,13 @@ def server(bundles):
     from mris.service.config import Settings
 
     settings = Settings(
-        model_dir=bundles["model"], index_root=bundles["index"], port=_free_port(), api_token=TOKEN,
-        intra_op_threads=1, max_upload_mb=1.0, request_timeout_s=20,
+        model_dir=bundles["model"],
+        index_root=bundles["index"],
+        port=_free_port(),
+        api_token=TOKEN,
+        intra_op_threads=1,
+        max_upload_mb=1.0,
+        request_timeout_s=20,
     )
     with RunningServer(settings) as running:
         yield running
@@ -103,10 +111,18 @@ def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _post(server, route: str, data: bytes, fields: dict | None = None, headers: dict | None = None, **kw):
+def _post(
+    server, route: str, data: bytes, fields: dict | None = None, headers: dict | None = None, **kw
+):
     fields = {"keypoints": json.dumps(KEYPOINTS), "k": str(K), **(fields or {})}
-    return httpx.post(f"{server.url}{route}", files={"file": ("x.dcm", data, "application/dicom")},
-                      data=fields, headers={**_auth(), **(headers or {})}, timeout=30, **kw)
+    return httpx.post(
+        f"{server.url}{route}",
+        files={"file": ("x.dcm", data, "application/dicom")},
+        data=fields,
+        headers={**_auth(), **(headers or {})},
+        timeout=30,
+        **kw,
+    )
 
 
 def _decode(map_json: dict, key: str = "data") -> np.ndarray:
@@ -128,13 +144,19 @@ def _expected(bundles, dicom: bytes, side: str, region: str, nan_rule: str):
     config = PreprocessConfig(encoder_px=32)
     manifest = read_manifest(bundles["manifest"])
     rows = manifest.select(["database"])
-    maps = np.stack([load_thickness_map(manifest.resolve_path(getattr(r, f"{region}_path"))) for r in rows])
-    keys = _onnx_embed(bundles["model"] / f"separate-{region}-thickness.onnx",
-                       np.stack([map_to_input(m, config) for m in maps])[:, None])
+    maps = np.stack(
+        [load_thickness_map(manifest.resolve_path(getattr(r, f"{region}_path"))) for r in rows]
+    )
+    keys = _onnx_embed(
+        bundles["model"] / f"separate-{region}-thickness.onnx",
+        np.stack([map_to_input(m, config) for m in maps])[:, None],
+    )
     radiograph = read_radiograph(dicom)
     centre = KEYPOINTS[side.lower()]
     roi = extract_roi(radiograph, side, centre, config)
-    query = _onnx_embed(bundles["model"] / f"separate-{region}-radiograph.onnx", roi.image[None, None])[0]
+    query = _onnx_embed(
+        bundles["model"] / f"separate-{region}-radiograph.onnx", roi.image[None, None]
+    )[0]
     similarity = keys @ query
     order = np.argsort(-similarity, kind="stable")[:K]
     s = similarity[order]
@@ -171,10 +193,15 @@ def test_synthesize_equals_eq4_computed_independently(server, bundles, dicom_byt
     assert answer["nan_rule"] == nan_rule
     assert [knee["side"] for knee in answer["knees"]] == ["RIGHT", "LEFT"]
     for knee in answer["knees"]:
-        assert knee["roi"]["source"] == "caller" and knee["roi"]["spacing_source"] == "ImagerPixelSpacing"
+        assert (
+            knee["roi"]["source"] == "caller"
+            and knee["roi"]["spacing_source"] == "ImagerPixelSpacing"
+        )
         assert knee["roi"]["size_px"] == pytest.approx(140 / 0.2)
         for region in ("fc", "tc"):
-            ids, similarities, weights, expected = _expected(bundles, dicom_bytes, knee["side"], region, nan_rule)
+            ids, similarities, weights, expected = _expected(
+                bundles, dicom_bytes, knee["side"], region, nan_rule
+            )
             got = knee["neighbours"][region]
             assert [n["id"] for n in got] == ids
             np.testing.assert_allclose([n["similarity"] for n in got], similarities, atol=1e-5)
@@ -192,20 +219,37 @@ def test_retrieve_agrees_with_synthesize(server, dicom_bytes):
     assert synthesized["nan_rule"] == DEFAULT_NAN_RULE  # no nan_rule given: the service's default
     for a, b in zip(synthesized["knees"], retrieved["knees"]):
         for region in ("fc", "tc"):
-            assert [n["id"] for n in a["neighbours"][region]] == [n["id"] for n in b["neighbours"][region]]
+            assert [n["id"] for n in a["neighbours"][region]] == [
+                n["id"] for n in b["neighbours"][region]
+            ]
             assert {"subject_id", "side", "visit_month", "klg"} <= set(b["neighbours"][region][0])
         assert "maps" not in b
 
 
 def test_dicom_body_with_query_parameters_and_formats(server, dicom_bytes):
-    params = {"keypoints": json.dumps(KEYPOINTS), "knees": "left", "k": "3", "format": "npz", "nan_rule": "all"}
-    response = httpx.post(f"{server.url}/synthesize", content=dicom_bytes, params=params,
-                          headers={**_auth(), "Content-Type": "application/dicom"}, timeout=30)
+    params = {
+        "keypoints": json.dumps(KEYPOINTS),
+        "knees": "left",
+        "k": "3",
+        "format": "npz",
+        "nan_rule": "all",
+    }
+    response = httpx.post(
+        f"{server.url}/synthesize",
+        content=dicom_bytes,
+        params=params,
+        headers={**_auth(), "Content-Type": "application/dicom"},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     arrays = np.load(io.BytesIO(response.content))
     assert {"left_fc", "left_fc_std", "left_tc", "left_tc_std", "meta"} <= set(arrays.files)
     meta = json.loads(str(arrays["meta"]))
-    assert meta["k"] == 3 and meta["nan_rule"] == "all" and [k["side"] for k in meta["knees"]] == ["LEFT"]
+    assert (
+        meta["k"] == 3
+        and meta["nan_rule"] == "all"
+        and [k["side"] for k in meta["knees"]] == ["LEFT"]
+    )
     png = _post(server, "/synthesize", dicom_bytes, {"format": "png"})
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -260,7 +304,11 @@ BAD_UPLOADS = {
     "bad knees": (lambda d: d, {"knees": "middle"}, 422),
     "bad keypoints json": (lambda d: d, {"keypoints": "{left: 1"}, 422),
     "keypoints lack a knee": (lambda d: d, {"keypoints": json.dumps({"left": [80, 48]})}, 422),
-    "keypoint outside the image": (lambda d: d, {"keypoints": json.dumps({"left": [900, 48], "right": [30, 48]})}, 422),
+    "keypoint outside the image": (
+        lambda d: d,
+        {"keypoints": json.dumps({"left": [900, 48], "right": [30, 48]})},
+        422,
+    ),
     "bad spacing_mm": (lambda d: d, {"spacing_mm": "-1"}, 422),
     "too large": (lambda d: d + b"\0" * (1 << 20), {}, 413),
 }
@@ -286,16 +334,28 @@ def test_no_spacing_is_fine_with_spacing_mm(server):
 
 
 def test_wrong_media_type_and_missing_field(server, dicom_bytes):
-    response = httpx.post(f"{server.url}/synthesize", content=b"{}", headers={**_auth(), "Content-Type": "application/json"})
-    assert response.status_code == 415 and response.headers["content-type"].startswith("application/problem+json")
-    response = httpx.post(f"{server.url}/synthesize", files={"other": ("x", dicom_bytes)}, headers=_auth())
+    response = httpx.post(
+        f"{server.url}/synthesize",
+        content=b"{}",
+        headers={**_auth(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 415 and response.headers["content-type"].startswith(
+        "application/problem+json"
+    )
+    response = httpx.post(
+        f"{server.url}/synthesize", files={"other": ("x", dicom_bytes)}, headers=_auth()
+    )
     assert response.status_code == 422
 
 
 def test_token_is_enforced(server, dicom_bytes):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
-        response = httpx.post(f"{server.url}/retrieve", files={"file": ("x.dcm", dicom_bytes)},
-                              data={"keypoints": json.dumps(KEYPOINTS)}, headers=headers)
+        response = httpx.post(
+            f"{server.url}/retrieve",
+            files={"file": ("x.dcm", dicom_bytes)},
+            data={"keypoints": json.dumps(KEYPOINTS)},
+            headers=headers,
+        )
         assert response.status_code == 401
         assert response.headers["content-type"].startswith("application/problem+json")
     assert httpx.post(f"{server.url}/admin/reload").status_code == 401
@@ -322,8 +382,12 @@ def test_no_patient_identifier_in_logs(server, dicom_bytes):
         _post(server, "/synthesize", dicom_bytes[:300])
         _post(server, "/retrieve", dicom_bytes, {"k": "500"})
         _post(server, "/synthesize", _rgb_dicom())
-        for route, fields in (("/synthesize", {}), ("/retrieve", {}), ("/synthesize", {"k": "0"}),
-                              ("/synthesize", {"format": "npz"})):
+        for route, fields in (
+            ("/synthesize", {}),
+            ("/retrieve", {}),
+            ("/synthesize", {"k": "0"}),
+            ("/synthesize", {"format": "npz"}),
+        ):
             answers.append(_post(server, route, identity, fields))
         answers.append(_post(server, "/synthesize", identity[:-5000]))  # truncated pixel data
         time.sleep(0.2)
@@ -342,8 +406,14 @@ def test_no_patient_identifier_in_logs(server, dicom_bytes):
 
 def test_reload_during_a_burst_fails_no_request(server, bundles, dicom_bytes):
     before = httpx.get(f"{server.url}/readyz").json()["index_version"]
-    result = build_index_bundle(bundles["model"], bundles["manifest"], bundles["index"], variant="separate",
-                                publish=True, threads=1)
+    result = build_index_bundle(
+        bundles["model"],
+        bundles["manifest"],
+        bundles["index"],
+        variant="separate",
+        publish=True,
+        threads=1,
+    )
     statuses: list[int] = []
 
     def one(_):
@@ -368,7 +438,9 @@ def test_reloads_release_the_bundles_they_replace(server):
 
     replaced = weakref.ref(server.app.state.holder.current.pipeline)
     for _ in range(2):
-        assert httpx.post(f"{server.url}/admin/reload", headers=_auth(), timeout=30).status_code == 200
+        assert (
+            httpx.post(f"{server.url}/admin/reload", headers=_auth(), timeout=30).status_code == 200
+        )
     gc.collect()
     assert replaced() is None
 
@@ -412,7 +484,11 @@ def test_reload_refuses_an_index_of_an_older_roi_normalisation(server, bundles):
         response = httpx.post(f"{server.url}/admin/reload", headers=_auth(), timeout=30)
         assert response.status_code == 503
         detail = response.json()["detail"]
-        assert "older ROI normalisation" in detail and "mris index build" in detail and "keeps serving" in detail
+        assert (
+            "older ROI normalisation" in detail
+            and "mris index build" in detail
+            and "keeps serving" in detail
+        )
         assert httpx.get(f"{server.url}/readyz").json()["index_version"] == before
     finally:
         publish(root, before)
@@ -424,7 +500,9 @@ def test_not_ready_on_a_model_of_an_older_roi_normalisation(bundles, tmp_path):
     model = tmp_path / "old-model"
     shutil.copytree(bundles["model"], model)
     _drop_preprocessing_version(model / "card.json")
-    settings = Settings(model_dir=model, index_root=bundles["index"], port=_free_port(), intra_op_threads=1)
+    settings = Settings(
+        model_dir=model, index_root=bundles["index"], port=_free_port(), intra_op_threads=1
+    )
     with RunningServer(settings) as running:
         response = httpx.get(f"{running.url}/readyz")
         assert response.status_code == 503
@@ -435,10 +513,14 @@ def test_not_ready_on_a_model_of_an_older_roi_normalisation(bundles, tmp_path):
 def test_not_ready_without_a_bundle(tmp_path):
     from mris.service.config import Settings
 
-    settings = Settings(model_dir=tmp_path / "none", index_root=tmp_path / "none", port=_free_port())
+    settings = Settings(
+        model_dir=tmp_path / "none", index_root=tmp_path / "none", port=_free_port()
+    )
     with RunningServer(settings) as running:
         response = httpx.get(f"{running.url}/readyz")
-        assert response.status_code == 503 and response.headers["content-type"].startswith("application/problem+json")
+        assert response.status_code == 503 and response.headers["content-type"].startswith(
+            "application/problem+json"
+        )
         data = make_dicom_bytes(knee_phantom())
         response = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", data)})
         assert response.status_code == 503
@@ -447,15 +529,28 @@ def test_not_ready_without_a_bundle(tmp_path):
 def test_full_queue_answers_503_with_retry_after(bundles, dicom_bytes):
     from mris.service.config import Settings
 
-    settings = Settings(model_dir=bundles["model"], index_root=bundles["index"], port=_free_port(), max_queue=1,
-                        intra_op_threads=1)
+    settings = Settings(
+        model_dir=bundles["model"],
+        index_root=bundles["index"],
+        port=_free_port(),
+        max_queue=1,
+        intra_op_threads=1,
+    )
     with RunningServer(settings) as running:
-        both = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", dicom_bytes)},
-                          data={"keypoints": json.dumps(KEYPOINTS)}, timeout=30)
+        both = httpx.post(
+            f"{running.url}/synthesize",
+            files={"file": ("x.dcm", dicom_bytes)},
+            data={"keypoints": json.dumps(KEYPOINTS)},
+            timeout=30,
+        )
         assert both.status_code == 503 and both.headers["retry-after"] == "1"
         assert both.headers["content-type"].startswith("application/problem+json")
-        one = httpx.post(f"{running.url}/synthesize", files={"file": ("x.dcm", dicom_bytes)},
-                         data={"keypoints": json.dumps(KEYPOINTS), "knees": "left"}, timeout=30)
+        one = httpx.post(
+            f"{running.url}/synthesize",
+            files={"file": ("x.dcm", dicom_bytes)},
+            data={"keypoints": json.dumps(KEYPOINTS), "knees": "left"},
+            timeout=30,
+        )
         assert one.status_code == 200
 
 
@@ -470,15 +565,19 @@ def test_routes_read_no_app_state():
 def _bundle_info(metrics_text: str) -> list[str]:
     import re
 
-    return re.findall(r'^mris_bundle_info\{index_version="([^"]+)",variant="separate"\} 1\.0$',
-                      metrics_text, flags=re.MULTILINE)
+    return re.findall(
+        r'^mris_bundle_info\{index_version="([^"]+)",variant="separate"\} 1\.0$',
+        metrics_text,
+        flags=re.MULTILINE,
+    )
 
 
 def _reloads(metrics_text: str, outcome: str) -> float:
     import re
 
-    found = re.search(rf'^mris_reloads_total\{{outcome="{outcome}"\}} (\S+)$', metrics_text,
-                      flags=re.MULTILINE)
+    found = re.search(
+        rf'^mris_reloads_total\{{outcome="{outcome}"\}} (\S+)$', metrics_text, flags=re.MULTILINE
+    )
     return float(found.group(1)) if found else 0.0
 
 
@@ -486,18 +585,30 @@ def test_every_reload_path_updates_the_served_bundle_metric(bundles, tmp_path):
     """Startup, POST /admin/reload and the SIGHUP handler are one path (StateHolder.reload):
     each leaves mris_bundle_info naming the bundle now served."""
     from fastapi.testclient import TestClient
+
     from mris.service.app import _reload_on_signal, create_app
     from mris.service.config import Settings
 
     index = tmp_path / "index"
 
     def publish_new() -> str:
-        return build_index_bundle(bundles["model"], bundles["manifest"], index, variant="separate",
-                                  publish=True, threads=1).version
+        return build_index_bundle(
+            bundles["model"],
+            bundles["manifest"],
+            index,
+            variant="separate",
+            publish=True,
+            threads=1,
+        ).version
 
     first = publish_new()
-    settings = Settings(model_dir=bundles["model"], index_root=index, api_token=TOKEN,
-                        intra_op_threads=1, decode_workers=1)
+    settings = Settings(
+        model_dir=bundles["model"],
+        index_root=index,
+        api_token=TOKEN,
+        intra_op_threads=1,
+        decode_workers=1,
+    )
     app = create_app(settings)
     with TestClient(app) as client:  # runs the lifespan: the startup load
 

@@ -40,8 +40,11 @@ def slow_file() -> bytes:
 
 def _post(url: str, data: bytes, timeout: float = 30.0) -> httpx.Response:
     return httpx.post(
-        f"{url}/synthesize", params={"keypoints": '{"right": [38.4, 48.0], "left": [89.6, 48.0]}'},
-        content=data, headers={**AUTH, "Content-Type": "application/dicom"}, timeout=timeout,
+        f"{url}/synthesize",
+        params={"keypoints": '{"right": [38.4, 48.0], "left": [89.6, 48.0]}'},
+        content=data,
+        headers={**AUTH, "Content-Type": "application/dicom"},
+        timeout=timeout,
     )
 
 
@@ -71,8 +74,10 @@ def test_hostile_files_are_refused_and_probes_answer_during_decodes(bundles, slo
         busy.set()
         prober = threading.Thread(target=_probe_while, args=(server.url, busy, latencies))
         prober.start()
-        uploads = [threading.Thread(target=lambda: answers.append(_post(server.url, slow_file)))
-                   for _ in range(4)]
+        uploads = [
+            threading.Thread(target=lambda: answers.append(_post(server.url, slow_file)))
+            for _ in range(4)
+        ]
         for upload in uploads:
             upload.start()
         for upload in uploads:
@@ -105,7 +110,9 @@ def test_sigterm_stops_the_server_within_seconds_during_decodes(bundles, slow_fi
         hostile = hostile_files()["jpeg-ls-sof55-zero-lines"]
         answers: list[httpx.Response] = []
         uploads = [threading.Thread(target=lambda: answers.append(_post(server.url, hostile)))]
-        uploads += [threading.Thread(target=lambda: _post_quietly(server.url, slow_file)) for _ in range(5)]
+        uploads += [
+            threading.Thread(target=lambda: _post_quietly(server.url, slow_file)) for _ in range(5)
+        ]
         for upload in uploads:
             upload.start()
             time.sleep(0.05)

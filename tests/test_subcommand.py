@@ -66,15 +66,22 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _wait_until(condition: Callable[[], object], timeout_s: float, what: str, process: subprocess.Popen,
-                log: Path) -> object:
+def _wait_until(
+    condition: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    process: subprocess.Popen,
+    log: Path,
+) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         if process.poll() is not None:
-            pytest.fail(f"{what}: the command ended first (exit {process.returncode}):\n{log.read_text()[-4000:]}")
+            pytest.fail(
+                f"{what}: the command ended first (exit {process.returncode}):\n{log.read_text()[-4000:]}"
+            )
         time.sleep(0.05)
     pytest.fail(f"{what}: not within {timeout_s:g} s:\n{log.read_text()[-4000:]}")
 
@@ -90,9 +97,14 @@ def _mris(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     """``mris ARGS`` in its own session (so a test can signal its whole process group as a
     terminal's Ctrl-C does) with stdout and stderr in ``log``."""
     with open(log, "wb") as handle:
-        return subprocess.Popen([sys.executable, "-m", "mris.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "COLUMNS": "200", **env}, start_new_session=True,
-                                preexec_fn=_default_signals)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mris.cli", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200", **env},
+            start_new_session=True,
+            preexec_fn=_default_signals,
+        )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -135,7 +147,9 @@ def demo_workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("demo")
     model = make_model_bundle(workdir / "model", encoder_px=32)
     manifest = make_map_cohort(workdir / "cohort", 8, seed=3)
-    build_index_bundle(model, manifest, workdir / "index", variant="separate", publish=True, threads=1)
+    build_index_bundle(
+        model, manifest, workdir / "index", variant="separate", publish=True, threads=1
+    )
     return workdir
 
 
@@ -143,9 +157,15 @@ def demo_workdir(tmp_path_factory) -> Path:
 def test_a_signal_to_demo_serve_stops_its_server(demo_workdir, tmp_path, how):
     port = _free_port()
     log = tmp_path / "demo.log"
-    demo = _mris(["demo", "--workdir", str(demo_workdir), "--prepare-only", "--serve", "--port", str(port)], log,
-                 MRIS_INTRA_OP_THREADS="1", MRIS_DECODE_WORKERS="1", MRIS_LOG_LEVEL="INFO")
+    demo = _mris(
+        ["demo", "--workdir", str(demo_workdir), "--prepare-only", "--serve", "--port", str(port)],
+        log,
+        MRIS_INTRA_OP_THREADS="1",
+        MRIS_DECODE_WORKERS="1",
+        MRIS_LOG_LEVEL="INFO",
+    )
     try:
+
         def serving() -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
@@ -154,7 +174,9 @@ def test_a_signal_to_demo_serve_stops_its_server(demo_workdir, tmp_path, how):
 
         _wait_until(serving, 60, "mris serve under mris demo answering /healthz", demo, log)
         below = _descendants(demo.pid)
-        assert any("mris.cli serve" in _cmdline(pid) for pid in below), [_cmdline(pid) for pid in below]
+        assert any("mris.cli serve" in _cmdline(pid) for pid in below), [
+            _cmdline(pid) for pid in below
+        ]
 
         started = time.monotonic()
         if how == "sigterm-to-parent":  # kill PID, docker stop: only the parent gets it
@@ -194,13 +216,22 @@ def _separate_only_bundle(root: Path, encoder_px: int) -> Path:
         names = (f"separate-{region}-radiograph.onnx", f"separate-{region}-thickness.onnx")
         for offset, name in enumerate(names):
             make_encoder_onnx(root / name, square, 2 * index + offset)
-        regions[region] = EncoderPair(radiograph=names[0], thickness=names[1], radiograph_input_px=square,
-                                      thickness_input_px=square)
-    write_model_card(root, ModelCard(created=datetime.now(timezone.utc).isoformat(),
-                                     preprocess=PreprocessConfig(encoder_px=encoder_px).to_dict(),
-                                     preprocessing_version=PREPROCESSING_VERSION,
-                                     variants={"separate": VariantCard(regions=regions)},
-                                     training={"note": "tests/test_subcommand.py"}))
+        regions[region] = EncoderPair(
+            radiograph=names[0],
+            thickness=names[1],
+            radiograph_input_px=square,
+            thickness_input_px=square,
+        )
+    write_model_card(
+        root,
+        ModelCard(
+            created=datetime.now(timezone.utc).isoformat(),
+            preprocess=PreprocessConfig(encoder_px=encoder_px).to_dict(),
+            preprocessing_version=PREPROCESSING_VERSION,
+            variants={"separate": VariantCard(regions=regions)},
+            training={"note": "tests/test_subcommand.py"},
+        ),
+    )
     return root
 
 
@@ -208,21 +239,49 @@ def test_sigterm_to_evaluate_stops_its_training_which_then_resumes(tmp_path):
     require("torch")
     epochs = 3
     manifest = write_tiny_cohort(tmp_path / "cohort", subjects=12)
-    model = _separate_only_bundle(tmp_path / "model", encoder_px=64)  # the quick profile's input size
+    model = _separate_only_bundle(
+        tmp_path / "model", encoder_px=64
+    )  # the quick profile's input size
     out = tmp_path / "evaluation"
     trained = out / "work" / "model-combined"
     region_dir = trained.with_name("model-combined.training") / "combined-combined"
     log = tmp_path / "evaluate.log"
-    evaluate = _mris(["evaluate", "--manifest", str(manifest), "--model", str(model), "--index", str(tmp_path / "none"),
-                      "--out", str(out), "--methods", "mris-c", "--epochs", str(epochs), "--threads", "1", "--quiet"],
-                     log)
+    evaluate = _mris(
+        [
+            "evaluate",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(model),
+            "--index",
+            str(tmp_path / "none"),
+            "--out",
+            str(out),
+            "--methods",
+            "mris-c",
+            "--epochs",
+            str(epochs),
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+        log,
+    )
     try:
-        def training_child() -> int | None:
-            return next((pid for pid in _descendants(evaluate.pid) if "mris.cli train" in _cmdline(pid)), None)
 
-        child = _wait_until(training_child, 60, "mris train started by mris evaluate", evaluate, log)
+        def training_child() -> int | None:
+            return next(
+                (pid for pid in _descendants(evaluate.pid) if "mris.cli train" in _cmdline(pid)),
+                None,
+            )
+
+        child = _wait_until(
+            training_child, 60, "mris train started by mris evaluate", evaluate, log
+        )
         # log.json is written right after last.pt at the end of an epoch
-        _wait_until(lambda: (region_dir / "log.json").is_file(), 120, "the first epoch", evaluate, log)
+        _wait_until(
+            lambda: (region_dir / "log.json").is_file(), 120, "the first epoch", evaluate, log
+        )
         below = _descendants(evaluate.pid)
         evaluate.send_signal(signal.SIGTERM)
         returncode = evaluate.wait(timeout=40)
@@ -231,10 +290,16 @@ def test_sigterm_to_evaluate_stops_its_training_which_then_resumes(tmp_path):
 
     output = log.read_text()
     assert returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert not _running(child) and not [pid for pid in below if _running(pid)], "mris train outlived mris evaluate"
+    assert not _running(child) and not [pid for pid in below if _running(pid)], (
+        "mris train outlived mris evaluate"
+    )
     assert "Traceback" not in output, output[-3000:]
-    assert output.count("interrupted (SIGTERM)") == 2, output[-3000:]  # the child's line and the parent's
-    held = re.search(r"combined-combined: interrupted; \S+ holds epoch (\d+): rerun with --resume", output)
+    assert output.count("interrupted (SIGTERM)") == 2, output[
+        -3000:
+    ]  # the child's line and the parent's
+    held = re.search(
+        r"combined-combined: interrupted; \S+ holds epoch (\d+): rerun with --resume", output
+    )
     assert held, output[-3000:]
     held_epoch = int(held[1])
     assert 1 <= held_epoch < epochs  # stopped during the training, after a checkpoint
@@ -242,13 +307,40 @@ def test_sigterm_to_evaluate_stops_its_training_which_then_resumes(tmp_path):
 
     # the same command evaluate ran, with --resume instead of --force
     resumed = subprocess.run(
-        [sys.executable, "-m", "mris.cli", "train", "--manifest", str(manifest), "--out", str(trained),
-         "--variant", "combined", "--no-localiser", "--profile", "quick", "--seed", "0", "--epochs", str(epochs),
-         "--threads", "1", "--resume", "--quiet"],
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+        [
+            sys.executable,
+            "-m",
+            "mris.cli",
+            "train",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(trained),
+            "--variant",
+            "combined",
+            "--no-localiser",
+            "--profile",
+            "quick",
+            "--seed",
+            "0",
+            "--epochs",
+            str(epochs),
+            "--threads",
+            "1",
+            "--resume",
+            "--quiet",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"combined-combined: resumed at epoch {held_epoch} of {epochs}" in resumed.stdout + resumed.stderr
+    assert (
+        f"combined-combined: resumed at epoch {held_epoch} of {epochs}"
+        in resumed.stdout + resumed.stderr
+    )
     history = json.loads((region_dir / "log.json").read_text())
     assert [record["epoch"] for record in history] == list(range(1, epochs + 1))
     assert (trained / "card.json").is_file()

@@ -87,8 +87,12 @@ def test_the_rules_differ_where_some_neighbours_lack_cartilage():
     # A neighbour with weight 0 (similarity <= 0) still counts for `all`, as in the reference's
     # sum (NaN * 0 is NaN); a FAISS "no result" slot is no neighbour and does not.
     maps = np.array([2.0, 3.0, nan], np.float32).reshape(1, 3, 1, 1)
-    assert np.isnan(synthesize(maps, np.array([[0.6, 0.4, -0.1]]), nan_rule="all").thickness_mm[0, 0, 0])
-    no_result = synthesize(maps, np.array([[0.6, 0.4, -3.4e38]]), nan_rule="all").thickness_mm[0, 0, 0]
+    assert np.isnan(
+        synthesize(maps, np.array([[0.6, 0.4, -0.1]]), nan_rule="all").thickness_mm[0, 0, 0]
+    )
+    no_result = synthesize(maps, np.array([[0.6, 0.4, -3.4e38]]), nan_rule="all").thickness_mm[
+        0, 0, 0
+    ]
     assert no_result == pytest.approx(0.6 * 2 + 0.4 * 3, abs=1e-6)
     with pytest.raises(ValueError, match="nan_rule"):
         synthesize(maps, np.array([[0.6, 0.4, 0.2]]), nan_rule="any")

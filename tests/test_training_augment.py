@@ -14,6 +14,7 @@ torch = require("torch")
 require("monai")
 
 from monai.transforms import RandAdjustContrast, RandAffine, RandGaussianNoise
+
 from mris.training.augment import (
     AUGMENTATIONS,
     AugmentConfig,
@@ -55,11 +56,18 @@ def paper_draws():
     draws = []
     for seed in image_seeds(batch_generator(3, 1, 0), DRAWS):
         augment_image(image, int(seed), PAPER)
-        draws.append({
-            "affine": affine._do_transform, "angle": float(affine.rand_affine_grid.rotate_params[0]) if affine._do_transform else None,
-            "noise": noise._do_transform, "noise_std": float(np.std(noise.noise)) if noise._do_transform else None,
-            "contrast": contrast._do_transform, "gamma": contrast.gamma_value if contrast._do_transform else None,
-        })
+        draws.append(
+            {
+                "affine": affine._do_transform,
+                "angle": float(affine.rand_affine_grid.rotate_params[0])
+                if affine._do_transform
+                else None,
+                "noise": noise._do_transform,
+                "noise_std": float(np.std(noise.noise)) if noise._do_transform else None,
+                "contrast": contrast._do_transform,
+                "gamma": contrast.gamma_value if contrast._do_transform else None,
+            }
+        )
     return draws
 
 
@@ -76,13 +84,23 @@ def test_rotation_gamma_and_noise_ranges(paper_draws):
     assert np.mean(angles > 0) == pytest.approx(0.5, abs=0.06)
     gammas = np.array([d["gamma"] for d in paper_draws if d["contrast"]])
     assert gammas.min() >= 0.5 and gammas.max() <= 4.5
-    assert gammas.min() < 0.6 and gammas.max() > 4.4 and np.mean(gammas) == pytest.approx(2.5, abs=0.15)
+    assert (
+        gammas.min() < 0.6
+        and gammas.max() > 4.4
+        and np.mean(gammas) == pytest.approx(2.5, abs=0.15)
+    )
     stds = np.array([d["noise_std"] for d in paper_draws if d["noise"]])  # sigma ~ U(0, 0.1)
-    assert stds.max() <= 0.1 * 1.4 and stds.max() > 0.09 and np.mean(stds) == pytest.approx(0.05, abs=0.01)
+    assert (
+        stds.max() <= 0.1 * 1.4
+        and stds.max() > 0.09
+        and np.mean(stds) == pytest.approx(0.05, abs=0.01)
+    )
 
 
 def _only(**probabilities) -> AugmentConfig:
-    return dataclasses.replace(PAPER, name="test", **{f"{k}_prob": v for k, v in probabilities.items()})
+    return dataclasses.replace(
+        PAPER, name="test", **{f"{k}_prob": v for k, v in probabilities.items()}
+    )
 
 
 def test_rotation_turns_the_image_by_the_drawn_angle():
@@ -135,7 +153,9 @@ def test_contrast_is_the_gamma_curve_between_min_and_max():
 def test_augmentation_is_a_pure_function_of_the_seed_triple():
     images = torch.rand(6, 1, 24, 24)
     first = augment_radiographs(images, batch_generator(7, 3, 2), PAPER)
-    augment_radiographs(torch.rand(5, 1, 24, 24), batch_generator(1, 1, 1), PAPER)  # other draws between
+    augment_radiographs(
+        torch.rand(5, 1, 24, 24), batch_generator(1, 1, 1), PAPER
+    )  # other draws between
     again = augment_radiographs(images.clone(), batch_generator(7, 3, 2), "paper")
     assert torch.equal(first, again)
     assert first.shape == images.shape and first.dtype == images.dtype
@@ -146,7 +166,9 @@ def test_augmentation_is_a_pure_function_of_the_seed_triple():
     for index in (0, 5):
         assert torch.equal(first[index], augment_image(images[index], int(seeds[index]), PAPER))
     # int and tuple seeds are deterministic too
-    assert torch.equal(augment_radiographs(images, (7, 3, 2)), augment_radiographs(images, (7, 3, 2)))
+    assert torch.equal(
+        augment_radiographs(images, (7, 3, 2)), augment_radiographs(images, (7, 3, 2))
+    )
     assert torch.equal(augment_radiographs(images, 11), augment_radiographs(images, 11))
 
 

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from conftest import require
 
 require("torch")
@@ -25,7 +24,13 @@ from mris.training.downstream import (  # noqa: E402
 
 def test_paper_settings_match_design():
     klg, progression = settings_for("klg", "paper"), settings_for("progression", "paper")
-    assert (klg.epochs, klg.batch_size, klg.lr, klg.step_epochs, klg.gamma) == (30, 64, 1e-5, 10, 0.2)
+    assert (klg.epochs, klg.batch_size, klg.lr, klg.step_epochs, klg.gamma) == (
+        30,
+        64,
+        1e-5,
+        10,
+        0.2,
+    )
     assert progression.lr == 1e-4 and progression.epochs == 30 and klg.map_px is None
     optimiser, scheduler = make_optimiser(build_classifier(4), progression)
     assert isinstance(optimiser, torch.optim.AdamW) and optimiser.defaults["weight_decay"] == 0.1
@@ -64,7 +69,9 @@ def test_local_weights_freeze_the_stem_as_the_reference(tmp_path):
     model = build_classifier(2, path)
     assert not model.conv1.weight.requires_grad and not model.layer1[0].conv1.weight.requires_grad
     assert model.layer2[0].conv1.weight.requires_grad and model.fc.out_features == 2
-    assert all(p.requires_grad for p in build_classifier(2).parameters())  # from scratch: all layers learn
+    assert all(
+        p.requires_grad for p in build_classifier(2).parameters()
+    )  # from scratch: all layers learn
 
 
 def _problem(n: int, informative: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +85,9 @@ def _problem(n: int, informative: bool, seed: int) -> tuple[np.ndarray, np.ndarr
 
 def test_a_label_the_maps_carry_is_learned_and_one_they_do_not_is_not():
     torch.set_num_threads(2)
-    settings = replace(settings_for("progression", "quick"), batch_size=8)  # 4 epochs at the quick lr
+    settings = replace(
+        settings_for("progression", "quick"), batch_size=8
+    )  # 4 epochs at the quick lr
     for informative, check in ((True, lambda a: a >= 0.9), (False, lambda a: a <= 0.7)):
         x_train, y_train = _problem(48, informative, 1)
         x_test, y_test = _problem(64, informative, 2)

@@ -61,16 +61,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import require
 
 torch = require("torch")
 
-from mris.training import profiles
-
 from mris.constants import PreprocessConfig
 from mris.evaluation.metrics import recall_at_k
 from mris.manifest import Manifest, read_manifest, write_manifest
+from mris.training import profiles
 
 SUBJECTS = 100
 COHORT_SEED = 5
@@ -79,8 +77,13 @@ REGION = "fc"
 SEED = 1
 CONFIG = PreprocessConfig(encoder_px=32, roi_size_mm=70.0)
 RECIPE = dataclasses.replace(
-    profiles.PROFILES["quick"], name="learns", encoder_px=CONFIG.encoder_px, epochs=30, batch_size=32,
-    step_size=20, val_fraction=0.1,
+    profiles.PROFILES["quick"],
+    name="learns",
+    encoder_px=CONFIG.encoder_px,
+    epochs=30,
+    batch_size=32,
+    step_size=20,
+    val_fraction=0.1,
 )
 SIGN_EPOCHS = 6  # the sign error shows in eq. 3 from the first epochs (see the test)
 CRITERION = 3.0  # held-out first-visit recall@5 >= 3x chance
@@ -112,8 +115,10 @@ def cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("learns")
     generated = read_manifest(write_tiny_cohort(root, subjects=SUBJECTS, seed=COHORT_SEED))
     test_subjects = set(sorted({row.subject_id for row in generated.rows})[-TEST_SUBJECTS:])
-    rows = [dataclasses.replace(row, split="test" if row.subject_id in test_subjects else "database")
-            for row in generated.rows]
+    rows = [
+        dataclasses.replace(row, split="test" if row.subject_id in test_subjects else "database")
+        for row in generated.rows
+    ]
     return write_manifest(root / "split.csv", rows)
 
 
@@ -125,12 +130,20 @@ def heldout_first_visits(manifest_path: Path, cache_dir: Path, swap_sides: bool 
 
     manifest = read_manifest(manifest_path)
     test = manifest.select(["test"])
-    first = [test[i] for i in first_visits([r.knee_id for r in test], [r.visit_month for r in test])]
+    first = [
+        test[i] for i in first_visits([r.knee_id for r in test], [r.visit_month for r in test])
+    ]
     if swap_sides:
-        first = [dataclasses.replace(row, side=SWAP_SIDE[row.side],
-                                     radiograph_path=str(manifest.resolve_path(row.radiograph_path)),
-                                     fc_path=str(manifest.resolve_path(row.fc_path)),
-                                     tc_path=str(manifest.resolve_path(row.tc_path))) for row in first]
+        first = [
+            dataclasses.replace(
+                row,
+                side=SWAP_SIDE[row.side],
+                radiograph_path=str(manifest.resolve_path(row.radiograph_path)),
+                fc_path=str(manifest.resolve_path(row.fc_path)),
+                tc_path=str(manifest.resolve_path(row.tc_path)),
+            )
+            for row in first
+        ]
         manifest_path = write_manifest(cache_dir / "swapped-sides.csv", first)
         manifest = read_manifest(manifest_path)
         first = manifest.rows
@@ -148,16 +161,33 @@ def train(manifest_path: Path, work: Path, loss_fn=None, stop_after_epoch: int |
     set_determinism(SEED, threads=2)
     manifest: Manifest = read_manifest(manifest_path)
     database = manifest.select(["database"])
-    cache = build_cache(manifest_path, manifest, database, CONFIG, work / "cache", ["radiograph", REGION])
+    cache = build_cache(
+        manifest_path, manifest, database, CONFIG, work / "cache", ["radiograph", REGION]
+    )
     train_pos, val_pos = split_validation(database, RECIPE.val_fraction, SEED)
     knees = [row.knee_id for row in database]
     months = [row.visit_month for row in database]
-    val_first = [val_pos[i] for i in first_visits([knees[p] for p in val_pos], [months[p] for p in val_pos])]
-    data = RegionData(radiographs=cache["radiograph"], thickness=cache[REGION], train_rows=train_pos,
-                      train_knees=[knees[p] for p in train_pos], val_rows=val_first)
+    val_first = [
+        val_pos[i] for i in first_visits([knees[p] for p in val_pos], [months[p] for p in val_pos])
+    ]
+    data = RegionData(
+        radiographs=cache["radiograph"],
+        thickness=cache[REGION],
+        train_rows=train_pos,
+        train_knees=[knees[p] for p in train_pos],
+        val_rows=val_first,
+    )
     extra = {} if loss_fn is None else {"loss_fn": loss_fn}
-    trainer = RegionTrainer(f"separate-{REGION}", data, RECIPE, work / "run", torch.device("cpu"), seed=SEED,
-                            log=lambda message: None, **extra)
+    trainer = RegionTrainer(
+        f"separate-{REGION}",
+        data,
+        RECIPE,
+        work / "run",
+        torch.device("cpu"),
+        seed=SEED,
+        log=lambda message: None,
+        **extra,
+    )
     trainer.fit(stop_after_epoch=stop_after_epoch)
     return trainer, time.perf_counter() - started
 
@@ -166,8 +196,12 @@ def held_out_outcome(trainer, heldout, seconds: float) -> Outcome:
     everyone = list(range(len(heldout.rows)))
     queries = trainer.embed(trainer.f, heldout["radiograph"], everyone)
     keys = trainer.embed(trainer.g, heldout[REGION], everyone)
-    return Outcome(losses=[record["loss"] for record in trainer.history], recall=recall_at_k(queries @ keys.T),
-                   gallery=len(everyone), seconds=seconds)
+    return Outcome(
+        losses=[record["loss"] for record in trainer.history],
+        recall=recall_at_k(queries @ keys.T),
+        gallery=len(everyone),
+        seconds=seconds,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +210,11 @@ def correct(cohort, tmp_path_factory):
 
 
 def report(label: str, outcome: Outcome) -> str:
-    return (f"{label}: R@5 {outcome.recall['R@5']:.3f} = {outcome.ratio_at_5:.2f}x chance "
-            f"({outcome.chance_at_5:.3f}, gallery {outcome.gallery}); recall {outcome.recall}; "
-            f"loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-5:]):.1f}; {outcome.seconds:.0f} s")
+    return (
+        f"{label}: R@5 {outcome.recall['R@5']:.3f} = {outcome.ratio_at_5:.2f}x chance "
+        f"({outcome.chance_at_5:.3f}, gallery {outcome.gallery}); recall {outcome.recall}; "
+        f"loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-5:]):.1f}; {outcome.seconds:.0f} s"
+    )
 
 
 def test_quick_training_lowers_the_loss_and_retrieves_held_out_knees(cohort, correct, tmp_path):
@@ -189,10 +225,14 @@ def test_quick_training_lowers_the_loss_and_retrieves_held_out_knees(cohort, cor
     assert outcome.ratio_at_5 >= CRITERION, report("correct", outcome)
 
 
-def test_a_left_right_flip_mismatch_between_roi_and_map_fails_the_criterion(cohort, correct, tmp_path):
+def test_a_left_right_flip_mismatch_between_roi_and_map_fails_the_criterion(
+    cohort, correct, tmp_path
+):
     trainer, seconds = correct
     matched = held_out_outcome(trainer, heldout_first_visits(cohort, tmp_path / "matched"), seconds)
-    outcome = held_out_outcome(trainer, heldout_first_visits(cohort, tmp_path / "swapped", swap_sides=True), seconds)
+    outcome = held_out_outcome(
+        trainer, heldout_first_visits(cohort, tmp_path / "swapped", swap_sides=True), seconds
+    )
     print(report("flip mismatch", outcome))
     assert outcome.ratio_at_5 < CRITERION, report("flip mismatch", outcome)
     # paired (same encoders, same knees): the mismatch loses at least half of the recall
@@ -209,5 +249,7 @@ def test_a_sign_error_in_the_loss_fails_the_criterion(cohort, tmp_path):
     outcome = held_out_outcome(trainer, heldout_first_visits(cohort, tmp_path), seconds)
     print(report("sign error", outcome))
     paper_loss = [-value for value in outcome.losses]  # what eq. 3 measured along the way
-    assert np.mean(paper_loss[-3:]) > paper_loss[0], paper_loss  # the loss half of the criterion fails
+    assert np.mean(paper_loss[-3:]) > paper_loss[0], (
+        paper_loss
+    )  # the loss half of the criterion fails
     assert outcome.ratio_at_5 < CRITERION, report("sign error", outcome)

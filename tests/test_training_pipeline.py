@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import require
 
 torch = require("torch")
@@ -22,10 +21,23 @@ from mris.training import profiles  # noqa: E402
 from mris.training.profiles import LocaliserProfile  # noqa: E402
 
 TINY = dataclasses.replace(
-    profiles.PROFILES["quick"], name="tiny", encoder_px=32, epochs=2, batch_size=8, val_fraction=0.3,
-    localiser=LocaliserProfile(global_input_px=(32, 40), refine_px=32, refine_mm=64.0, offsets_per_knee=2,
-                               max_images=40, global_epochs=6, refine_epochs=4, batch_size=16,
-                               negatives_fraction=0.3),
+    profiles.PROFILES["quick"],
+    name="tiny",
+    encoder_px=32,
+    epochs=2,
+    batch_size=8,
+    val_fraction=0.3,
+    localiser=LocaliserProfile(
+        global_input_px=(32, 40),
+        refine_px=32,
+        refine_mm=64.0,
+        offsets_per_knee=2,
+        max_images=40,
+        global_epochs=6,
+        refine_epochs=4,
+        batch_size=16,
+        negatives_fraction=0.3,
+    ),
 )
 
 
@@ -48,7 +60,9 @@ def trained(tiny_cohort, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(profiles.PROFILES, "tiny", TINY)
         out = tmp_path_factory.mktemp("model") / "bundle"
-        summary = train(TrainRequest(manifest=tiny_cohort, out=out, variant="both", profile="tiny", threads=2))
+        summary = train(
+            TrainRequest(manifest=tiny_cohort, out=out, variant="both", profile="tiny", threads=2)
+        )
     return out, summary
 
 
@@ -66,7 +80,9 @@ def test_tiny_training_writes_a_verified_bundle_with_parity(trained):
     assert {"torch", "onnxruntime", "onnx"} <= set(card.versions)
     for name, region in summary["regions"].items():
         parity = region["parity"]
-        assert max(parity["max_abs_diff_radiograph"], parity["max_abs_diff_thickness"]) <= 1e-4, name
+        assert max(parity["max_abs_diff_radiograph"], parity["max_abs_diff_thickness"]) <= 1e-4, (
+            name
+        )
         assert parity["top20_order_mismatches"] == 0
     assert (out / "curves.png").is_file() and (out / "log.csv").is_file()
 
@@ -94,8 +110,11 @@ def test_localiser_finds_knees_and_refuses_noise(trained, tiny_cohort):
     found = localiser.locate(radiograph)
     assert set(found) == {"LEFT", "RIGHT"}
     assert found["RIGHT"][0][0] < found["LEFT"][0][0]  # patient RIGHT on the image's left
-    noise = Radiograph(pixels=np.random.default_rng(3).random(radiograph.pixels.shape, dtype=np.float32) * 4000,
-                       spacing_mm=radiograph.spacing_mm, spacing_source="caller")
+    noise = Radiograph(
+        pixels=np.random.default_rng(3).random(radiograph.pixels.shape, dtype=np.float32) * 4000,
+        spacing_mm=radiograph.spacing_mm,
+        spacing_source="caller",
+    )
     with pytest.raises(KneeNotFound):
         locate_knees(noise, localiser)
 
@@ -104,16 +123,29 @@ def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
     from mris.training.trainer import RegionData, RegionTrainer, set_determinism
 
     rng = np.random.default_rng(0)
-    knees = [f"S{i // 4}:{'LEFT' if i % 2 else 'RIGHT'}" for i in range(40)]  # 20 knees, 2 visits each
-    data = RegionData(radiographs=rng.random((40, 32, 32), dtype=np.float32),
-                      thickness=rng.random((40, 32, 32), dtype=np.float32),
-                      train_rows=list(range(32)), train_knees=knees[:32], val_rows=list(range(32, 40)))
+    knees = [
+        f"S{i // 4}:{'LEFT' if i % 2 else 'RIGHT'}" for i in range(40)
+    ]  # 20 knees, 2 visits each
+    data = RegionData(
+        radiographs=rng.random((40, 32, 32), dtype=np.float32),
+        thickness=rng.random((40, 32, 32), dtype=np.float32),
+        train_rows=list(range(32)),
+        train_knees=knees[:32],
+        val_rows=list(range(32, 40)),
+    )
     profile = dataclasses.replace(TINY, epochs=2, batch_size=6, step_size=1)
 
     def make(folder: str) -> RegionTrainer:
         set_determinism(0, threads=1)
-        return RegionTrainer("separate-fc", data, profile, tmp_path / folder, torch.device("cpu"), seed=0,
-                             log=lambda m: None)
+        return RegionTrainer(
+            "separate-fc",
+            data,
+            profile,
+            tmp_path / folder,
+            torch.device("cpu"),
+            seed=0,
+            log=lambda m: None,
+        )
 
     straight = make("a")
     straight.fit()
@@ -133,9 +165,16 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     from mris.training.trainer import RegionData, RegionTrainer
 
     rng = np.random.default_rng(0)
-    data = RegionData(rng.random((8, 32, 32), dtype=np.float32), rng.random((8, 32, 32), dtype=np.float32),
-                      list(range(6)), [f"K{i}" for i in range(6)], [6, 7])
-    trainer = RegionTrainer("x", data, TINY, tmp_path, torch.device("cpu"), seed=0, log=lambda m: None)
+    data = RegionData(
+        rng.random((8, 32, 32), dtype=np.float32),
+        rng.random((8, 32, 32), dtype=np.float32),
+        list(range(6)),
+        [f"K{i}" for i in range(6)],
+        [6, 7],
+    )
+    trainer = RegionTrainer(
+        "x", data, TINY, tmp_path, torch.device("cpu"), seed=0, log=lambda m: None
+    )
     with pytest.raises(FileNotFoundError):
         trainer.fit(resume=True)
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
@@ -148,11 +187,21 @@ def test_cache_rebuilds_when_a_constant_changes(tiny_cohort, tmp_path):
 
     manifest = read_manifest(tiny_cohort)
     rows = manifest.select(["test"])[:4]
-    first = build_cache(tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16), tmp_path, ["radiograph", "fc"])
-    again = build_cache(tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16), tmp_path, ["radiograph", "fc"])
+    first = build_cache(
+        tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16), tmp_path, ["radiograph", "fc"]
+    )
+    again = build_cache(
+        tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16), tmp_path, ["radiograph", "fc"]
+    )
     assert again.root == first.root  # reused, not rebuilt
-    changed = build_cache(tiny_cohort, manifest, rows, PreprocessConfig(encoder_px=16, roi_size_mm=120.0), tmp_path,
-                          ["radiograph"])
+    changed = build_cache(
+        tiny_cohort,
+        manifest,
+        rows,
+        PreprocessConfig(encoder_px=16, roi_size_mm=120.0),
+        tmp_path,
+        ["radiograph"],
+    )
     assert changed.root != first.root
     assert first["radiograph"].shape == (4, 16, 16)
     assert not np.array_equal(first["radiograph"], changed["radiograph"])
@@ -166,8 +215,13 @@ def test_clear_errors_for_bad_input(tmp_path, tiny_cohort):
         train(TrainRequest(manifest=tmp_path / "nope.csv", out=tmp_path / "m"))
     manifest = read_manifest(tiny_cohort)
     only_test = tmp_path / "test-only.csv"
-    write_manifest(only_test, [dataclasses.replace(r, radiograph_path=str(manifest.resolve_path(r.radiograph_path)))
-                               for r in manifest.select(["test"])])
+    write_manifest(
+        only_test,
+        [
+            dataclasses.replace(r, radiograph_path=str(manifest.resolve_path(r.radiograph_path)))
+            for r in manifest.select(["test"])
+        ],
+    )
     with pytest.raises(ManifestError, match="no 'database' rows"):
         train(TrainRequest(manifest=only_test, out=tmp_path / "m"))
     with pytest.raises(BadParameter, match="--resume"):
@@ -184,23 +238,28 @@ def test_card_metrics_are_json(trained):
         held_out = region["validation_first_visit"]
         assert held_out["gallery"] == held_out["queries"] == card["training"]["validation_knees"]
         for k in ("R@1", "R@5", "R@10", "R@20"):
-            assert held_out["chance"][k] == pytest.approx(min(1.0, int(k[2:]) / held_out["gallery"]))
-            assert held_out["ratio_to_chance"][k] == pytest.approx(held_out["recall"][k] / held_out["chance"][k])
+            assert held_out["chance"][k] == pytest.approx(
+                min(1.0, int(k[2:]) / held_out["gallery"])
+            )
+            assert held_out["ratio_to_chance"][k] == pytest.approx(
+                held_out["recall"][k] / held_out["chance"][k]
+            )
             low, high = held_out["ci95"][k]
             assert low <= held_out["recall"][k] <= high
         test = region["test"]["first_visit"]
-        assert test["ratio_to_chance"]["R@20"] == pytest.approx(test["recall"]["R@20"] / test["chance"]["R@20"])
+        assert test["ratio_to_chance"]["R@20"] == pytest.approx(
+            test["recall"]["R@20"] / test["chance"]["R@20"]
+        )
         assert "ci95" in test and "curve" not in test
 
 
 def test_roi_command_finds_knees_with_the_trained_localiser(trained, tiny_cohort, tmp_path):
+    import shutil
+
     from typer.testing import CliRunner
 
     from mris.cli import app
     from mris.manifest import read_manifest
-
-    import shutil
-
     from mris.model_bundle import load_model_bundle, write_model_card
 
     # The tiny localiser trains for seconds and is not confident; accept any confidence in a copy
@@ -208,13 +267,25 @@ def test_roi_command_finds_knees_with_the_trained_localiser(trained, tiny_cohort
     out = tmp_path / "bundle"
     shutil.copytree(trained[0], out)
     card = load_model_bundle(out).card
-    card.localiser.details["config"] = {**card.localiser.details.get("config", {}), "confidence_threshold": 0.0}
+    card.localiser.details["config"] = {
+        **card.localiser.details.get("config", {}),
+        "confidence_threshold": 0.0,
+    }
     write_model_card(out, card)
     manifest = read_manifest(tiny_cohort)
     row = manifest.rows[0]
     png = tmp_path / "roi.png"
-    result = CliRunner().invoke(app, ["roi", str(manifest.resolve_path(row.radiograph_path)), "--model", str(out),
-                                      "--out", str(png)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "roi",
+            str(manifest.resolve_path(row.radiograph_path)),
+            "--model",
+            str(out),
+            "--out",
+            str(png),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "LEFT" in result.output and "RIGHT" in result.output
@@ -225,7 +296,14 @@ def test_train_resume_continues_a_run_and_refuses_another(tiny_cohort, tmp_path)
     from mris.training.run import TrainRequest, train
 
     out = tmp_path / "bundle"
-    base = dict(manifest=tiny_cohort, out=out, variant="separate", profile="tiny", threads=2, localiser=False)
+    base = dict(
+        manifest=tiny_cohort,
+        out=out,
+        variant="separate",
+        profile="tiny",
+        threads=2,
+        localiser=False,
+    )
     train(TrainRequest(**base))
     card_before = (out / "card.json").read_bytes()
     summary = train(TrainRequest(**base, resume=True))  # finished run: resumes at its last epoch
@@ -235,7 +313,9 @@ def test_train_resume_continues_a_run_and_refuses_another(tiny_cohort, tmp_path)
         train(TrainRequest(**{**base, "variant": "both"}, resume=True))
 
 
-def test_evaluation_rois_fall_back_to_keypoints_where_the_localiser_finds_no_knee(trained, tiny_cohort, tmp_path):
+def test_evaluation_rois_fall_back_to_keypoints_where_the_localiser_finds_no_knee(
+    trained, tiny_cohort, tmp_path
+):
     """``mris evaluate`` finds knees as the service does and counts the knees it had to take from
     the manifest's keypoints (here: a radiograph replaced by noise, which the localiser refuses)."""
     import pydicom
@@ -245,14 +325,20 @@ def test_evaluation_rois_fall_back_to_keypoints_where_the_localiser_finds_no_kne
     from mris.pipeline import Pipeline
 
     out, _ = trained
-    build_index_bundle(out, tiny_cohort, tmp_path / "index", variant="separate", publish=True, threads=1)
+    build_index_bundle(
+        out, tiny_cohort, tmp_path / "index", variant="separate", publish=True, threads=1
+    )
     pipeline = Pipeline.load(out, tmp_path / "index", "separate", intra_op_threads=1)
     manifest = read_manifest(tiny_cohort)
     rows = manifest.select(["test"])
     victim = rows[0].radiograph_path
     dataset = pydicom.dcmread(manifest.resolve_path(victim))
     pixels = dataset.pixel_array
-    noise = np.random.default_rng(4).integers(0, int(pixels.max()) + 1, pixels.shape).astype(pixels.dtype)
+    noise = (
+        np.random.default_rng(4)
+        .integers(0, int(pixels.max()) + 1, pixels.shape)
+        .astype(pixels.dtype)
+    )
     dataset.PixelData = noise.tobytes()
     noisy = str(tmp_path / "noise.dcm")
     dataset.save_as(noisy)

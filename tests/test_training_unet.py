@@ -12,17 +12,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import require
 
 torch = require("torch")
 
+from mris.fsutil import sha256_file  # noqa: E402
 from mris.training import profiles  # noqa: E402
 
-from mris.fsutil import sha256_file  # noqa: E402
-
-TINY = dataclasses.replace(profiles.PROFILES["quick"], name="tiny-unet", encoder_px=32, epochs=2, batch_size=8,
-                           val_fraction=0.3)
+TINY = dataclasses.replace(
+    profiles.PROFILES["quick"],
+    name="tiny-unet",
+    encoder_px=32,
+    epochs=2,
+    batch_size=8,
+    val_fraction=0.3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +55,8 @@ def test_masked_l1_matches_a_hand_computation():
 
 
 def test_map_to_target_keeps_the_mask():
-    from mris.training.unet import map_to_target
-
     from mris.constants import PreprocessConfig
+    from mris.training.unet import map_to_target
 
     thickness = np.full((64, 64), np.nan, np.float32)
     thickness[16:48, 16:48] = 2.0
@@ -71,8 +74,22 @@ def test_tiny_unet_trains_exports_with_parity_and_the_cli_runs(tiny_cohort, tmp_
     from mris.cli import app
 
     out = tmp_path / "unet"
-    result = CliRunner().invoke(app, ["train-unet", "--manifest", str(tiny_cohort), "--out", str(out),
-                                      "--profile", "tiny-unet", "--threads", "2", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-unet",
+            "--manifest",
+            str(tiny_cohort),
+            "--out",
+            str(out),
+            "--profile",
+            "tiny-unet",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     card = json.loads((out / "unet-card.json").read_text())
     assert card["sha256"]["unet.onnx"] == sha256_file(out / "unet.onnx")
@@ -80,24 +97,40 @@ def test_tiny_unet_trains_exports_with_parity_and_the_cli_runs(tiny_cohort, tmp_
     assert card["metrics"]["parity_max_abs_diff"] <= 1e-4
     assert math.isfinite(card["metrics"]["validation"]["val_mae_mm"])
     assert card["metrics"]["best_epoch"] in (1, 2)
-    assert (out.parent / "unet.training" / "last.pt").is_file() and (out.parent / "unet.training" / "best.pt").is_file()
+    assert (out.parent / "unet.training" / "last.pt").is_file() and (
+        out.parent / "unet.training" / "best.pt"
+    ).is_file()
     session = ort.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["thickness"]
-    y = session.run(["thickness"], {"image": np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)})[0]
+    y = session.run(
+        ["thickness"], {"image": np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)}
+    )[0]
     assert y.shape == (3, 2, 32, 32) and np.isfinite(y).all()
 
     # --resume on the finished run re-exports the same best model; a different profile is refused
     from mris.errors import BadParameter
     from mris.training.unet import UnetRequest, train_unet
 
-    again = train_unet(UnetRequest(manifest=tiny_cohort, out=out, profile="tiny-unet", threads=2, device="cpu",
-                                   resume=True))
+    again = train_unet(
+        UnetRequest(
+            manifest=tiny_cohort, out=out, profile="tiny-unet", threads=2, device="cpu", resume=True
+        )
+    )
     assert again["best_epoch"] == card["metrics"]["best_epoch"]
     assert again["validation"] == card["metrics"]["validation"]
     with pytest.raises(BadParameter, match="different profile"):
-        train_unet(UnetRequest(manifest=tiny_cohort, out=out, profile="tiny-unet", epochs=3, threads=2,
-                               device="cpu", resume=True))
+        train_unet(
+            UnetRequest(
+                manifest=tiny_cohort,
+                out=out,
+                profile="tiny-unet",
+                epochs=3,
+                threads=2,
+                device="cpu",
+                resume=True,
+            )
+        )
 
 
 def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
@@ -107,13 +140,26 @@ def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
     rng = np.random.default_rng(0)
     targets = rng.random((20, 2, 32, 32), dtype=np.float32) * 3
     targets[:, :, :4] = np.nan
-    data = UnetData(rng.random((20, 32, 32), dtype=np.float32), targets, list(range(16)), list(range(16, 20)),
-                    [f"knee{i}" for i in range(16)])
+    data = UnetData(
+        rng.random((20, 32, 32), dtype=np.float32),
+        targets,
+        list(range(16)),
+        list(range(16, 20)),
+        [f"knee{i}" for i in range(16)],
+    )
     profile = dataclasses.replace(TINY, epochs=2, batch_size=6, step_size=1)
 
     def make(folder: str) -> UnetTrainer:
         set_determinism(0, threads=1)
-        return UnetTrainer(data, profile, tmp_path / folder, torch.device("cpu"), seed=0, width=4, log=lambda m: None)
+        return UnetTrainer(
+            data,
+            profile,
+            tmp_path / folder,
+            torch.device("cpu"),
+            seed=0,
+            width=4,
+            log=lambda m: None,
+        )
 
     straight = make("a")
     straight.fit()
@@ -122,8 +168,12 @@ def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
     resumed = make("b")
     resumed.fit(resume=True)
     for key, value in straight.model.state_dict().items():
-        assert torch.allclose(value.float(), resumed.model.state_dict()[key].float(), atol=1e-6, rtol=0), key
-    assert [r["loss_mm"] for r in straight.history] == pytest.approx([r["loss_mm"] for r in resumed.history], abs=1e-6)
+        assert torch.allclose(
+            value.float(), resumed.model.state_dict()[key].float(), atol=1e-6, rtol=0
+        ), key
+    assert [r["loss_mm"] for r in straight.history] == pytest.approx(
+        [r["loss_mm"] for r in resumed.history], abs=1e-6
+    )
     assert resumed.scheduler.state_dict()["last_epoch"] == 2
     assert resumed.best_epoch == straight.best_epoch
 
@@ -131,8 +181,17 @@ def test_resume_after_epoch_one_equals_an_uninterrupted_run(tmp_path):
 def test_the_paper_unet_is_the_published_architecture():
     from mris.training.models import ThicknessUNet, unet_features
 
-    assert profiles.PROFILES["paper"].unet_width == 64 and profiles.PROFILES["quick"].unet_width == 16
-    assert unet_features(64) == (64, 128, 256, 512, 1024, 64)  # 4 down-samplings, 64 doubling to 1024
+    assert (
+        profiles.PROFILES["paper"].unet_width == 64 and profiles.PROFILES["quick"].unet_width == 16
+    )
+    assert unet_features(64) == (
+        64,
+        128,
+        256,
+        512,
+        1024,
+        64,
+    )  # 4 down-samplings, 64 doubling to 1024
     model = ThicknessUNet(64)
     downs = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
     assert len(downs) == 4
@@ -177,9 +236,18 @@ def test_one_visit_per_knee_per_epoch_and_the_encoders_steps(tmp_path):
     targets = rng.random((27, 2, 32, 32), dtype=np.float32)
     data = UnetData(images, targets, list(range(24)), [24, 25, 26], knees)
     profile = dataclasses.replace(TINY, epochs=2, batch_size=3, augment=False)
-    unet = UnetTrainer(data, profile, tmp_path / "u", torch.device("cpu"), seed=3, width=2, log=lambda m: None)
-    encoders = RegionTrainer("separate-fc", RegionData(images, images, list(range(24)), knees, [24, 25, 26]), profile,
-                             tmp_path / "e", torch.device("cpu"), seed=3, log=lambda m: None)
+    unet = UnetTrainer(
+        data, profile, tmp_path / "u", torch.device("cpu"), seed=3, width=2, log=lambda m: None
+    )
+    encoders = RegionTrainer(
+        "separate-fc",
+        RegionData(images, images, list(range(24)), knees, [24, 25, 26]),
+        profile,
+        tmp_path / "e",
+        torch.device("cpu"),
+        seed=3,
+        log=lambda m: None,
+    )
     for epoch in range(2):
         unet.epoch = encoders.epoch = epoch
         batches = unet.batches()
@@ -189,8 +257,15 @@ def test_one_visit_per_knee_per_epoch_and_the_encoders_steps(tmp_path):
         assert batches == [list(b) for b in encoders.sampler]  # the encoders' very batches
     unet.epoch = 0
     unet.fit()
-    gan = Pix2PixTrainer(data, dataclasses.replace(profile, epochs=1), tmp_path / "g", torch.device("cpu"), seed=3,
-                         width=2, log=lambda m: None)
+    gan = Pix2PixTrainer(
+        data,
+        dataclasses.replace(profile, epochs=1),
+        tmp_path / "g",
+        torch.device("cpu"),
+        seed=3,
+        width=2,
+        log=lambda m: None,
+    )
     gan.fit()
     per_epoch = len(KneeVisitSampler(knees, 3, 3))
     assert per_epoch == 3 and unet.steps_per_epoch == per_epoch
@@ -198,7 +273,9 @@ def test_one_visit_per_knee_per_epoch_and_the_encoders_steps(tmp_path):
     # the optimisers took exactly those steps (Adam counts them per parameter)
     first = next(iter(unet.model.parameters()))
     assert int(unet.optimizer.state[first]["step"]) == 2 * per_epoch
-    assert int(gan.optimizer_d.state[next(iter(gan.discriminator.parameters()))]["step"]) == per_epoch
+    assert (
+        int(gan.optimizer_d.state[next(iter(gan.discriminator.parameters()))]["step"]) == per_epoch
+    )
 
 
 def test_pix2pix_trains_resumes_and_predicts_masked_maps(tiny_cohort, tmp_path):
@@ -209,13 +286,33 @@ def test_pix2pix_trains_resumes_and_predicts_masked_maps(tiny_cohort, tmp_path):
     from mris.training.unet import UnetRequest, train_unet
 
     out = tmp_path / "pix2pix"
-    args = ["train-pix2pix", "--manifest", str(tiny_cohort), "--out", str(out), "--profile", "tiny-unet",
-            "--epochs", "1", "--threads", "2", "--device", "cpu", "--width", "4"]
+    args = [
+        "train-pix2pix",
+        "--manifest",
+        str(tiny_cohort),
+        "--out",
+        str(out),
+        "--profile",
+        "tiny-unet",
+        "--epochs",
+        "1",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--width",
+        "4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     card = json.loads((out / "pix2pix-card.json").read_text())
-    assert card["kind"] == "pix2pix" and card["sha256"]["pix2pix.onnx"] == sha256_file(out / "pix2pix.onnx")
-    assert card["architecture"]["generator"]["levels"] == 4 and card["architecture"]["discriminator"]["patch_px"] == 16
+    assert card["kind"] == "pix2pix" and card["sha256"]["pix2pix.onnx"] == sha256_file(
+        out / "pix2pix.onnx"
+    )
+    assert (
+        card["architecture"]["generator"]["levels"] == 4
+        and card["architecture"]["discriminator"]["patch_px"] == 16
+    )
     assert card["optimiser_steps"]["total"] == card["metrics"]["optimiser_steps"] > 0
     assert "width 4 at 32 px" in card["width_note"] and "paper: 64" in card["width_note"]
     assert card["metrics"]["parity_max_abs_diff"] <= 1e-4
@@ -223,10 +320,25 @@ def test_pix2pix_trains_resumes_and_predicts_masked_maps(tiny_cohort, tmp_path):
     assert {"discriminator", "optimizer_d", "scheduler_d"} <= set(state)
 
     # one more epoch by --resume continues the run (the D state comes back, the steps add up)
-    metrics = train_unet(UnetRequest(manifest=tiny_cohort, out=out, profile="tiny-unet", epochs=1, threads=2,
-                                     device="cpu", width=4, gan=True, resume=True))
-    assert metrics["optimiser_steps"] == card["metrics"]["optimiser_steps"]  # finished: nothing retrained
-    assert CliRunner().invoke(app, [*args[:-2], "--width", "8", "--resume"]).exit_code != 0  # another width
+    metrics = train_unet(
+        UnetRequest(
+            manifest=tiny_cohort,
+            out=out,
+            profile="tiny-unet",
+            epochs=1,
+            threads=2,
+            device="cpu",
+            width=4,
+            gan=True,
+            resume=True,
+        )
+    )
+    assert (
+        metrics["optimiser_steps"] == card["metrics"]["optimiser_steps"]
+    )  # finished: nothing retrained
+    assert (
+        CliRunner().invoke(app, [*args[:-2], "--width", "8", "--resume"]).exit_code != 0
+    )  # another width
 
     # the evaluation's method: maps on the atlas grid, NaN outside the atlas mask
     atlas = {name: np.zeros((40, 40), bool) for name in ("fc", "tc")}
@@ -234,8 +346,14 @@ def test_pix2pix_trains_resumes_and_predicts_masked_maps(tiny_cohort, tmp_path):
     atlas["tc"][10:20, :] = True
     method = UnetMethod(out, atlas, device="cpu", threads=1, card="pix2pix-card.json")
     # UnetMethod reads only the ROI's image (the rest of KneeRoi is where it came from)
-    rois = [SimpleNamespace(image=np.random.default_rng(i).random((32, 32), dtype=np.float32)) for i in range(3)]
+    rois = [
+        SimpleNamespace(image=np.random.default_rng(i).random((32, 32), dtype=np.float32))
+        for i in range(3)
+    ]
     maps = method.predict(rois)
     for name in ("fc", "tc"):
         assert maps[name].shape == (3, 40, 40)
-        assert np.isnan(maps[name][:, ~atlas[name]]).all() and np.isfinite(maps[name][:, atlas[name]]).all()
+        assert (
+            np.isnan(maps[name][:, ~atlas[name]]).all()
+            and np.isfinite(maps[name][:, atlas[name]]).all()
+        )

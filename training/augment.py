@@ -73,8 +73,15 @@ AUGMENTATIONS: dict[str, AugmentConfig] = {
     # 0.75-1.33 (the hand-rolled set before issue 13 used about these).
     "light": AugmentConfig(name="light", rotation_deg=5.0, noise_std=0.03, gamma=(0.75, 1.33)),
     # The knee localiser's: intensity only, always on, mild.
-    "localiser": AugmentConfig(name="localiser", affine_prob=0.0, rotation_deg=0.0, noise_prob=1.0,
-                               noise_std=0.02, contrast_prob=1.0, gamma=(0.8, 1.25)),
+    "localiser": AugmentConfig(
+        name="localiser",
+        affine_prob=0.0,
+        rotation_deg=0.0,
+        noise_prob=1.0,
+        noise_std=0.02,
+        contrast_prob=1.0,
+        gamma=(0.8, 1.25),
+    ),
 }
 
 
@@ -82,7 +89,9 @@ def get_augmentation(name: str) -> AugmentConfig:
     try:
         return AUGMENTATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}") from None
+        raise ValueError(
+            f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}"
+        ) from None
 
 
 @cache
@@ -94,7 +103,11 @@ def build_transforms(config: AugmentConfig):
     transforms = []
     if config.affine_prob > 0 and config.rotation_deg > 0:
         radians = config.rotation_deg * math.pi / 180
-        transforms.append(RandAffine(prob=config.affine_prob, rotate_range=(radians, radians), padding_mode="border"))
+        transforms.append(
+            RandAffine(
+                prob=config.affine_prob, rotate_range=(radians, radians), padding_mode="border"
+            )
+        )
     if config.noise_prob > 0:
         transforms.append(RandGaussianNoise(prob=config.noise_prob, mean=0.0, std=config.noise_std))
     if config.contrast_prob > 0:
@@ -116,12 +129,19 @@ def image_seeds(generator_or_seed: torch.Generator | int | Sequence[int], n: int
     """``n`` per-image seeds (< 2**31) from a torch generator, an int or a sequence of ints."""
     if isinstance(generator_or_seed, torch.Generator):
         return torch.randint(0, 2**31 - 1, (n,), generator=generator_or_seed).numpy()
-    entropy = [int(generator_or_seed)] if isinstance(generator_or_seed, (int, np.integer)) else [int(v) for v in generator_or_seed]
+    entropy = (
+        [int(generator_or_seed)]
+        if isinstance(generator_or_seed, (int, np.integer))
+        else [int(v) for v in generator_or_seed]
+    )
     return (np.random.SeedSequence(entropy).generate_state(n, np.uint32) >> 1).astype(np.int64)
 
 
-def augment_radiographs(images: torch.Tensor, generator_or_seed: torch.Generator | int | Sequence[int],
-                        config: AugmentConfig | str = AUGMENTATIONS["paper"]) -> torch.Tensor:
+def augment_radiographs(
+    images: torch.Tensor,
+    generator_or_seed: torch.Generator | int | Sequence[int],
+    config: AugmentConfig | str = AUGMENTATIONS["paper"],
+) -> torch.Tensor:
     """A batch ``[N, 1, S, S]`` augmented image by image (``config``: an ``AugmentConfig`` or the
     name of one in ``AUGMENTATIONS``); the seeds come from ``generator_or_seed`` (module
     docstring)."""
@@ -134,6 +154,8 @@ def augment_radiographs(images: torch.Tensor, generator_or_seed: torch.Generator
     set_track_meta(False)  # plain tensors: MetaTensor bookkeeping costs ~20 % here, unused
     try:
         with torch.no_grad():
-            return torch.stack([augment_image(image, seed, config) for image, seed in zip(images, seeds)])
+            return torch.stack(
+                [augment_image(image, seed, config) for image, seed in zip(images, seeds)]
+            )
     finally:
         set_track_meta(tracking)

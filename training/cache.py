@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -58,8 +58,13 @@ class EncoderCache:
         return self.arrays[name]
 
 
-def _radiograph_rois(manifest: Manifest, rows: Sequence[ManifestRow], config: PreprocessConfig,
-                     locate: LocateFn | None, tick: Callable[[int], None]) -> np.ndarray:
+def _radiograph_rois(
+    manifest: Manifest,
+    rows: Sequence[ManifestRow],
+    config: PreprocessConfig,
+    locate: LocateFn | None,
+    tick: Callable[[int], None],
+) -> np.ndarray:
     from mris.dicom import read_radiograph
     from mris.roi import extract_roi
 
@@ -69,7 +74,11 @@ def _radiograph_rois(manifest: Manifest, rows: Sequence[ManifestRow], config: Pr
         by_image[row.radiograph_path].append(position)
     for path, positions in by_image.items():
         radiograph = read_radiograph(manifest.resolve_path(path))
-        missing = [rows[p].side for p in positions if rows[p].keypoint_x is None or rows[p].keypoint_y is None]
+        missing = [
+            rows[p].side
+            for p in positions
+            if rows[p].keypoint_x is None or rows[p].keypoint_y is None
+        ]
         located: dict = {}
         if missing:
             if locate is None:
@@ -89,8 +98,13 @@ def _radiograph_rois(manifest: Manifest, rows: Sequence[ManifestRow], config: Pr
     return out
 
 
-def _thickness_inputs(manifest: Manifest, rows: Sequence[ManifestRow], config: PreprocessConfig,
-                      name: str, tick: Callable[[int], None]) -> np.ndarray:
+def _thickness_inputs(
+    manifest: Manifest,
+    rows: Sequence[ManifestRow],
+    config: PreprocessConfig,
+    name: str,
+    tick: Callable[[int], None],
+) -> np.ndarray:
     from mris.thickness import combined_input, load_thickness_map, map_to_input
 
     rows_px = 2 * config.encoder_px if name == "combined" else config.encoder_px
@@ -107,9 +121,16 @@ def _thickness_inputs(manifest: Manifest, rows: Sequence[ManifestRow], config: P
     return out
 
 
-def build_cache(manifest_path: Path, manifest: Manifest, rows: Sequence[ManifestRow], config: PreprocessConfig,
-                cache_dir: Path, names: Sequence[str] = ARRAYS, locate: LocateFn | None = None,
-                tick: Callable[[str, int, int], None] | None = None) -> EncoderCache:
+def build_cache(
+    manifest_path: Path,
+    manifest: Manifest,
+    rows: Sequence[ManifestRow],
+    config: PreprocessConfig,
+    cache_dir: Path,
+    names: Sequence[str] = ARRAYS,
+    locate: LocateFn | None = None,
+    tick: Callable[[str, int, int], None] | None = None,
+) -> EncoderCache:
     """Return the cache of ``rows`` for ``names``, building only the arrays not yet on disk.
 
     ``tick(name, done, total)`` reports progress.
@@ -122,8 +143,14 @@ def build_cache(manifest_path: Path, manifest: Manifest, rows: Sequence[Manifest
     root.mkdir(parents=True, exist_ok=True)
     meta = root / "rows.json"
     if not meta.is_file():
-        atomic_write_json(meta, {"format": CACHE_FORMAT, "preprocess": config.to_dict(),
-                                 "pair_ids": [row.pair_id for row in rows]})
+        atomic_write_json(
+            meta,
+            {
+                "format": CACHE_FORMAT,
+                "preprocess": config.to_dict(),
+                "pair_ids": [row.pair_id for row in rows],
+            },
+        )
     arrays: dict[str, np.ndarray] = {}
     for name in names:
         path = root / f"{name}.npy"

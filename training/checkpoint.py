@@ -41,7 +41,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def read_checkpoint(path: Path, device: torch.device, fmt: str, config: dict[str, Any], what: str) -> dict[str, Any]:
+def read_checkpoint(
+    path: Path, device: torch.device, fmt: str, config: dict[str, Any], what: str
+) -> dict[str, Any]:
     """Load ``path`` and check its format tag and config against ``config``; ``ValueError``
     (saying which settings differ) otherwise. ``what`` names the checkpoint kind in messages."""
     try:
@@ -53,7 +55,9 @@ def read_checkpoint(path: Path, device: torch.device, fmt: str, config: dict[str
     theirs = state["config"]
     if config != theirs:
         diff = sorted(k for k in set(config) | set(theirs) if config.get(k) != theirs.get(k))
-        raise ValueError(f"cannot resume from {path}: it was made with a different setting ({', '.join(diff)})")
+        raise ValueError(
+            f"cannot resume from {path}: it was made with a different setting ({', '.join(diff)})"
+        )
     return state
 
 
@@ -78,4 +82,6 @@ def check_resumable(run_json: Path, identity: dict[str, Any], what: str) -> None
     previous = json.loads(run_json.read_text())
     changed = sorted(k for k in identity if previous.get(k) != identity[k])
     if changed:
-        raise BadParameter(f"--resume: the run in {train_dir} was started with a different {', '.join(changed)}")
+        raise BadParameter(
+            f"--resume: the run in {train_dir} was started with a different {', '.join(changed)}"
+        )

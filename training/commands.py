@@ -4,7 +4,6 @@ so ``mris --help`` stays fast."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,19 +11,43 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
-        manifest: Path = typer.Option(..., help="Manifest CSV/Parquet; trains on its 'database' split."),
-        out: Path = typer.Option(..., help="Model bundle folder to write (training state goes to OUT.training/)."),
-        variant: str = typer.Option("separate", help="separate (MRIS-S: fc and tc pairs) | combined (MRIS-C) | both."),
-        profile: str = typer.Option("quick", help="quick (demo/CI, minutes on a CPU) | reference (docs/results: 96 px, 30 epochs) | paper (the paper's exact setting)."),
-        epochs: Optional[int] = typer.Option(None, min=1, help="Override the profile's epochs."),
-        batch_size: Optional[int] = typer.Option(None, min=2, help="Override the profile's batch size."),
+        manifest: Path = typer.Option(
+            ..., help="Manifest CSV/Parquet; trains on its 'database' split."
+        ),
+        out: Path = typer.Option(
+            ..., help="Model bundle folder to write (training state goes to OUT.training/)."
+        ),
+        variant: str = typer.Option(
+            "separate", help="separate (MRIS-S: fc and tc pairs) | combined (MRIS-C) | both."
+        ),
+        profile: str = typer.Option(
+            "quick",
+            help="quick (demo/CI, minutes on a CPU) | reference (docs/results: 96 px, 30 epochs) | paper (the paper's exact setting).",
+        ),
+        epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs."),
+        batch_size: int | None = typer.Option(
+            None, min=2, help="Override the profile's batch size."
+        ),
         device: str = typer.Option("auto", help="auto | cpu | cuda."),
-        init_weights: Optional[Path] = typer.Option(None, help="Local torchvision ResNet-18 state_dict (e.g. ImageNet) for both encoders; random init otherwise."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT.training/ exactly where it stopped."),
-        force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT and restart its training run."),
-        seed: int = typer.Option(0, help="Seed of every random draw (split, init, batches, augmentation)."),
-        threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime (default: all usable cores)."),
-        localiser: bool = typer.Option(True, "--localiser/--no-localiser", help="Train the knee localiser into the bundle."),
+        init_weights: Path | None = typer.Option(
+            None,
+            help="Local torchvision ResNet-18 state_dict (e.g. ImageNet) for both encoders; random init otherwise.",
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue the run in OUT.training/ exactly where it stopped."
+        ),
+        force: bool = typer.Option(
+            False, "--force", help="Overwrite a non-empty OUT and restart its training run."
+        ),
+        seed: int = typer.Option(
+            0, help="Seed of every random draw (split, init, batches, augmentation)."
+        ),
+        threads: int | None = typer.Option(
+            None, min=1, help="CPU threads for torch and onnxruntime (default: all usable cores)."
+        ),
+        localiser: bool = typer.Option(
+            True, "--localiser/--no-localiser", help="Train the knee localiser into the bundle."
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     ) -> None:
         """Train the MRIS encoders (and the knee localiser) and write a model bundle."""
@@ -32,12 +55,26 @@ def register(app: typer.Typer) -> None:
 
         from mris.encoders import default_threads
         from mris.progress import console, progress_bar
-        from mris.training.run import Reporter, TrainRequest, train as run_train
+        from mris.training.run import Reporter, TrainRequest
+        from mris.training.run import train as run_train
 
-        request = TrainRequest(manifest=manifest, out=out, variant=variant, profile=profile, epochs=epochs,
-                               batch_size=batch_size, device=device, init_weights=init_weights, resume=resume,
-                               force=force, seed=seed, threads=threads or default_threads(), localiser=localiser)
+        request = TrainRequest(
+            manifest=manifest,
+            out=out,
+            variant=variant,
+            profile=profile,
+            epochs=epochs,
+            batch_size=batch_size,
+            device=device,
+            init_weights=init_weights,
+            resume=resume,
+            force=force,
+            seed=seed,
+            threads=threads or default_threads(),
+            localiser=localiser,
+        )
         with progress_bar(enabled=not quiet) as bars:
+
             def stage(description: str, total: int):
                 return bars.add_task(description, total=total)
 
@@ -52,63 +89,130 @@ def register(app: typer.Typer) -> None:
                     + "  ".join(f"R@{k} {100 * record[f'R@{k}']:.1f}%" for k in (1, 5, 10, 20))
                 )
 
-            summary = run_train(request, Reporter(log=lambda m: bars.console.print(m), stage=stage,
-                                                  advance=advance, epoch=epoch))
+            summary = run_train(
+                request,
+                Reporter(
+                    log=lambda m: bars.console.print(m), stage=stage, advance=advance, epoch=epoch
+                ),
+            )
         table = Table(title=f"MRIS training summary ({summary['seconds']:.0f} s)")
-        for column in ("region", "best epoch", "val R@1/5/10/20 %", "test R@1/5/10/20 % (first visits)", "chance R@20 %", "parity max diff"):
+        for column in (
+            "region",
+            "best epoch",
+            "val R@1/5/10/20 %",
+            "test R@1/5/10/20 % (first visits)",
+            "chance R@20 %",
+            "parity max diff",
+        ):
             table.add_column(column)
         for name, region in summary["regions"].items():
             val = "/".join(f"{100 * v:.1f}" for v in region["validation"].values())
             test = region.get("test", {}).get("first_visit")
-            parity = max(region["parity"]["max_abs_diff_radiograph"], region["parity"]["max_abs_diff_thickness"])
-            table.add_row(name, str(region["best_epoch"]), val,
-                          "/".join(f"{100 * v:.1f}" for v in test["recall"].values()) if test else "-",
-                          f"{100 * test['chance']['R@20']:.1f}" if test else "-", f"{parity:.1e}")
+            parity = max(
+                region["parity"]["max_abs_diff_radiograph"],
+                region["parity"]["max_abs_diff_thickness"],
+            )
+            table.add_row(
+                name,
+                str(region["best_epoch"]),
+                val,
+                "/".join(f"{100 * v:.1f}" for v in test["recall"].values()) if test else "-",
+                f"{100 * test['chance']['R@20']:.1f}" if test else "-",
+                f"{parity:.1e}",
+            )
         console.print(table)
         if "localiser" in summary:
             loc = summary["localiser"]
-            console.print(f"localiser ({loc['split']}, {loc['images']} images): median {loc['median_error_mm']:.2f} mm, "
-                          f"95th pct {loc['p95_error_mm']:.2f} mm, max {loc['max_error_mm']:.2f} mm, "
-                          f"both knees found {100 * loc['all_knees_found_fraction']:.1f} %")
+            console.print(
+                f"localiser ({loc['split']}, {loc['images']} images): median {loc['median_error_mm']:.2f} mm, "
+                f"95th pct {loc['p95_error_mm']:.2f} mm, max {loc['max_error_mm']:.2f} mm, "
+                f"both knees found {100 * loc['all_knees_found_fraction']:.1f} %"
+            )
         console.print(f"model bundle: {out}")
 
     def baseline_command(gan: bool):
         kind, title = ("pix2pix", "pix2pix") if gan else ("unet", "U-Net")
 
         def command(
-            manifest: Path = typer.Option(..., help="Manifest CSV/Parquet; trains on its 'database' split."),
-            out: Path = typer.Option(..., help=f"Folder for {kind}.onnx and {kind}-card.json (training state goes to OUT.training/)."),
-            profile: str = typer.Option("quick", help="quick | reference | paper: the encoders' profiles (input size, epochs, batch, sampler, U-Net width)."),
-            epochs: Optional[int] = typer.Option(None, min=1, help="Override the profile's epochs."),
-            batch_size: Optional[int] = typer.Option(None, min=2, help="Override the profile's batch size."),
+            manifest: Path = typer.Option(
+                ..., help="Manifest CSV/Parquet; trains on its 'database' split."
+            ),
+            out: Path = typer.Option(
+                ...,
+                help=f"Folder for {kind}.onnx and {kind}-card.json (training state goes to OUT.training/).",
+            ),
+            profile: str = typer.Option(
+                "quick",
+                help="quick | reference | paper: the encoders' profiles (input size, epochs, batch, sampler, U-Net width).",
+            ),
+            epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs."),
+            batch_size: int | None = typer.Option(
+                None, min=2, help="Override the profile's batch size."
+            ),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
-            resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT.training/ exactly where it stopped."),
-            force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT and restart its training run."),
-            seed: int = typer.Option(0, help="Seed of every random draw (split, init, batches, augmentation)."),
-            threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime (default: all usable cores)."),
-            width: Optional[int] = typer.Option(None, min=2, help="U-Net channels at the first level (doubling over 4 levels); default the profile's (paper 64, quick 16)."),
+            resume: bool = typer.Option(
+                False,
+                "--resume",
+                help="Continue the run in OUT.training/ exactly where it stopped.",
+            ),
+            force: bool = typer.Option(
+                False, "--force", help="Overwrite a non-empty OUT and restart its training run."
+            ),
+            seed: int = typer.Option(
+                0, help="Seed of every random draw (split, init, batches, augmentation)."
+            ),
+            threads: int | None = typer.Option(
+                None,
+                min=1,
+                help="CPU threads for torch and onnxruntime (default: all usable cores).",
+            ),
+            width: int | None = typer.Option(
+                None,
+                min=2,
+                help="U-Net channels at the first level (doubling over 4 levels); default the profile's (paper 64, quick 16).",
+            ),
         ) -> None:
             from mris.encoders import default_threads
             from mris.progress import console
             from mris.training.unet import UnetRequest, train_unet
 
-            request = UnetRequest(manifest=manifest, out=out, profile=profile, epochs=epochs, batch_size=batch_size,
-                                  device=device, resume=resume, force=force, seed=seed,
-                                  threads=threads or default_threads(), width=width, gan=gan)
+            request = UnetRequest(
+                manifest=manifest,
+                out=out,
+                profile=profile,
+                epochs=epochs,
+                batch_size=batch_size,
+                device=device,
+                resume=resume,
+                force=force,
+                seed=seed,
+                threads=threads or default_threads(),
+                width=width,
+                gan=gan,
+            )
 
             def epoch(record: dict) -> None:
-                gan_losses = f" (adversarial {record['loss_gan']:.3f}, D {record['loss_d']:.3f})" if gan else ""
-                console.print(f"{kind} epoch {record['epoch']}: L1 {record['loss_mm']:.3f} mm{gan_losses}  validation MAE "
-                              f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc {record['val_mae_tc_mm']:.3f})")
+                gan_losses = (
+                    f" (adversarial {record['loss_gan']:.3f}, D {record['loss_d']:.3f})"
+                    if gan
+                    else ""
+                )
+                console.print(
+                    f"{kind} epoch {record['epoch']}: L1 {record['loss_mm']:.3f} mm{gan_losses}  validation MAE "
+                    f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc {record['val_mae_tc_mm']:.3f})"
+                )
 
             metrics = train_unet(request, log=console.print, on_epoch=epoch)
-            console.print(f"{title}: best epoch {metrics['best_epoch']}, validation MAE "
-                          f"{metrics['validation']['val_mae_mm']:.3f} mm; {out / (kind + '.onnx')} ({metrics['seconds']:.0f} s)")
+            console.print(
+                f"{title}: best epoch {metrics['best_epoch']}, validation MAE "
+                f"{metrics['validation']['val_mae_mm']:.3f} mm; {out / (kind + '.onnx')} ({metrics['seconds']:.0f} s)"
+            )
 
         command.__doc__ = (
             "Train the pix2pix baseline (the U-Net generator with a PatchGAN discriminator; ROI -> fc and tc maps in mm) and export pix2pix.onnx."
-            if gan else
-            "Train the direct-synthesis U-Net baseline (radiograph ROI -> fc and tc maps in mm) and export unet.onnx.")
+            if gan
+            else "Train the direct-synthesis U-Net baseline (radiograph ROI -> fc and tc maps in mm) and export unet.onnx."
+        )
         return command
 
     app.command("train-unet")(baseline_command(gan=False))
@@ -119,7 +223,7 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., help="Model bundle folder (with a localiser)."),
         manifest: Path = typer.Option(..., help="Manifest with keypoints (true joint centres)."),
         split: str = typer.Option("test", help="Split to measure on."),
-        threads: Optional[int] = typer.Option(None, min=1, help="onnxruntime threads."),
+        threads: int | None = typer.Option(None, min=1, help="onnxruntime threads."),
         json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     ) -> None:
         """Print the knee localiser's error (mm) against the manifest's keypoints on a split."""

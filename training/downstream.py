@@ -65,7 +65,9 @@ QUICK_STEP_EPOCHS = 2
 QUICK_LR = 1e-3
 
 
-def settings_for(task: str, profile: str = "paper", epochs: int | None = None) -> DownstreamSettings:
+def settings_for(
+    task: str, profile: str = "paper", epochs: int | None = None
+) -> DownstreamSettings:
     """DESIGN.md's setting (``paper``) or the demo's (``quick``, and ``reference`` too:
     ``QUICK_EPOCHS`` epochs, maps of ``QUICK_MAP_PX``, lr ``QUICK_LR``, the decay every
     ``QUICK_STEP_EPOCHS``). ``epochs`` overrides (the decay keeps its share of the epochs)."""
@@ -74,12 +76,17 @@ def settings_for(task: str, profile: str = "paper", epochs: int | None = None) -
     if profile == "paper":
         settings = DownstreamSettings(epochs=30, lr=PAPER_LR[task], step_epochs=10)
     elif profile in ("quick", "reference"):
-        settings = DownstreamSettings(epochs=QUICK_EPOCHS, lr=QUICK_LR, step_epochs=QUICK_STEP_EPOCHS,
-                                      map_px=QUICK_MAP_PX)
+        settings = DownstreamSettings(
+            epochs=QUICK_EPOCHS, lr=QUICK_LR, step_epochs=QUICK_STEP_EPOCHS, map_px=QUICK_MAP_PX
+        )
     else:
         raise ValueError(f"profile must be paper, reference or quick, got {profile!r}")
     if epochs is not None:
-        settings = replace(settings, epochs=epochs, step_epochs=max(1, round(epochs * settings.step_epochs / settings.epochs)))
+        settings = replace(
+            settings,
+            epochs=epochs,
+            step_epochs=max(1, round(epochs * settings.step_epochs / settings.epochs)),
+        )
     return settings
 
 
@@ -102,8 +109,10 @@ def build_classifier(classes: int, weights_path: Path | None = None) -> nn.Modul
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("fc.") for k in missing):
-            raise ValueError(f"{weights_path} is not a ResNet-18 state dict (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{weights_path} is not a ResNet-18 state dict (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         for name, parameter in model.named_parameters():
             if name.split(".")[0] in FROZEN_WHEN_PRETRAINED:
                 parameter.requires_grad = False
@@ -117,9 +126,14 @@ def build_classifier(classes: int, weights_path: Path | None = None) -> nn.Modul
 
 def make_optimiser(model: nn.Module, settings: DownstreamSettings):
     """(AdamW over the trainable parameters, StepLR stepped once per epoch)."""
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
-                                  weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=settings.step_epochs, gamma=settings.gamma)
+    optimiser = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimiser, step_size=settings.step_epochs, gamma=settings.gamma
+    )
     return optimiser, scheduler
 
 
@@ -134,9 +148,16 @@ def balanced_weights(labels: np.ndarray, classes: int) -> torch.Tensor:
     return torch.from_numpy(weights)
 
 
-def fit_predict(train_maps: np.ndarray, train_labels: np.ndarray, test_maps: np.ndarray, classes: int,
-                settings: DownstreamSettings, seed: int = 0, weights_path: Path | None = None,
-                device: str = "cpu") -> np.ndarray:
+def fit_predict(
+    train_maps: np.ndarray,
+    train_labels: np.ndarray,
+    test_maps: np.ndarray,
+    classes: int,
+    settings: DownstreamSettings,
+    seed: int = 0,
+    weights_path: Path | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """Train on ``train_maps`` ``[N, 2, h, w]`` / ``train_labels`` (int in [0, classes)) and
     return float64 ``[M, classes]`` softmax probabilities for ``test_maps``. Deterministic for a
     seed on the CPU (initialisation and batch order both come from it)."""
@@ -151,7 +172,7 @@ def fit_predict(train_maps: np.ndarray, train_labels: np.ndarray, test_maps: np.
         model.train()
         order = torch.randperm(inputs.shape[0], generator=generator)
         for start in range(0, order.numel(), settings.batch_size):
-            batch = order[start:start + settings.batch_size]
+            batch = order[start : start + settings.batch_size]
             if batch.numel() < 2:  # batch norm needs two samples in training mode
                 continue
             optimiser.zero_grad(set_to_none=True)
@@ -163,9 +184,13 @@ def fit_predict(train_maps: np.ndarray, train_labels: np.ndarray, test_maps: np.
 
 
 @torch.no_grad()
-def predict(model: nn.Module, maps: np.ndarray, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+def predict(
+    model: nn.Module, maps: np.ndarray, batch_size: int = 64, device: str = "cpu"
+) -> np.ndarray:
     model.eval()
     inputs = arrange(maps)
-    out = [torch.softmax(model(inputs[start:start + batch_size].to(device)), dim=1).cpu()
-           for start in range(0, inputs.shape[0], batch_size)]
+    out = [
+        torch.softmax(model(inputs[start : start + batch_size].to(device)), dim=1).cpu()
+        for start in range(0, inputs.shape[0], batch_size)
+    ]
     return torch.cat(out).double().numpy() if out else np.zeros((0, model.fc.out_features))

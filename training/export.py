@@ -41,7 +41,9 @@ class ExportParityError(MrisError):
     """The exported ONNX graph does not reproduce the torch model within tolerance."""
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_px: tuple[int, int], output_names: list[str]) -> Path:
+def export_onnx(
+    model: torch.nn.Module, path: Path, input_px: tuple[int, int], output_names: list[str]
+) -> Path:
     """Export ``model`` (eval mode, CPU, float32) with a dynamic batch; written atomically."""
     model = model.eval().float().cpu()
     example = torch.zeros(2, 1, *input_px)
@@ -51,8 +53,14 @@ def export_onnx(model: torch.nn.Module, path: Path, input_px: tuple[int, int], o
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example,), input_names=["image"], output_names=output_names,
-                dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True, verbose=False,
+                model,
+                (example,),
+                input_names=["image"],
+                output_names=output_names,
+                dynamic_shapes=({0: batch},),
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
                 external_data=False,
             )
             program.save(str(tmp))
@@ -71,19 +79,29 @@ def onnx_session(path: Path, threads: int | None = None):
 
 
 def run_onnx(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    outs = [session.run(["embedding"], {"image": np.ascontiguousarray(images[i : i + batch], np.float32)})[0]
-            for i in range(0, len(images), batch)]
+    outs = [
+        session.run(
+            ["embedding"], {"image": np.ascontiguousarray(images[i : i + batch], np.float32)}
+        )[0]
+        for i in range(0, len(images), batch)
+    ]
     return np.concatenate(outs)
 
 
 @torch.no_grad()
 def run_torch(model: torch.nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarray:
     model = model.eval().float().cpu()
-    return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch], np.float32))).numpy()
-                           for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [
+            model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch], np.float32))).numpy()
+            for i in range(0, len(images), batch)
+        ]
+    )
 
 
-def topk_order_mismatches(sim_a: np.ndarray, sim_b: np.ndarray, k: int = TOP_K, tie: float = 1e-6) -> int:
+def topk_order_mismatches(
+    sim_a: np.ndarray, sim_b: np.ndarray, k: int = TOP_K, tie: float = 1e-6
+) -> int:
     """Queries whose top-k gallery order differs between two similarity matrices, ignoring
     swaps between exact ties (|similarity difference| <= ``tie``)."""
     k = min(k, sim_a.shape[1])
@@ -109,10 +127,17 @@ class EncoderParity:
         return self.__dict__.copy()
 
 
-def check_encoder_parity(f: torch.nn.Module, g: torch.nn.Module, f_path: Path, g_path: Path,
-                         val_radiographs: np.ndarray, val_thickness: np.ndarray,
-                         parity_images: np.ndarray | None = None, parity_maps: np.ndarray | None = None,
-                         threads: int | None = None) -> EncoderParity:
+def check_encoder_parity(
+    f: torch.nn.Module,
+    g: torch.nn.Module,
+    f_path: Path,
+    g_path: Path,
+    val_radiographs: np.ndarray,
+    val_thickness: np.ndarray,
+    parity_images: np.ndarray | None = None,
+    parity_maps: np.ndarray | None = None,
+    threads: int | None = None,
+) -> EncoderParity:
     """Arrays are ``[N, 1, H, W]`` float32. Raises ``ExportParityError`` on failure."""
     f_session, g_session = onnx_session(f_path, threads), onnx_session(g_path, threads)
     images = (val_radiographs if parity_images is None else parity_images)[:PARITY_IMAGES]
@@ -137,13 +162,22 @@ def library_versions() -> dict[str, str]:
     import onnxruntime
     import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def write_bundle_card(root: Path, card_fields: dict[str, Any]) -> Path:
     """Build the ``ModelCard`` and write it (sha256 of every file in ``root``)."""
-    card = ModelCard(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     preprocessing_version=PREPROCESSING_VERSION, versions=library_versions(), **card_fields)
+    card = ModelCard(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        preprocessing_version=PREPROCESSING_VERSION,
+        versions=library_versions(),
+        **card_fields,
+    )
     return write_model_card(root, card)

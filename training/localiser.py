@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,11 +56,17 @@ CACHE_FORMAT = "mris-localiser-cache/1"
 
 
 def localiser_config(profile: LocaliserProfile) -> LocaliserConfig:
-    return LocaliserConfig(global_input_px=tuple(profile.global_input_px), refine_mm=profile.refine_mm,
-                           refine_px=profile.refine_px, confidence_threshold=profile.confidence_threshold)
+    return LocaliserConfig(
+        global_input_px=tuple(profile.global_input_px),
+        refine_mm=profile.refine_mm,
+        refine_px=profile.refine_px,
+        confidence_threshold=profile.confidence_threshold,
+    )
 
 
-def images_with_both_knees(rows: Sequence[ManifestRow]) -> dict[str, dict[str, tuple[float, float]]]:
+def images_with_both_knees(
+    rows: Sequence[ManifestRow],
+) -> dict[str, dict[str, tuple[float, float]]]:
     """radiograph path -> side -> true (col, row), for radiographs with both knees' keypoints."""
     images: dict[str, dict[str, tuple[float, float]]] = {}
     for row in rows:
@@ -93,8 +99,14 @@ class LocaliserData:
     patch_present: np.ndarray  # [P]
 
 
-def build_localiser_data(manifest: Manifest, rows: Sequence[ManifestRow], profile: LocaliserProfile,
-                         cache_dir: Path, seed: int, tick: Callable[[int, int], None] | None = None) -> LocaliserData:
+def build_localiser_data(
+    manifest: Manifest,
+    rows: Sequence[ManifestRow],
+    profile: LocaliserProfile,
+    cache_dir: Path,
+    seed: int,
+    tick: Callable[[int, int], None] | None = None,
+) -> LocaliserData:
     from mris.dicom import read_radiograph
 
     config = localiser_config(profile)
@@ -104,12 +116,23 @@ def build_localiser_data(manifest: Manifest, rows: Sequence[ManifestRow], profil
     if len(paths) > profile.max_images:
         paths = sorted(rng.choice(paths, profile.max_images, replace=False).tolist())
     if len(paths) < 2:
-        raise ValueError("the knee localiser needs radiographs with both knees' keypoints in the manifest")
+        raise ValueError(
+            "the knee localiser needs radiographs with both knees' keypoints in the manifest"
+        )
     digest = hashlib.sha256(CACHE_FORMAT.encode())
-    digest.update(repr((profile.to_dict(), seed, paths, [sorted(images[p].items()) for p in paths])).encode())
+    digest.update(
+        repr((profile.to_dict(), seed, paths, [sorted(images[p].items()) for p in paths])).encode()
+    )
     digest.update(str(manifest.root).encode())
     root = Path(cache_dir) / f"localiser-{digest.hexdigest()[:20]}"
-    names = ("global_images", "global_targets", "global_present", "patches", "offsets", "patch_present")
+    names = (
+        "global_images",
+        "global_targets",
+        "global_present",
+        "patches",
+        "offsets",
+        "patch_present",
+    )
     if all((root / f"{n}.npy").is_file() for n in names):
         return LocaliserData(*(np.load(root / f"{n}.npy") for n in names))
 
@@ -119,15 +142,29 @@ def build_localiser_data(manifest: Manifest, rows: Sequence[ManifestRow], profil
         radiograph = read_radiograph(manifest.resolve_path(path))
         shape = radiograph.pixels.shape
         gi.append(global_input(radiograph.pixels, config))
-        gt.append([[u * cols_px, v * rows_px] for u, v in (source_to_global(images[path][s], shape) for s in GLOBAL_ORDER)])
+        gt.append(
+            [
+                [u * cols_px, v * rows_px]
+                for u, v in (source_to_global(images[path][s], shape) for s in GLOBAL_ORDER)
+            ]
+        )
         gp.append([1.0, 1.0])
         for side in GLOBAL_ORDER:
             true_xy = images[path][side]
             for _ in range(profile.offsets_per_knee):
-                shift_mm = np.clip(rng.normal(0, profile.offset_sigma_mm, 2), -2.5 * profile.offset_sigma_mm,
-                                   2.5 * profile.offset_sigma_mm)
-                centre = (float(np.clip(true_xy[0] + shift_mm[0] / radiograph.spacing_mm, 0, shape[1] - 1)),
-                          float(np.clip(true_xy[1] + shift_mm[1] / radiograph.spacing_mm, 0, shape[0] - 1)))
+                shift_mm = np.clip(
+                    rng.normal(0, profile.offset_sigma_mm, 2),
+                    -2.5 * profile.offset_sigma_mm,
+                    2.5 * profile.offset_sigma_mm,
+                )
+                centre = (
+                    float(
+                        np.clip(true_xy[0] + shift_mm[0] / radiograph.spacing_mm, 0, shape[1] - 1)
+                    ),
+                    float(
+                        np.clip(true_xy[1] + shift_mm[1] / radiograph.spacing_mm, 0, shape[0] - 1)
+                    ),
+                )
                 pa.append(refine_patch(radiograph, side, centre, config))
                 of.append(source_to_offset(centre, true_xy, side, radiograph.spacing_mm, config))
                 pp.append(1.0)
@@ -139,7 +176,9 @@ def build_localiser_data(manifest: Manifest, rows: Sequence[ManifestRow], profil
             source = gi[int(rng.integers(len(paths)))].copy()
             knee = int(rng.integers(2))
             half = slice(0, cols_px // 2) if knee == 0 else slice(cols_px // 2, cols_px)
-            source[:, half] = _negative_image(rng, (rows_px, cols_px))[:, half] * float(rng.uniform(0, 1))
+            source[:, half] = _negative_image(rng, (rows_px, cols_px))[:, half] * float(
+                rng.uniform(0, 1)
+            )
             present = [1.0, 1.0]
             present[knee] = 0.0
             target = gt[int(rng.integers(len(paths)))]
@@ -154,21 +193,38 @@ def build_localiser_data(manifest: Manifest, rows: Sequence[ManifestRow], profil
         pa.append(_negative_image(rng, (config.refine_px, config.refine_px)))
         of.append((0.0, 0.0))
         pp.append(0.0)
-    data = LocaliserData(np.stack(gi).astype(np.float32), np.asarray(gt, np.float32), np.asarray(gp, np.float32),
-                         np.stack(pa).astype(np.float32), np.asarray(of, np.float32), np.asarray(pp, np.float32))
+    data = LocaliserData(
+        np.stack(gi).astype(np.float32),
+        np.asarray(gt, np.float32),
+        np.asarray(gp, np.float32),
+        np.stack(pa).astype(np.float32),
+        np.asarray(of, np.float32),
+        np.asarray(pp, np.float32),
+    )
     root.mkdir(parents=True, exist_ok=True)
     for name in names:
         atomic_save_npy(root / f"{name}.npy", getattr(data, name))
     return data
 
 
-def _fit(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, present: np.ndarray, epochs: int,
-         profile: LocaliserProfile, seed: int, device: torch.device, stage: int,
-         on_epoch: Callable[[int, int, float], None] | None) -> list[float]:
+def _fit(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    targets: np.ndarray,
+    present: np.ndarray,
+    epochs: int,
+    profile: LocaliserProfile,
+    seed: int,
+    device: torch.device,
+    stage: int,
+    on_epoch: Callable[[int, int, float], None] | None,
+) -> list[float]:
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=1e-4)
     steps = epochs * ((len(images) + profile.batch_size - 1) // profile.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=profile.lr, total_steps=max(1, steps), pct_start=0.15)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=profile.lr, total_steps=max(1, steps), pct_start=0.15
+    )
     losses = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, stage, epoch]).permutation(len(images))
@@ -176,7 +232,9 @@ def _fit(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray, presen
         for index, start in enumerate(range(0, len(order), profile.batch_size)):
             rows = np.sort(order[start : start + profile.batch_size])
             x = torch.from_numpy(images[rows]).unsqueeze(1).to(device)
-            x = augment_radiographs(x, batch_generator(seed, 1000 * stage + epoch, index), INTENSITY_ONLY)
+            x = augment_radiographs(
+                x, batch_generator(seed, 1000 * stage + epoch, index), INTENSITY_ONLY
+            )
             y = torch.from_numpy(targets[rows]).to(device)
             p = torch.from_numpy(present[rows]).to(device)
             centres, logits = model.forward_logits(x)
@@ -208,10 +266,17 @@ class LocaliserResult:
     patches: int
 
 
-def train_localiser(manifest: Manifest, rows: Sequence[ManifestRow], profile: LocaliserProfile, out_dir: Path,
-                    cache_dir: Path, device: torch.device, seed: int,
-                    tick: Callable[[int, int], None] | None = None,
-                    on_epoch: Callable[[int, int, float], None] | None = None) -> LocaliserResult:
+def train_localiser(
+    manifest: Manifest,
+    rows: Sequence[ManifestRow],
+    profile: LocaliserProfile,
+    out_dir: Path,
+    cache_dir: Path,
+    device: torch.device,
+    seed: int,
+    tick: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+) -> LocaliserResult:
     """Train both stages and export ``localiser.onnx`` and ``localiser-refine.onnx`` into ``out_dir``."""
     from mris.training.export import export_onnx
 
@@ -220,12 +285,48 @@ def train_localiser(manifest: Manifest, rows: Sequence[ManifestRow], profile: Lo
     torch.manual_seed(seed + 101)
     global_net = build_model(ModelConfig("localiser_global"))
     refine_net = build_model(ModelConfig("localiser_refine"))
-    g_loss = _fit(global_net, data.global_images, data.global_targets, data.global_present, profile.global_epochs,
-                  profile, seed, device, 1, on_epoch)
-    r_loss = _fit(refine_net, data.patches, data.offsets, data.patch_present, profile.refine_epochs,
-                  profile, seed, device, 2, on_epoch)
+    g_loss = _fit(
+        global_net,
+        data.global_images,
+        data.global_targets,
+        data.global_present,
+        profile.global_epochs,
+        profile,
+        seed,
+        device,
+        1,
+        on_epoch,
+    )
+    r_loss = _fit(
+        refine_net,
+        data.patches,
+        data.offsets,
+        data.patch_present,
+        profile.refine_epochs,
+        profile,
+        seed,
+        device,
+        2,
+        on_epoch,
+    )
     config = localiser_config(profile)
-    export_onnx(global_net, Path(out_dir) / "localiser.onnx", config.global_input_px, ["centres", "confidence"])
-    export_onnx(refine_net, Path(out_dir) / REFINE_FILE, (config.refine_px, config.refine_px), ["offset", "confidence"])
-    return LocaliserResult(config, time.perf_counter() - start, g_loss, r_loss,
-                           int((data.global_present.sum(1) > 0).sum()), len(data.patches))
+    export_onnx(
+        global_net,
+        Path(out_dir) / "localiser.onnx",
+        config.global_input_px,
+        ["centres", "confidence"],
+    )
+    export_onnx(
+        refine_net,
+        Path(out_dir) / REFINE_FILE,
+        (config.refine_px, config.refine_px),
+        ["offset", "confidence"],
+    )
+    return LocaliserResult(
+        config,
+        time.perf_counter() - start,
+        g_loss,
+        r_loss,
+        int((data.global_present.sum(1) > 0).sum()),
+        len(data.patches),
+    )

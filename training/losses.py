@@ -29,6 +29,8 @@ def triplet_loss_from_similarity(similarity: torch.Tensor, margin: float = MARGI
     return (cost * off_diagonal).sum()
 
 
-def triplet_loss(radiograph_emb: torch.Tensor, thickness_emb: torch.Tensor, margin: float = MARGIN) -> torch.Tensor:
+def triplet_loss(
+    radiograph_emb: torch.Tensor, thickness_emb: torch.Tensor, margin: float = MARGIN
+) -> torch.Tensor:
     """Sum over the batch (not the mean), as in the paper and the reference code."""
     return triplet_loss_from_similarity(similarity_matrix(radiograph_emb, thickness_emb), margin)

@@ -114,9 +114,13 @@ class GlobalLocaliser(nn.Module):
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _block(1, width, 2), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 1),
+            _block(1, width, 2),
+            _block(width, 2 * width, 2),
+            _block(2 * width, 4 * width, 1),
         )
-        self.context = nn.Sequential(_block(4 * width, 4 * width, 2), _block(4 * width, 4 * width, 1))
+        self.context = nn.Sequential(
+            _block(4 * width, 4 * width, 2), _block(4 * width, 4 * width, 1)
+        )
         self.heatmap = nn.Conv2d(8 * width, 2, 1)
         self.presence = nn.Linear(4 * width, 2)
 
@@ -133,7 +137,9 @@ class GlobalLocaliser(nn.Module):
         local = self.features(image)
         context = self.context(local)
         up = F.interpolate(context, size=local.shape[-2:], mode="nearest")
-        return _soft_argmax(self.heatmap(torch.cat([local, up], dim=1))), self.presence(context.mean(dim=(2, 3)))
+        return _soft_argmax(self.heatmap(torch.cat([local, up], dim=1))), self.presence(
+            context.mean(dim=(2, 3))
+        )
 
 
 class RefineLocaliser(nn.Module):
@@ -148,7 +154,9 @@ class RefineLocaliser(nn.Module):
         super().__init__()
         # stride 4 overall: a 64 px patch gives a 16 x 16 heatmap; the soft-argmax is sub-pixel
         self.features = nn.Sequential(
-            _block(1, width, 2), _block(width, 2 * width, 2), _block(2 * width, 4 * width, 1),
+            _block(1, width, 2),
+            _block(width, 2 * width, 2),
+            _block(2 * width, 4 * width, 1),
         )
         self.heatmap = nn.Conv2d(4 * width, 1, 1)
         self.presence = nn.Linear(4 * width, 1)
@@ -156,7 +164,9 @@ class RefineLocaliser(nn.Module):
     def forward_logits(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.features(image)
         frac = _soft_argmax(self.heatmap(feats))[:, 0, :]
-        size = torch.tensor([image.shape[-1], image.shape[-2]], dtype=image.dtype, device=image.device)
+        size = torch.tensor(
+            [image.shape[-1], image.shape[-2]], dtype=image.dtype, device=image.device
+        )
         offset = (frac - 0.5) * size
         return offset, self.presence(feats.mean(dim=(2, 3)))[:, 0]
 
@@ -198,8 +208,16 @@ class ThicknessUNet(nn.Module):
         from monai.networks.nets import BasicUNet
 
         self.scale_mm = float(scale_mm)
-        self.net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=unet_features(width),
-                             act="relu", norm="batch", dropout=0.0, upsample="deconv")
+        self.net = BasicUNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=2,
+            features=unet_features(width),
+            act="relu",
+            norm="batch",
+            dropout=0.0,
+            upsample="deconv",
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image) * self.scale_mm
@@ -229,12 +247,18 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, width: int = 64, layers: int = 3) -> None:
         super().__init__()
-        parts: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        parts: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         channels = width
         for n in range(1, layers + 1):
             out = width * min(2**n, 8)
-            parts += [nn.Conv2d(channels, out, 4, stride=2 if n < layers else 1, padding=1, bias=False),
-                      nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
+            parts += [
+                nn.Conv2d(channels, out, 4, stride=2 if n < layers else 1, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.LeakyReLU(0.2, True),
+            ]
             channels = out
         parts.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*parts)

@@ -84,7 +84,9 @@ class TrainProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def with_overrides(self, epochs: int | None = None, batch_size: int | None = None) -> "TrainProfile":
+    def with_overrides(
+        self, epochs: int | None = None, batch_size: int | None = None
+    ) -> TrainProfile:
         changes: dict[str, Any] = {}
         if epochs is not None:
             changes["epochs"] = epochs
@@ -93,7 +95,7 @@ class TrainProfile:
         return replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainProfile":
+    def from_dict(cls, data: dict[str, Any]) -> TrainProfile:
         data = dict(data)
         # Profiles stored before ``augmentation`` existed (those runs used a hand-rolled set
         # that is gone) load with the default.
@@ -120,8 +122,9 @@ PROFILES: dict[str, TrainProfile] = {
     ),
 }
 # The quick method at the reference evaluation's size (docstring above).
-PROFILES["reference"] = replace(PROFILES["quick"], name="reference", encoder_px=96, epochs=30,
-                                step_size=20)
+PROFILES["reference"] = replace(
+    PROFILES["quick"], name="reference", encoder_px=96, epochs=30, step_size=20
+)
 
 
 def get_profile(name: str) -> TrainProfile:

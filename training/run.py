@@ -24,19 +24,20 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-from mris.training.profiles import TrainProfile, get_profile
 
 from mris.constants import PreprocessConfig
 from mris.errors import BadParameter, ManifestError
 from mris.fsutil import atomic_write_json, ensure_empty_output_dir, sha256_file
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import VARIANT_REGIONS
+from mris.training.profiles import TrainProfile, get_profile
 
 VARIANT_CHOICES = ("separate", "combined", "both")
 RUN_FORMAT = "mris-train-run/1"
@@ -62,7 +63,9 @@ class TrainRequest:
     @property
     def variants(self) -> list[str]:
         if self.variant not in VARIANT_CHOICES:
-            raise BadParameter(f"--variant must be one of {', '.join(VARIANT_CHOICES)}, got {self.variant!r}")
+            raise BadParameter(
+                f"--variant must be one of {', '.join(VARIANT_CHOICES)}, got {self.variant!r}"
+            )
         return ["separate", "combined"] if self.variant == "both" else [self.variant]
 
     @property
@@ -80,11 +83,15 @@ class Reporter:
     epoch: Callable[[dict[str, Any]], None] = lambda record: None
 
 
-def split_validation(rows: list[ManifestRow], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_validation(
+    rows: list[ManifestRow], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Positions of training and validation rows of ``database``, held out by subject."""
     subjects = sorted({row.subject_id for row in rows})
     if len(subjects) < 2:
-        raise ManifestError("the database split needs at least 2 subjects (training and validation)")
+        raise ManifestError(
+            "the database split needs at least 2 subjects (training and validation)"
+        )
     order = np.random.default_rng([seed, 5]).permutation(len(subjects))
     n_val = min(len(subjects) - 1, max(1, math.ceil(fraction * len(subjects))))
     val_subjects = {subjects[i] for i in order[:n_val]}
@@ -98,9 +105,15 @@ def region_array(region: str) -> str:
 
 
 def _run_identity(request: TrainRequest, profile: TrainProfile) -> dict[str, Any]:
-    return {"format": RUN_FORMAT, "manifest_sha256": sha256_file(request.manifest), "profile": profile.to_dict(),
-            "variants": request.variants, "seed": request.seed, "localiser": request.localiser,
-            "init_weights": str(request.init_weights) if request.init_weights else None}
+    return {
+        "format": RUN_FORMAT,
+        "manifest_sha256": sha256_file(request.manifest),
+        "profile": profile.to_dict(),
+        "variants": request.variants,
+        "seed": request.seed,
+        "localiser": request.localiser,
+        "init_weights": str(request.init_weights) if request.init_weights else None,
+    }
 
 
 @dataclass
@@ -225,6 +238,7 @@ def load_data(request: TrainRequest, run: TrainRun, rep: Reporter) -> TrainData:
     """Stage 3: seeds and threads, the database cache and the validation split (held out by
     subject; one first visit per validation knee)."""
     import torch
+
     from mris.training.cache import build_cache
     from mris.training.sampler import first_visits
     from mris.training.trainer import set_determinism
@@ -232,75 +246,118 @@ def load_data(request: TrainRequest, run: TrainRun, rep: Reporter) -> TrainData:
     profile, database = run.profile, run.database
     set_determinism(request.seed, request.threads)
     config = PreprocessConfig(encoder_px=profile.encoder_px)
-    init = (f"weights from {request.init_weights}" if request.init_weights
-            else "RANDOM initialisation (no --init-weights given; the paper starts from ImageNet)")
-    rep.log(f"device {run.device}, {torch.get_num_threads()} threads, profile {profile.name}, "
-            f"encoders: {init}")
+    init = (
+        f"weights from {request.init_weights}"
+        if request.init_weights
+        else "RANDOM initialisation (no --init-weights given; the paper starts from ImageNet)"
+    )
+    rep.log(
+        f"device {run.device}, {torch.get_num_threads()} threads, profile {profile.name}, "
+        f"encoders: {init}"
+    )
 
     train_pos, val_pos = split_validation(database, profile.val_fraction, request.seed)
-    regions = [(variant, region) for variant in request.variants
-               for region in VARIANT_REGIONS[variant]]
+    regions = [
+        (variant, region) for variant in request.variants for region in VARIANT_REGIONS[variant]
+    ]
     needed = ["radiograph"] + sorted({region_array(region) for _, region in regions})
     cache_dir = request.train_dir / "cache"
-    cache = build_cache(request.manifest, run.manifest, database, config, cache_dir, needed,
-                        tick=_CacheBars(rep))
+    cache = build_cache(
+        request.manifest, run.manifest, database, config, cache_dir, needed, tick=_CacheBars(rep)
+    )
     knee_ids = [row.knee_id for row in database]
     months = [row.visit_month for row in database]
-    val_first = [val_pos[i] for i in first_visits([knee_ids[p] for p in val_pos],
-                                                  [months[p] for p in val_pos])]
+    val_first = [
+        val_pos[i]
+        for i in first_visits([knee_ids[p] for p in val_pos], [months[p] for p in val_pos])
+    ]
     if len(val_first) < 2:
         raise ManifestError(
             "the validation subjects hold fewer than 2 knees; add database subjects"
         )
-    rep.log(f"database: {len(database)} pairs, {len({knee_ids[p] for p in train_pos})} training "
-            f"knees, {len(val_first)} validation knees (held out by subject)")
-    return TrainData(config=config, init=init, train_pos=train_pos, val_pos=val_pos,
-                     val_first=val_first, knee_ids=knee_ids, regions=regions, needed=needed,
-                     cache_dir=cache_dir, cache=cache)
+    rep.log(
+        f"database: {len(database)} pairs, {len({knee_ids[p] for p in train_pos})} training "
+        f"knees, {len(val_first)} validation knees (held out by subject)"
+    )
+    return TrainData(
+        config=config,
+        init=init,
+        train_pos=train_pos,
+        val_pos=val_pos,
+        val_first=val_first,
+        knee_ids=knee_ids,
+        regions=regions,
+        needed=needed,
+        cache_dir=cache_dir,
+        cache=cache,
+    )
 
 
-def localiser_stage(request: TrainRequest, run: TrainRun, data: TrainData,
-                    rep: Reporter) -> TrainedPart:
+def localiser_stage(
+    request: TrainRequest, run: TrainRun, data: TrainData, rep: Reporter
+) -> TrainedPart:
     """Stage 4: train the knee localiser (reused when ``done.json`` says it finished), then
     measure it on the test split (else the database)."""
-    from mris.training.localiser import train_localiser
-
     from mris.localiser import REFINE_FILE, KneeLocaliser, LocaliserConfig, evaluate_localiser
+    from mris.training.localiser import train_localiser
 
     loc_dir = request.train_dir / "localiser"
     done_file = loc_dir / "done.json"
     if not done_file.is_file():
         loc_dir.mkdir(parents=True, exist_ok=True)
         result = train_localiser(
-            run.manifest, [run.database[p] for p in data.train_pos], run.profile.localiser,
-            loc_dir, data.cache_dir, run.device, request.seed,
-            tick=_StageBar(rep, "localiser data"), on_epoch=partial(_log_localiser_epoch, rep),
+            run.manifest,
+            [run.database[p] for p in data.train_pos],
+            run.profile.localiser,
+            loc_dir,
+            data.cache_dir,
+            run.device,
+            request.seed,
+            tick=_StageBar(rep, "localiser data"),
+            on_epoch=partial(_log_localiser_epoch, rep),
         )
-        atomic_write_json(done_file, {
-            "config": result.config.to_dict(), "seconds": round(result.seconds, 1),
-            "images": result.images, "patches": result.patches,
-            "final_loss": [result.global_loss[-1], result.refine_loss[-1]],
-        })
+        atomic_write_json(
+            done_file,
+            {
+                "config": result.config.to_dict(),
+                "seconds": round(result.seconds, 1),
+                "images": result.images,
+                "patches": result.patches,
+                "final_loss": [result.global_loss[-1], result.refine_loss[-1]],
+            },
+        )
     loc_info = json.loads(done_file.read_text())
     loc_config = LocaliserConfig.from_dict(loc_info["config"])
-    localiser = KneeLocaliser(loc_dir / "localiser.onnx", loc_dir / REFINE_FILE, loc_config,
-                              request.threads)
+    localiser = KneeLocaliser(
+        loc_dir / "localiser.onnx", loc_dir / REFINE_FILE, loc_config, request.threads
+    )
     eval_split = "test" if run.manifest.select(["test"]) else "database"
     loc_metrics = evaluate_localiser(localiser, run.manifest, eval_split)
-    rep.log(f"localiser on {eval_split}: median {loc_metrics['median_error_mm']:.2f} mm, "
-            f"95th pct {loc_metrics['p95_error_mm']:.2f} mm, "
-            f"max {loc_metrics['max_error_mm']:.2f} mm, both knees found on "
-            f"{100 * loc_metrics['all_knees_found_fraction']:.1f} % of "
-            f"{loc_metrics['images']} images")
+    rep.log(
+        f"localiser on {eval_split}: median {loc_metrics['median_error_mm']:.2f} mm, "
+        f"95th pct {loc_metrics['p95_error_mm']:.2f} mm, "
+        f"max {loc_metrics['max_error_mm']:.2f} mm, both knees found on "
+        f"{100 * loc_metrics['all_knees_found_fraction']:.1f} % of "
+        f"{loc_metrics['images']} images"
+    )
     summary = {**loc_metrics, "train_seconds": loc_info["seconds"]}
     outputs = {
-        "localiser.onnx": ["centres [N,2,2] fractions (x,y), knee 0 = patient RIGHT",
-                           "confidence [N,2]"],
+        "localiser.onnx": [
+            "centres [N,2,2] fractions (x,y), knee 0 = patient RIGHT",
+            "confidence [N,2]",
+        ],
         REFINE_FILE: ["offset [N,2] patch px", "confidence [N]"],
     }
-    card = {"file": "localiser.onnx", "input_px": list(loc_config.global_input_px),
-            "details": {"refine_file": REFINE_FILE, "config": loc_config.to_dict(),
-                        "outputs": outputs, "metrics": summary}}
+    card = {
+        "file": "localiser.onnx",
+        "input_px": list(loc_config.global_input_px),
+        "details": {
+            "refine_file": REFINE_FILE,
+            "config": loc_config.to_dict(),
+            "outputs": outputs,
+            "metrics": summary,
+        },
+    }
     files = [(loc_dir / name, name) for name in ("localiser.onnx", REFINE_FILE)]
     return TrainedPart(name="localiser", summary=summary, card=card, files=files)
 
@@ -312,12 +369,26 @@ def cache_test_split(request: TrainRequest, run: TrainRun, data: TrainData, rep:
     test_rows = run.manifest.select(["test"])
     if not test_rows:
         return None
-    return build_cache(request.manifest, run.manifest, test_rows, data.config, data.cache_dir,
-                       data.needed, tick=_CacheBars(rep))
+    return build_cache(
+        request.manifest,
+        run.manifest,
+        test_rows,
+        data.config,
+        data.cache_dir,
+        data.needed,
+        tick=_CacheBars(rep),
+    )
 
 
-def region_stage(request: TrainRequest, run: TrainRun, data: TrainData, variant: str,
-                 region: str, test_cache, rep: Reporter) -> TrainedPart:
+def region_stage(
+    request: TrainRequest,
+    run: TrainRun,
+    data: TrainData,
+    variant: str,
+    region: str,
+    test_cache,
+    rep: Reporter,
+) -> TrainedPart:
     """Stage 6, per region: train (or resume) the encoder pair, export both to ONNX, check
     parity, measure validation (and test) recall with the exported encoders."""
     from mris.training.export import check_encoder_parity, export_onnx
@@ -326,17 +397,28 @@ def region_stage(request: TrainRequest, run: TrainRun, data: TrainData, variant:
     name = f"{variant}-{region}"
     profile, cache, val_first = run.profile, data.cache, data.val_first
     thickness = cache[region_array(region)]
-    region_data = RegionData(radiographs=cache["radiograph"], thickness=thickness,
-                             train_rows=data.train_pos,
-                             train_knees=[data.knee_ids[p] for p in data.train_pos],
-                             val_rows=val_first)
+    region_data = RegionData(
+        radiographs=cache["radiograph"],
+        thickness=thickness,
+        train_rows=data.train_pos,
+        train_knees=[data.knee_ids[p] for p in data.train_pos],
+        val_rows=val_first,
+    )
     region_dir = request.train_dir / name
     resume_region = request.resume and (region_dir / "last.pt").is_file()
     init_weights = str(request.init_weights) if request.init_weights else None
-    trainer = RegionTrainer(name=name, data=region_data, profile=profile, work_dir=region_dir,
-                            device=run.device, seed=request.seed, init_weights=init_weights,
-                            log=rep.log, on_batch=_StageBar(rep, f"{name} epoch", per_round=True),
-                            on_epoch=rep.epoch)
+    trainer = RegionTrainer(
+        name=name,
+        data=region_data,
+        profile=profile,
+        work_dir=region_dir,
+        device=run.device,
+        seed=request.seed,
+        init_weights=init_weights,
+        log=rep.log,
+        on_batch=_StageBar(rep, f"{name} epoch", per_round=True),
+        on_epoch=rep.epoch,
+    )
     result = trainer.fit(resume=resume_region)
     trainer.load_best()
     f_cpu, g_cpu = trainer.f.float().cpu().eval(), trainer.g.float().cpu().eval()
@@ -351,54 +433,90 @@ def region_stage(request: TrainRequest, run: TrainRun, data: TrainData, variant:
     export_onnx(g_cpu, thickness_onnx, thickness_px, ["embedding"])
     val_x = np.asarray(cache["radiograph"][np.sort(val_first)], np.float32)[:, None]
     val_y = np.asarray(thickness[np.sort(val_first)], np.float32)[:, None]
-    parity = check_encoder_parity(f_cpu, g_cpu, radiograph_onnx, thickness_onnx, val_x, val_y,
-                                  threads=request.threads)
+    parity = check_encoder_parity(
+        f_cpu, g_cpu, radiograph_onnx, thickness_onnx, val_x, val_y, threads=request.threads
+    )
     max_diff = max(parity.max_abs_diff_radiograph, parity.max_abs_diff_thickness)
     same = parity.val_queries - parity.top20_order_mismatches
-    rep.log(f"{name}: ONNX parity max abs diff {max_diff:.1e}, top-20 order identical on "
-            f"{same}/{parity.val_queries} validation queries")
+    rep.log(
+        f"{name}: ONNX parity max abs diff {max_diff:.1e}, top-20 order identical on "
+        f"{same}/{parity.val_queries} validation queries"
+    )
     val_subjects = [run.database[p].subject_id for p in np.sort(val_first)]
     summary: dict[str, Any] = {
-        "best_epoch": result.best_epoch, "validation": result.best_metrics,
-        "validation_first_visit": onnx_recall(radiograph_onnx, thickness_onnx, val_x, val_y,
-                                              val_subjects, request.threads, request.seed),
+        "best_epoch": result.best_epoch,
+        "validation": result.best_metrics,
+        "validation_first_visit": onnx_recall(
+            radiograph_onnx,
+            thickness_onnx,
+            val_x,
+            val_y,
+            val_subjects,
+            request.threads,
+            request.seed,
+        ),
         "parity": parity.to_dict(),
         "train_seconds": round(result.seconds, 1),
         "images_per_second": round(result.images_per_second, 1),
     }
     held_out = summary["validation_first_visit"]
-    rep.log(f"{name}: validation recall (held-out subjects' first visits, gallery "
-            f"{held_out['gallery']}): "
-            + ", ".join(f"{k} {100 * r:.1f} % ({held_out['ratio_to_chance'][k]:.1f}x chance)"
-                        for k, r in held_out["recall"].items()))
+    rep.log(
+        f"{name}: validation recall (held-out subjects' first visits, gallery "
+        f"{held_out['gallery']}): "
+        + ", ".join(
+            f"{k} {100 * r:.1f} % ({held_out['ratio_to_chance'][k]:.1f}x chance)"
+            for k, r in held_out["recall"].items()
+        )
+    )
     if test_cache is not None:
-        summary["test"] = test_recall(radiograph_onnx, thickness_onnx, test_cache,
-                                      region_array(region), request.threads, request.seed)
+        summary["test"] = test_recall(
+            radiograph_onnx,
+            thickness_onnx,
+            test_cache,
+            region_array(region),
+            request.threads,
+            request.seed,
+        )
         t = summary["test"]["first_visit"]
-        rep.log(f"{name}: test recall (first visits, gallery {t['gallery']}): "
-                + ", ".join(f"{k} {100 * v:.1f} %" for k, v in t["recall"].items())
-                + f"; chance R@20 {100 * t['chance']['R@20']:.1f} % "
-                f"({t['ratio_to_chance']['R@20']:.1f}x)")
-    card = {"radiograph": names["radiograph"], "thickness": names["thickness"],
-            "radiograph_input_px": [s, s], "thickness_input_px": list(thickness_px),
-            "embedding_dim": 512}
-    files = [(export_dir / names[modality], names[modality])
-             for modality in ("radiograph", "thickness")]
-    return TrainedPart(name=name, summary=summary, card=card, files=files,
-                       history=result.history)
+        rep.log(
+            f"{name}: test recall (first visits, gallery {t['gallery']}): "
+            + ", ".join(f"{k} {100 * v:.1f} %" for k, v in t["recall"].items())
+            + f"; chance R@20 {100 * t['chance']['R@20']:.1f} % "
+            f"({t['ratio_to_chance']['R@20']:.1f}x)"
+        )
+    card = {
+        "radiograph": names["radiograph"],
+        "thickness": names["thickness"],
+        "radiograph_input_px": [s, s],
+        "thickness_input_px": list(thickness_px),
+        "embedding_dim": 512,
+    }
+    files = [
+        (export_dir / names[modality], names[modality]) for modality in ("radiograph", "thickness")
+    ]
+    return TrainedPart(name=name, summary=summary, card=card, files=files, history=result.history)
 
 
-def write_bundle(request: TrainRequest, run: TrainRun, data: TrainData,
-                 localiser: TrainedPart | None, regions: list[TrainedPart],
-                 started: float) -> dict[str, Any]:
+def write_bundle(
+    request: TrainRequest,
+    run: TrainRun,
+    data: TrainData,
+    localiser: TrainedPart | None,
+    regions: list[TrainedPart],
+    started: float,
+) -> dict[str, Any]:
     """Stage 7: copy the trained files into the bundle, write the logs, then the card (last, so
     a bundle without it is incomplete). Returns the summary (the card's metrics)."""
     import torch
+
     from mris.training.export import write_bundle_card
     from mris.training.trainer import write_logs
 
-    summary: dict[str, Any] = {"regions": {part.name: part.summary for part in regions},
-                               "device": str(run.device), "init": data.init}
+    summary: dict[str, Any] = {
+        "regions": {part.name: part.summary for part in regions},
+        "device": str(run.device),
+        "init": data.init,
+    }
     card_variants: dict[str, Any] = {}
     for (variant, region), part in zip(data.regions, regions):
         card_variants.setdefault(variant, {"regions": {}})["regions"][region] = part.card
@@ -415,20 +533,30 @@ def write_bundle(request: TrainRequest, run: TrainRun, data: TrainData,
     summary["seconds"] = round(time.perf_counter() - started, 1)
     database, knee_ids = run.database, data.knee_ids
     training_info = {
-        "profile": run.profile.to_dict(), "variants": request.variants, "seed": request.seed,
-        "device": str(run.device), "threads": torch.get_num_threads(), "init": data.init,
-        "manifest_sha256": run.identity["manifest_sha256"], "database_pairs": len(database),
+        "profile": run.profile.to_dict(),
+        "variants": request.variants,
+        "seed": request.seed,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+        "init": data.init,
+        "manifest_sha256": run.identity["manifest_sha256"],
+        "database_pairs": len(database),
         "train_knees": len({knee_ids[p] for p in data.train_pos}),
         "validation_knees": len(data.val_first),
         "validation_subjects": sorted({database[p].subject_id for p in data.val_pos}),
         "method": "MRIS (Chen & Niethammer 2023): ResNet-18 pair, triplet loss m=0.1 one "
-                  "direction, one visit per knee per epoch, AdamW",
+        "direction, one visit per knee per epoch, AdamW",
     }
-    write_bundle_card(request.out, {
-        "preprocess": data.config.to_dict(), "variants": card_variants,
-        "localiser": localiser.card if localiser is not None else None,
-        "training": training_info, "metrics": summary,
-    })
+    write_bundle_card(
+        request.out,
+        {
+            "preprocess": data.config.to_dict(),
+            "variants": card_variants,
+            "localiser": localiser.card if localiser is not None else None,
+            "training": training_info,
+            "metrics": summary,
+        },
+    )
     return summary
 
 
@@ -441,15 +569,19 @@ def train(request: TrainRequest, reporter: Reporter | None = None) -> dict[str, 
     data = load_data(request, run, rep)
     localiser = localiser_stage(request, run, data, rep) if request.localiser else None
     test_cache = cache_test_split(request, run, data, rep)
-    regions = [region_stage(request, run, data, variant, region, test_cache, rep)
-               for variant, region in data.regions]
+    regions = [
+        region_stage(request, run, data, variant, region, test_cache, rep)
+        for variant, region in data.regions
+    ]
     return write_bundle(request, run, data, localiser, regions, started)
 
 
 RECALL_RESAMPLES = 1000
 
 
-def recall_vs_chance(queries: np.ndarray, keys: np.ndarray, subjects: list[str], seed: int) -> dict[str, Any]:
+def recall_vs_chance(
+    queries: np.ndarray, keys: np.ndarray, subjects: list[str], seed: int
+) -> dict[str, Any]:
     """Recall@1/5/10/20 of queries [Q, D] against their own keys [Q, D] (the gallery = all keys):
     recall, chance (k / gallery), the ratio to chance and 95 % intervals from resampling subjects
     (``mris.evaluation.tables.retrieval_row``, the evaluation's Table 1 row, without its curve)."""
@@ -460,8 +592,13 @@ def recall_vs_chance(queries: np.ndarray, keys: np.ndarray, subjects: list[str],
     return row
 
 
-def onnx_embed(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndarray, thickness: np.ndarray,
-               threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+def onnx_embed(
+    radiograph_onnx: Path,
+    thickness_onnx: Path,
+    radiographs: np.ndarray,
+    thickness: np.ndarray,
+    threads: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of [N, 1, S, S] radiograph and thickness inputs by the exported ONNX encoders
     (the serving path)."""
     from mris.encoders import OnnxEncoder
@@ -471,16 +608,29 @@ def onnx_embed(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndar
     return f.embed(radiographs), g.embed(thickness)
 
 
-def onnx_recall(radiograph_onnx: Path, thickness_onnx: Path, radiographs: np.ndarray, thickness: np.ndarray,
-                subjects: list[str], threads: int | None, seed: int) -> dict[str, Any]:
+def onnx_recall(
+    radiograph_onnx: Path,
+    thickness_onnx: Path,
+    radiographs: np.ndarray,
+    thickness: np.ndarray,
+    subjects: list[str],
+    threads: int | None,
+    seed: int,
+) -> dict[str, Any]:
     """``recall_vs_chance`` with the exported ONNX encoders on [N, 1, S, S] inputs, one per knee
     (first visits)."""
     queries, keys = onnx_embed(radiograph_onnx, thickness_onnx, radiographs, thickness, threads)
     return recall_vs_chance(queries, keys, subjects, seed)
 
 
-def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, threads: int | None,
-                seed: int = 0) -> dict[str, Any]:
+def test_recall(
+    radiograph_onnx: Path,
+    thickness_onnx: Path,
+    cache,
+    array: str,
+    threads: int | None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Recall@k on the test split with the exported ONNX encoders (the serving path).
 
     ``first_visit``: one query per knee (its first visit), gallery = those knees' maps (DESIGN.md),
@@ -488,20 +638,32 @@ def test_recall(radiograph_onnx: Path, thickness_onnx: Path, cache, array: str, 
     ``all_visits``: every knee-visit pair is a query, gallery = every test map (other visits of
     the same knee are competitors), a larger gallery and so a lower chance level.
     """
+    from mris.evaluation.metrics import RECALL_AT, recall_at_k
     from mris.training.sampler import first_visits
 
-    from mris.evaluation.metrics import RECALL_AT, recall_at_k
-
-    queries, keys = onnx_embed(radiograph_onnx, thickness_onnx, np.asarray(cache["radiograph"], np.float32)[:, None],
-                               np.asarray(cache[array], np.float32)[:, None], threads)
+    queries, keys = onnx_embed(
+        radiograph_onnx,
+        thickness_onnx,
+        np.asarray(cache["radiograph"], np.float32)[:, None],
+        np.asarray(cache[array], np.float32)[:, None],
+        threads,
+    )
     rows = cache.rows
     first = sorted(first_visits([r.knee_id for r in rows], [r.visit_month for r in rows]))
-    out = {"first_visit": recall_vs_chance(queries[first], keys[first], [rows[i].subject_id for i in first], seed)}
+    out = {
+        "first_visit": recall_vs_chance(
+            queries[first], keys[first], [rows[i].subject_id for i in first], seed
+        )
+    }
     everything = list(range(len(rows)))
     recall = recall_at_k(queries @ keys.T)
     chance = {f"R@{k}": min(1.0, k / len(everything)) for k in RECALL_AT}
-    out["all_visits"] = {"gallery": len(everything), "recall": recall, "chance": chance,
-                         "ratio_to_chance": {k: recall[k] / chance[k] for k in chance}}
+    out["all_visits"] = {
+        "gallery": len(everything),
+        "recall": recall,
+        "chance": chance,
+        "ratio_to_chance": {k: recall[k] / chance[k] for k in chance},
+    }
     return out
 
 

@@ -13,7 +13,7 @@ numbers, so a resumed run draws exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -28,7 +28,9 @@ def group_by_knee(knee_ids: Sequence[str]) -> dict[str, list[int]]:
 
 def first_visits(knee_ids: Sequence[str], visit_months: Sequence[int]) -> list[int]:
     """Row position of each knee's first (earliest) visit, knees in first-seen order."""
-    return [min(rows, key=lambda r: (visit_months[r], r)) for rows in group_by_knee(knee_ids).values()]
+    return [
+        min(rows, key=lambda r: (visit_months[r], r)) for rows in group_by_knee(knee_ids).values()
+    ]
 
 
 class KneeVisitSampler:

@@ -33,17 +33,24 @@ import io
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from mris.evaluation.metrics import RECALL_AT, recall_at_k
 from mris.fsutil import atomic_write, atomic_write_json, atomic_write_text
-from mris.training.checkpoint import autocast_for, read_checkpoint, restore_rng, rng_state, save_checkpoint
 from mris.training.augment import augment_radiographs
+from mris.training.checkpoint import (
+    autocast_for,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from mris.training.losses import similarity_matrix, triplet_loss
 from mris.training.models import ModelConfig, build_model
 from mris.training.profiles import TrainProfile
@@ -76,7 +83,9 @@ def set_determinism(seed: int, threads: int | None = None) -> None:
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     generator = torch.Generator()
-    generator.manual_seed(int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint64)[0] >> 1))
+    generator.manual_seed(
+        int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1, np.uint64)[0] >> 1)
+    )
     return generator
 
 
@@ -127,11 +136,15 @@ class RegionTrainer:
         self.g = build_model(ModelConfig("encoder", init_weights=self.init_weights)).to(self.device)
         p = self.profile
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.f.parameters(), "lr": p.lr_radiograph},
-             {"params": self.g.parameters(), "lr": p.lr_thickness}],
+            [
+                {"params": self.f.parameters(), "lr": p.lr_radiograph},
+                {"params": self.g.parameters(), "lr": p.lr_thickness},
+            ],
             weight_decay=p.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.step_size, gamma=p.gamma)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=p.step_size, gamma=p.gamma
+        )
         self.sampler = KneeVisitSampler(self.data.train_knees, p.batch_size, self.seed)
         self.epoch = 0
         self.saved_epoch = 0  # the epoch last.pt holds (what an interruption keeps)
@@ -151,8 +164,13 @@ class RegionTrainer:
         return self.work_dir / "best.pt"
 
     def _config_blob(self) -> dict[str, Any]:
-        return {"profile": self.profile.to_dict(), "seed": self.seed, "name": self.name,
-                "train_rows": len(self.data.train_rows), "val_rows": len(self.data.val_rows)}
+        return {
+            "profile": self.profile.to_dict(),
+            "seed": self.seed,
+            "name": self.name,
+            "train_rows": len(self.data.train_rows),
+            "val_rows": len(self.data.val_rows),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -165,7 +183,11 @@ class RegionTrainer:
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
-            "best": {"score": self.best_score, "epoch": self.best_epoch, "metrics": self.best_metrics},
+            "best": {
+                "score": self.best_score,
+                "epoch": self.best_epoch,
+                "metrics": self.best_metrics,
+            },
             "history": self.history,
             "timing": {"seconds": self.train_seconds, "images": self.train_images},
         }
@@ -176,7 +198,9 @@ class RegionTrainer:
             self.saved_epoch = state["epoch"]
 
     def load(self, path: Path) -> None:
-        state = read_checkpoint(path, self.device, CHECKPOINT_FORMAT, self._config_blob(), "MRIS training")
+        state = read_checkpoint(
+            path, self.device, CHECKPOINT_FORMAT, self._config_blob(), "MRIS training"
+        )
         self.f.load_state_dict(state["f"])
         self.g.load_state_dict(state["g"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -214,7 +238,9 @@ class RegionTrainer:
             x = self._tensor(self.data.radiographs, rows)
             y = self._tensor(self.data.thickness, rows)
             if self.profile.augment:
-                x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation)
+                x = augment_radiographs(
+                    x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation
+                )
             with self._autocast():
                 fx, gy = self.f(x), self.g(y)
             loss = self.loss_fn(fx.float(), gy.float(), self.profile.margin)
@@ -232,12 +258,16 @@ class RegionTrainer:
         return float(np.mean(losses)) if losses else float("nan")
 
     @torch.no_grad()
-    def embed(self, model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], batch: int = 128) -> np.ndarray:
+    def embed(
+        self, model: torch.nn.Module, array: np.ndarray, rows: Sequence[int], batch: int = 128
+    ) -> np.ndarray:
         model.eval()
         out = []
         for start in range(0, len(rows), batch):
             with self._autocast():
-                out.append(model(self._tensor(array, rows[start : start + batch])).float().cpu().numpy())
+                out.append(
+                    model(self._tensor(array, rows[start : start + batch])).float().cpu().numpy()
+                )
         return np.concatenate(out) if out else np.zeros((0, 512), np.float32)
 
     def validate(self) -> dict[str, float]:
@@ -275,22 +305,37 @@ class RegionTrainer:
                 loss = self.train_epoch()
                 metrics = self.validate()
                 score = sum(metrics.values())
-                record = {"region": self.name, "epoch": self.epoch + 1, "loss": loss,
-                          "lr_radiograph": lrs[0], "lr_thickness": lrs[1], **metrics,
-                          "seconds": round(self.train_seconds, 2)}
+                record = {
+                    "region": self.name,
+                    "epoch": self.epoch + 1,
+                    "loss": loss,
+                    "lr_radiograph": lrs[0],
+                    "lr_thickness": lrs[1],
+                    **metrics,
+                    "seconds": round(self.train_seconds, 2),
+                }
                 self.history.append(record)
                 self.epoch += 1
                 if score > self.best_score:
                     self.best_score, self.best_epoch, self.best_metrics = score, self.epoch, metrics
-                    self.save(self.best_path, {"format": CHECKPOINT_FORMAT, "epoch": self.epoch,
-                                               "f": self.f.state_dict(), "g": self.g.state_dict(),
-                                               "metrics": metrics})
+                    self.save(
+                        self.best_path,
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "epoch": self.epoch,
+                            "f": self.f.state_dict(),
+                            "g": self.g.state_dict(),
+                            "metrics": metrics,
+                        },
+                    )
                 self.save(self.last_path, self.state_dict())
                 write_logs(self.work_dir, self.history)
                 if self.on_epoch is not None:
                     self.on_epoch(record)
         except KeyboardInterrupt:
-            self.log(f"{self.name}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume")
+            self.log(
+                f"{self.name}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume"
+            )
             raise
         return TrainResult(
             best_epoch=self.best_epoch,

@@ -55,16 +55,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from mris.training.checkpoint import (
-    as_stored,
-    autocast_for,
-    check_resumable,
-    read_checkpoint,
-    restore_rng,
-    rng_state,
-    save_checkpoint,
-)
-from mris.training.profiles import TrainProfile, get_profile
 
 from mris.constants import CARTILAGES, PreprocessConfig
 from mris.errors import BadParameter, ManifestError
@@ -75,6 +65,16 @@ from mris.fsutil import (
     ensure_empty_output_dir,
     sha256_file,
 )
+from mris.training.checkpoint import (
+    as_stored,
+    autocast_for,
+    check_resumable,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from mris.training.profiles import TrainProfile, get_profile
 
 UNET_CHECKPOINT_FORMAT = "mris-unet-checkpoint/2"
 UNET_RUN_FORMAT = "mris-unet-run/2"
@@ -113,8 +113,13 @@ def map_to_target(thickness_mm: np.ndarray, config: PreprocessConfig) -> np.ndar
     return out
 
 
-def build_targets(manifest, rows, config: PreprocessConfig, path: Path,
-                  tick: Callable[[int, int], None] | None = None) -> np.ndarray:
+def build_targets(
+    manifest,
+    rows,
+    config: PreprocessConfig,
+    path: Path,
+    tick: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """``[N, 2, S, S]`` targets of ``rows``, cached (atomically) at ``path``; memory-mapped."""
     from mris.thickness import load_thickness_map
 
@@ -123,7 +128,9 @@ def build_targets(manifest, rows, config: PreprocessConfig, path: Path,
         out = np.zeros((len(rows), 2, config.encoder_px, config.encoder_px), np.float32)
         for p, row in enumerate(rows):
             for c, map_path in enumerate((row.fc_path, row.tc_path)):
-                out[p, c] = map_to_target(load_thickness_map(manifest.resolve_path(map_path)), config)
+                out[p, c] = map_to_target(
+                    load_thickness_map(manifest.resolve_path(map_path)), config
+                )
             if tick is not None:
                 tick(p + 1, len(rows))
         atomic_save_npy(path, out)
@@ -163,7 +170,9 @@ class UnetTrainer:
         self.work_dir = Path(self.work_dir)
         torch.manual_seed(self.seed)
         self.model = build_model(ModelConfig("unet", width=self.width))
-        self.model.scale_mm = float(self.scale_mm)  # mm per network unit (the thickness inputs' scale)
+        self.model.scale_mm = float(
+            self.scale_mm
+        )  # mm per network unit (the thickness inputs' scale)
         self.model.to(self.device)
         # the encoders' sampler, seed and knees: the same batches, so the same optimiser steps
         self.sampler = KneeVisitSampler(self.data.train_knees, self.profile.batch_size, self.seed)
@@ -179,8 +188,12 @@ class UnetTrainer:
 
     def _make_optimisers(self) -> None:
         p = self.profile
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr_radiograph, weight_decay=p.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=p.step_size, gamma=p.gamma)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=p.lr_radiograph, weight_decay=p.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=p.step_size, gamma=p.gamma
+        )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -195,18 +208,32 @@ class UnetTrainer:
         return self.work_dir / "best.pt"
 
     def _config_blob(self) -> dict[str, Any]:
-        return {"kind": self.kind, "profile": self.profile.to_dict(), "seed": self.seed, "width": self.width,
-                "scale_mm": self.scale_mm, "train_rows": len(self.data.train_rows), "val_rows": len(self.data.val_rows)}
+        return {
+            "kind": self.kind,
+            "profile": self.profile.to_dict(),
+            "seed": self.seed,
+            "width": self.width,
+            "scale_mm": self.scale_mm,
+            "train_rows": len(self.data.train_rows),
+            "val_rows": len(self.data.val_rows),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": UNET_CHECKPOINT_FORMAT, "config": self._config_blob(), "epoch": self.epoch,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "format": UNET_CHECKPOINT_FORMAT,
+            "config": self._config_blob(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "best": {"mae": self.best_mae, "epoch": self.best_epoch, "metrics": self.best_metrics},
             "history": self.history,
-            "timing": {"seconds": self.train_seconds, "images": self.train_images, "steps": self.steps},
+            "timing": {
+                "seconds": self.train_seconds,
+                "images": self.train_images,
+                "steps": self.steps,
+            },
         }
 
     def save(self, path: Path, state: dict[str, Any]) -> None:
@@ -215,7 +242,9 @@ class UnetTrainer:
             self.saved_epoch = state["epoch"]
 
     def load(self, path: Path) -> dict[str, Any]:
-        state = read_checkpoint(path, self.device, UNET_CHECKPOINT_FORMAT, self._config_blob(), "MRIS U-Net")
+        state = read_checkpoint(
+            path, self.device, UNET_CHECKPOINT_FORMAT, self._config_blob(), "MRIS U-Net"
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -252,7 +281,9 @@ class UnetTrainer:
         x = self._tensor(self.data.radiographs, rows, True)
         y = self._tensor(self.data.targets, rows, False)
         if self.profile.augment:
-            x = augment_radiographs(x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation)
+            x = augment_radiographs(
+                x, batch_generator(self.seed, self.epoch, index), self.profile.augmentation
+            )
         return x, y
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -288,12 +319,19 @@ class UnetTrainer:
         out = []
         for s in range(0, len(rows), batch):
             with self._autocast():
-                out.append(self.model(self._tensor(self.data.radiographs, rows[s : s + batch], True)).float().cpu().numpy())
+                out.append(
+                    self.model(self._tensor(self.data.radiographs, rows[s : s + batch], True))
+                    .float()
+                    .cpu()
+                    .numpy()
+                )
         return np.concatenate(out)
 
     def validate(self) -> dict[str, float]:
         rows = list(self.data.val_rows)
-        return mae_by_region(self.predict(rows), np.asarray(self.data.targets[np.asarray(rows)], np.float32))
+        return mae_by_region(
+            self.predict(rows), np.asarray(self.data.targets[np.asarray(rows)], np.float32)
+        )
 
     def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> None:
         """Train to ``profile.epochs``; ``stop_after_epoch`` (tests) stops early as a Ctrl-C would."""
@@ -313,19 +351,38 @@ class UnetTrainer:
                 losses = self.train_epoch()
                 metrics = self.validate()
                 self.epoch += 1
-                record = {"region": self.kind, "epoch": self.epoch, **losses, "lr": lr, **metrics,
-                          "seconds": round(self.train_seconds, 2)}
+                record = {
+                    "region": self.kind,
+                    "epoch": self.epoch,
+                    **losses,
+                    "lr": lr,
+                    **metrics,
+                    "seconds": round(self.train_seconds, 2),
+                }
                 self.history.append(record)
                 if metrics["val_mae_mm"] < self.best_mae:
-                    self.best_mae, self.best_epoch, self.best_metrics = metrics["val_mae_mm"], self.epoch, metrics
-                    self.save(self.best_path, {"format": UNET_CHECKPOINT_FORMAT, "epoch": self.epoch,
-                                               "model": self.model.state_dict(), "metrics": metrics})
+                    self.best_mae, self.best_epoch, self.best_metrics = (
+                        metrics["val_mae_mm"],
+                        self.epoch,
+                        metrics,
+                    )
+                    self.save(
+                        self.best_path,
+                        {
+                            "format": UNET_CHECKPOINT_FORMAT,
+                            "epoch": self.epoch,
+                            "model": self.model.state_dict(),
+                            "metrics": metrics,
+                        },
+                    )
                 self.save(self.last_path, self.state_dict())
                 _write_log(self.work_dir, self.history)
                 if self.on_epoch is not None:
                     self.on_epoch(record)
         except KeyboardInterrupt:
-            self.log(f"{self.kind}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume")
+            self.log(
+                f"{self.kind}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume"
+            )
             raise
 
     def load_best(self) -> None:
@@ -337,11 +394,16 @@ class UnetTrainer:
         """What the card records about the networks."""
         from mris.training.models import UNET_LEVELS, unet_features
 
-        return {"network": "U-Net (Ronneberger et al. 2015), monai.networks.nets.BasicUNet: two 3x3 conv + "
-                           "batch norm + ReLU per level, 2x2 max pool, 2x2 transposed conv, skip concatenation",
-                "levels": UNET_LEVELS, "features": list(unet_features(self.width)), "width": self.width,
-                "paper_width": PAPER_UNET_WIDTH, "parameters": _parameters(self.model),
-                "receptive_field_px": 188}
+        return {
+            "network": "U-Net (Ronneberger et al. 2015), monai.networks.nets.BasicUNet: two 3x3 conv + "
+            "batch norm + ReLU per level, 2x2 max pool, 2x2 transposed conv, skip concatenation",
+            "levels": UNET_LEVELS,
+            "features": list(unet_features(self.width)),
+            "width": self.width,
+            "paper_width": PAPER_UNET_WIDTH,
+            "parameters": _parameters(self.model),
+            "receptive_field_px": 188,
+        }
 
 
 class Pix2PixTrainer(UnetTrainer):
@@ -355,7 +417,9 @@ class Pix2PixTrainer(UnetTrainer):
 
         self.layers = patch_layers(self.profile.encoder_px)
         torch.manual_seed(self.seed + 1)  # D's init: not the generator's stream
-        self.discriminator = build_model(ModelConfig("patchgan", width=self.width, layers=self.layers)).to(self.device)
+        self.discriminator = build_model(
+            ModelConfig("patchgan", width=self.width, layers=self.layers)
+        ).to(self.device)
         super().__post_init__()
 
     def _make_optimisers(self) -> None:
@@ -366,7 +430,9 @@ class Pix2PixTrainer(UnetTrainer):
             return 1.0 - max(0, epoch + 1 - constant) / float(epochs - constant + 1)
 
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=GAN_LR, betas=GAN_BETAS)
-        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=GAN_LR, betas=GAN_BETAS)
+        self.optimizer_d = torch.optim.Adam(
+            self.discriminator.parameters(), lr=GAN_LR, betas=GAN_BETAS
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_decay)
         self.scheduler_d = torch.optim.lr_scheduler.LambdaLR(self.optimizer_d, linear_decay)
 
@@ -375,11 +441,19 @@ class Pix2PixTrainer(UnetTrainer):
         self.scheduler_d.step()
 
     def _config_blob(self) -> dict[str, Any]:
-        return {**super()._config_blob(), "discriminator_layers": self.layers, "lambda_l1": LAMBDA_L1}
+        return {
+            **super()._config_blob(),
+            "discriminator_layers": self.layers,
+            "lambda_l1": LAMBDA_L1,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "discriminator": self.discriminator.state_dict(),
-                "optimizer_d": self.optimizer_d.state_dict(), "scheduler_d": self.scheduler_d.state_dict()}
+        return {
+            **super().state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "optimizer_d": self.optimizer_d.state_dict(),
+            "scheduler_d": self.scheduler_d.state_dict(),
+        }
 
     def load(self, path: Path) -> dict[str, Any]:
         state = super().load(path)
@@ -399,14 +473,19 @@ class Pix2PixTrainer(UnetTrainer):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         mask = torch.isfinite(y)
-        real = torch.where(mask, y, torch.zeros_like(y)) / self.scale_mm  # network units, 0 outside cartilage
+        real = (
+            torch.where(mask, y, torch.zeros_like(y)) / self.scale_mm
+        )  # network units, 0 outside cartilage
         with self._autocast():
             fake_mm = self.model(x).float()
         fake = fake_mm / self.scale_mm * mask
         # D: real pairs -> 1, generated pairs -> 0, the objective halved (pix2pix)
         self.discriminator.requires_grad_(True)
         real_logits, fake_logits = self._judge(x, real), self._judge(x, fake.detach())
-        loss_d = 0.5 * (bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits)))
+        loss_d = 0.5 * (
+            bce(real_logits, torch.ones_like(real_logits))
+            + bce(fake_logits, torch.zeros_like(fake_logits))
+        )
         self.optimizer_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.optimizer_d.step()
@@ -419,19 +498,29 @@ class Pix2PixTrainer(UnetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         loss_g.backward()
         self.optimizer.step()
-        return {"loss_mm": float(loss_l1.detach()), "loss_gan": float(loss_gan.detach()), "loss_d": float(loss_d.detach())}
+        return {
+            "loss_mm": float(loss_l1.detach()),
+            "loss_gan": float(loss_gan.detach()),
+            "loss_d": float(loss_d.detach()),
+        }
 
     def architecture(self) -> dict[str, Any]:
         from mris.training.models import patch_receptive_px
 
-        return {"generator": super().architecture(),
-                "discriminator": {"network": "PatchGAN (pix2pix NLayerDiscriminator): 4x4 convs, batch norm, "
-                                             "LeakyReLU 0.2; input ROI + fc + tc (mm / 3, 0 outside the true cartilage)",
-                                  "strided_layers": self.layers, "patch_px": patch_receptive_px(self.layers),
-                                  "width": self.width, "parameters": _parameters(self.discriminator)},
-                "loss": f"D: (BCE(real) + BCE(fake)) / 2; G: BCE + {LAMBDA_L1:g} x L1 (mm / 3, cartilage pixels)",
-                "optimiser": f"Adam lr {GAN_LR:g}, betas {GAN_BETAS}, constant for {(self.profile.epochs + 1) // 2} "
-                             "epochs then linear to 0; no clip, no weight decay"}
+        return {
+            "generator": super().architecture(),
+            "discriminator": {
+                "network": "PatchGAN (pix2pix NLayerDiscriminator): 4x4 convs, batch norm, "
+                "LeakyReLU 0.2; input ROI + fc + tc (mm / 3, 0 outside the true cartilage)",
+                "strided_layers": self.layers,
+                "patch_px": patch_receptive_px(self.layers),
+                "width": self.width,
+                "parameters": _parameters(self.discriminator),
+            },
+            "loss": f"D: (BCE(real) + BCE(fake)) / 2; G: BCE + {LAMBDA_L1:g} x L1 (mm / 3, cartilage pixels)",
+            "optimiser": f"Adam lr {GAN_LR:g}, betas {GAN_BETAS}, constant for {(self.profile.epochs + 1) // 2} "
+            "epochs then linear to 0; no clip, no weight decay",
+        }
 
 
 def _parameters(model: torch.nn.Module) -> int:
@@ -448,7 +537,9 @@ def mae_by_region(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
         counts = mask.reshape(len(t), -1).sum(axis=1)
         err = np.where(mask, np.abs(p - np.nan_to_num(t)), 0.0).reshape(len(t), -1).sum(axis=1)
         good = counts > 0
-        out[f"val_mae_{region}_mm"] = float((err[good] / counts[good]).mean()) if good.any() else float("nan")
+        out[f"val_mae_{region}_mm"] = (
+            float((err[good] / counts[good]).mean()) if good.any() else float("nan")
+        )
     out["val_mae_mm"] = (out["val_mae_fc_mm"] + out["val_mae_tc_mm"]) / 2
     return out
 
@@ -462,8 +553,9 @@ def _write_log(folder: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_json(Path(folder) / "log.json", history)
 
 
-def check_unet_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray,
-                      threads: int | None = None) -> float:
+def check_unet_parity(
+    model: torch.nn.Module, onnx_path: Path, images: np.ndarray, threads: int | None = None
+) -> float:
     """Max |torch - onnxruntime| over ``images`` ``[N, 1, S, S]``; raises ``ExportParityError``
     above ``PARITY_TOLERANCE`` or on a non-finite output."""
     from mris.training.export import PARITY_TOLERANCE, ExportParityError, onnx_session
@@ -480,8 +572,10 @@ def check_unet_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarra
             raise ExportParityError(f"{onnx_path.name} returns non-finite thickness")
         diff = max(diff, float(np.abs(ours - ref).max()))
     if diff > PARITY_TOLERANCE:
-        raise ExportParityError(f"ONNX export {onnx_path.name} fails parity: max abs diff {diff:.2e} "
-                                f"(limit {PARITY_TOLERANCE:.0e})")
+        raise ExportParityError(
+            f"ONNX export {onnx_path.name} fails parity: max abs diff {diff:.2e} "
+            f"(limit {PARITY_TOLERANCE:.0e})"
+        )
     return diff
 
 
@@ -510,16 +604,18 @@ class UnetRequest:
         return "pix2pix" if self.gan else "unet"
 
 
-def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None,
-               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train_unet(
+    request: UnetRequest,
+    log: Callable[[str], None] = lambda m: None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train, export ``unet.onnx`` (``pix2pix.onnx``: the generator) with parity, write
     ``unet-card.json`` (``pix2pix-card.json``); returns the metrics."""
+    from mris.manifest import read_manifest
     from mris.training.cache import build_cache
     from mris.training.export import export_onnx, library_versions
     from mris.training.run import split_validation
     from mris.training.trainer import pick_device, set_determinism
-
-    from mris.manifest import read_manifest
 
     started = time.perf_counter()
     name = "pix2pix" if request.gan else "U-Net"
@@ -536,12 +632,20 @@ def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None
     if profile.epochs < 1 or profile.batch_size < 2:
         raise BadParameter("--epochs must be >= 1 and --batch-size >= 2")
     if profile.encoder_px % 16:
-        raise BadParameter(f"the U-Net (4 down-samplings) needs an input side divisible by 16, the profile has {profile.encoder_px}")
+        raise BadParameter(
+            f"the U-Net (4 down-samplings) needs an input side divisible by 16, the profile has {profile.encoder_px}"
+        )
     width = request.width or profile.unet_width
 
     train_dir = request.train_dir
-    identity = {"format": UNET_RUN_FORMAT, "kind": request.kind, "manifest_sha256": sha256_file(request.manifest),
-                "profile": profile.to_dict(), "seed": request.seed, "width": width}
+    identity = {
+        "format": UNET_RUN_FORMAT,
+        "kind": request.kind,
+        "manifest_sha256": sha256_file(request.manifest),
+        "profile": profile.to_dict(),
+        "seed": request.seed,
+        "width": width,
+    }
     identity = as_stored(identity)
     run_json = train_dir / "run.json"
     if request.resume:
@@ -550,7 +654,9 @@ def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None
     else:
         ensure_empty_output_dir(request.out, request.force)
         if run_json.is_file() and not request.force:
-            raise FileExistsError(f"{train_dir} holds a {name} run: use --resume to continue it or --force to restart")
+            raise FileExistsError(
+                f"{train_dir} holds a {name} run: use --resume to continue it or --force to restart"
+            )
         for stale in ("last.pt", "best.pt"):
             (train_dir / stale).unlink(missing_ok=True)
         train_dir.mkdir(parents=True, exist_ok=True)
@@ -558,22 +664,37 @@ def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None
 
     set_determinism(request.seed, request.threads)
     config = PreprocessConfig(encoder_px=profile.encoder_px)
-    cache = build_cache(request.manifest, manifest, database, config, train_dir / "cache", ["radiograph"])
+    cache = build_cache(
+        request.manifest, manifest, database, config, train_dir / "cache", ["radiograph"]
+    )
     targets = build_targets(manifest, database, config, cache.root / TARGETS_FILE)
     train_pos, val_pos = split_validation(database, profile.val_fraction, request.seed)
     train_knees = [database[p].knee_id for p in train_pos]
     trainer_class = Pix2PixTrainer if request.gan else UnetTrainer
-    trainer = trainer_class(UnetData(cache["radiograph"], targets, train_pos, val_pos, train_knees), profile, train_dir,
-                            device, request.seed, width=width, scale_mm=config.thickness_scale_mm, log=log,
-                            on_epoch=on_epoch)
-    steps = {"per_epoch": trainer.steps_per_epoch, "epochs": profile.epochs,
-             "total": trainer.steps_per_epoch * profile.epochs,
-             "counted_as": "epochs x batches of the encoders' sampler (one visit per training knee, batch_size, a "
-                           "last batch of 1 dropped): the optimiser steps of one encoder pair" +
-                           ("; one discriminator step per generator step" if request.gan else "")}
-    log(f"{name}: device {device}, profile {profile.name}, width {width}, {len(set(train_knees))} training knees "
+    trainer = trainer_class(
+        UnetData(cache["radiograph"], targets, train_pos, val_pos, train_knees),
+        profile,
+        train_dir,
+        device,
+        request.seed,
+        width=width,
+        scale_mm=config.thickness_scale_mm,
+        log=log,
+        on_epoch=on_epoch,
+    )
+    steps = {
+        "per_epoch": trainer.steps_per_epoch,
+        "epochs": profile.epochs,
+        "total": trainer.steps_per_epoch * profile.epochs,
+        "counted_as": "epochs x batches of the encoders' sampler (one visit per training knee, batch_size, a "
+        "last batch of 1 dropped): the optimiser steps of one encoder pair"
+        + ("; one discriminator step per generator step" if request.gan else ""),
+    }
+    log(
+        f"{name}: device {device}, profile {profile.name}, width {width}, {len(set(train_knees))} training knees "
         f"({len(train_pos)} pairs, one visit per knee per epoch), {len(val_pos)} validation pairs (held out by "
-        f"subject); {steps['total']} optimiser steps ({steps['per_epoch']} per epoch)")
+        f"subject); {steps['total']} optimiser steps ({steps['per_epoch']} per epoch)"
+    )
     trainer.fit(resume=request.resume and trainer.last_path.is_file())
     trainer.load_best()
     model = trainer.model.float().cpu().eval()
@@ -581,34 +702,63 @@ def train_unet(request: UnetRequest, log: Callable[[str], None] = lambda m: None
     onnx_path = export_onnx(model, request.out / onnx_file, (s, s), ["thickness"])
     val_images = np.asarray(cache["radiograph"][np.sort(val_pos)[:64]], np.float32)[:, None]
     parity = check_unet_parity(model, onnx_path, val_images, request.threads)
-    log(f"{name}: best epoch {trainer.best_epoch}, validation MAE {trainer.best_metrics['val_mae_mm']:.3f} mm, "
-        f"ONNX parity max abs diff {parity:.1e}")
+    log(
+        f"{name}: best epoch {trainer.best_epoch}, validation MAE {trainer.best_metrics['val_mae_mm']:.3f} mm, "
+        f"ONNX parity max abs diff {parity:.1e}"
+    )
     _write_log(request.out, trainer.history)
     (request.out / "log.json").unlink(missing_ok=True)
-    metrics = {"best_epoch": trainer.best_epoch, "validation": trainer.best_metrics, "parity_max_abs_diff": parity,
-               "optimiser_steps": trainer.steps, "train_seconds": round(trainer.train_seconds, 1),
-               "images_per_second": round(trainer.train_images / trainer.train_seconds, 1) if trainer.train_seconds else 0.0,
-               "seconds": round(time.perf_counter() - started, 1), "device": str(device)}
+    metrics = {
+        "best_epoch": trainer.best_epoch,
+        "validation": trainer.best_metrics,
+        "parity_max_abs_diff": parity,
+        "optimiser_steps": trainer.steps,
+        "train_seconds": round(trainer.train_seconds, 1),
+        "images_per_second": round(trainer.train_images / trainer.train_seconds, 1)
+        if trainer.train_seconds
+        else 0.0,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": str(device),
+    }
     architecture = trainer.architecture()
     generator = architecture.get("generator", architecture)
-    width_note = (f"U-Net width {width} at {s} px ({profile.name} profile, {generator['parameters'] / 1e6:.1f} M "
-                  f"parameters); paper: {PAPER_UNET_WIDTH}")
+    width_note = (
+        f"U-Net width {width} at {s} px ({profile.name} profile, {generator['parameters'] / 1e6:.1f} M "
+        f"parameters); paper: {PAPER_UNET_WIDTH}"
+    )
     card = {
-        "format": UNET_CARD_FORMAT, "kind": request.kind, "file": onnx_file, "sha256": {onnx_file: sha256_file(onnx_path)},
+        "format": UNET_CARD_FORMAT,
+        "kind": request.kind,
+        "file": onnx_file,
+        "sha256": {onnx_file: sha256_file(onnx_path)},
         "input": {"name": "image", "shape": ["N", 1, s, s]},
-        "output": {"name": "thickness", "shape": ["N", 2, s, s], "channels": list(CARTILAGES),
-                   "units": "mm",
-                   "note": "finite everywhere; mask outside cartilage; grid = the thickness map resized to S x S"},
-        "preprocess": config.to_dict(), "profile": profile.to_dict(), "seed": request.seed, "width": width,
-        "width_note": width_note, "architecture": architecture, "optimiser_steps": steps,
-        "manifest_sha256": identity["manifest_sha256"], "database_pairs": len(database),
+        "output": {
+            "name": "thickness",
+            "shape": ["N", 2, s, s],
+            "channels": list(CARTILAGES),
+            "units": "mm",
+            "note": "finite everywhere; mask outside cartilage; grid = the thickness map resized to S x S",
+        },
+        "preprocess": config.to_dict(),
+        "profile": profile.to_dict(),
+        "seed": request.seed,
+        "width": width,
+        "width_note": width_note,
+        "architecture": architecture,
+        "optimiser_steps": steps,
+        "manifest_sha256": identity["manifest_sha256"],
+        "database_pairs": len(database),
         "train_knees": len(set(train_knees)),
         "validation_subjects": sorted({database[p].subject_id for p in val_pos}),
-        "method": ("pix2pix: the U-Net generator with a PatchGAN discriminator conditioned on the ROI, L1 (x100) on "
-                   "cartilage pixels + adversarial loss" if request.gan else
-                   "direct synthesis U-Net, masked L1 in mm on cartilage pixels, the encoders' optimiser")
-                  + "; the encoders' sampler (one visit per knee per epoch) and number of optimiser steps",
-        "metrics": metrics, "versions": library_versions(),
+        "method": (
+            "pix2pix: the U-Net generator with a PatchGAN discriminator conditioned on the ROI, L1 (x100) on "
+            "cartilage pixels + adversarial loss"
+            if request.gan
+            else "direct synthesis U-Net, masked L1 in mm on cartilage pixels, the encoders' optimiser"
+        )
+        + "; the encoders' sampler (one visit per knee per epoch) and number of optimiser steps",
+        "metrics": metrics,
+        "versions": library_versions(),
     }
     atomic_write_json(request.out / card_file, card)
     return metrics

@@ -34,7 +34,11 @@ SCANNERS = (
     ("Acme Medical", "AcmeRad CR-12", "MONOCHROME1", 0.30),
     ("Northwind Radiology", "NW Flat Panel 43", "MONOCHROME2", 0.25),
 )
-TRANSFER_SYNTAX_SHARES = ((ExplicitVRLittleEndian, 0.6), (RLELossless, 0.2), (JPEG2000Lossless, 0.2))
+TRANSFER_SYNTAX_SHARES = (
+    (ExplicitVRLittleEndian, 0.6),
+    (RLELossless, 0.2),
+    (JPEG2000Lossless, 0.2),
+)
 SPACING_TAG_SHARES = (("both", 0.7), ("imager", 0.25), ("pixel", 0.05))
 
 
@@ -60,11 +64,25 @@ def _uid(seed: int, *parts: object) -> str:
     return generate_uid(entropy_srcs=["mris-cohort", str(seed), *[str(p) for p in parts]])
 
 
-def build_dataset(pixels: np.ndarray, spacing_mm: float, choices: DicomChoices, *, seed: int,
-                  subject_id: str, sex: str, age: float, month: int, magnification: float) -> FileDataset:
+def build_dataset(
+    pixels: np.ndarray,
+    spacing_mm: float,
+    choices: DicomChoices,
+    *,
+    seed: int,
+    subject_id: str,
+    sex: str,
+    age: float,
+    month: int,
+    magnification: float,
+) -> FileDataset:
     """A complete DX dataset (uncompressed); ``pixels`` uint16 12-bit, bone bright."""
     manufacturer, model, photometric, _ = SCANNERS[choices.scanner]
-    stored = (4095 - pixels).astype(np.uint16) if photometric == "MONOCHROME1" else pixels.astype(np.uint16)
+    stored = (
+        (4095 - pixels).astype(np.uint16)
+        if photometric == "MONOCHROME1"
+        else pixels.astype(np.uint16)
+    )
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
@@ -109,7 +127,10 @@ def build_dataset(pixels: np.ndarray, spacing_mm: float, choices: DicomChoices, 
     ds.EstimatedRadiographicMagnificationFactor = round(magnification, 4)
     ds.BurnedInAnnotation = "NO"
 
-    spacing = [f"{spacing_mm:.4f}".rstrip("0").rstrip("."), f"{spacing_mm:.4f}".rstrip("0").rstrip(".")]
+    spacing = [
+        f"{spacing_mm:.4f}".rstrip("0").rstrip("."),
+        f"{spacing_mm:.4f}".rstrip("0").rstrip("."),
+    ]
     if choices.spacing_tags in ("both", "imager"):
         ds.ImagerPixelSpacing = spacing
     if choices.spacing_tags in ("both", "pixel"):

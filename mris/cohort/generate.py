@@ -123,23 +123,44 @@ def block_means(thickness_mm: np.ndarray, blocks: int = 8) -> list[float]:
 def visible_latents(subject: SubjectLatent, side: str, state, jsw) -> tuple[float, ...]:
     """What the radiograph shows of a knee-visit, in ``stats.VISIBLE_LATENTS`` order."""
     anat = subject.knees[side].anatomy
-    return (jsw[0], jsw[1], state.osteophyte_mm, state.sclerosis, float(state.klg), anat.alignment_deg,
-            anat.femur_width, anat.plateau_width, anat.notch_width, anat.medial_share,
-            anat.condyle_ry_medial, anat.condyle_ry_lateral, anat.spine_height, float(subject.sex == "M"))
+    return (
+        jsw[0],
+        jsw[1],
+        state.osteophyte_mm,
+        state.sclerosis,
+        float(state.klg),
+        anat.alignment_deg,
+        anat.femur_width,
+        anat.plateau_width,
+        anat.notch_width,
+        anat.medial_share,
+        anat.condyle_ry_medial,
+        anat.condyle_ry_lateral,
+        anat.spine_height,
+        float(subject.sex == "M"),
+    )
 
 
 def make_record(subject: SubjectLatent, side: str, month: int, state, maps, jsw) -> KneeVisitRecord:
     knee = subject.knees[side]
     fc_inside = maps.fc[~np.isnan(maps.fc)]
     return KneeVisitRecord(
-        subject_id=subject.subject_id, side=side, month=month, sex=subject.sex, klg=state.klg,
-        progressor=is_progressor(knee), fc_mean_mm=float(np.nanmean(maps.fc)),
-        tc_mean_mm=float(np.nanmean(maps.tc)), fc_nan_share=float(np.isnan(maps.fc).mean()),
-        tc_nan_share=float(np.isnan(maps.tc).mean()), jsw_medial_mm=jsw[0], jsw_lateral_mm=jsw[1],
+        subject_id=subject.subject_id,
+        side=side,
+        month=month,
+        sex=subject.sex,
+        klg=state.klg,
+        progressor=is_progressor(knee),
+        fc_mean_mm=float(np.nanmean(maps.fc)),
+        tc_mean_mm=float(np.nanmean(maps.tc)),
+        fc_nan_share=float(np.isnan(maps.fc).mean()),
+        tc_nan_share=float(np.isnan(maps.tc).mean()),
+        jsw_medial_mm=jsw[0],
+        jsw_lateral_mm=jsw[1],
         fc_medial_mm=float(np.nanmean(maps.fc[:, : maps.fc.shape[1] // 2])),
-        fc_lateral_mm=float(np.nanmean(maps.fc[:, maps.fc.shape[1] // 2:])),
+        fc_lateral_mm=float(np.nanmean(maps.fc[:, maps.fc.shape[1] // 2 :])),
         tc_medial_mm=float(np.nanmean(maps.tc[:, : maps.tc.shape[1] // 2])),
-        tc_lateral_mm=float(np.nanmean(maps.tc[:, maps.tc.shape[1] // 2:])),
+        tc_lateral_mm=float(np.nanmean(maps.tc[:, maps.tc.shape[1] // 2 :])),
         jsw_worse_mm=jsw[0] if knee.worse_compartment == "medial" else jsw[1],
         fc_denuded_share=float((fc_inside < 0.1).mean()) if fc_inside.size else 0.0,
         visible=visible_latents(subject, side, state, jsw),
@@ -162,17 +183,28 @@ def generate_subject(config: CohortConfig, index: int, split: str) -> SubjectRes
     for month, knees in by_month.items():
         rng = visit_rng(config.seed, index, month)
         positioning = radiograph.sample_positioning(rng)
-        full_spacing = float(rng.choice(radiograph.FULL_SPACINGS_MM, p=radiograph.FULL_SPACING_WEIGHTS))
+        full_spacing = float(
+            rng.choice(radiograph.FULL_SPACINGS_MM, p=radiograph.FULL_SPACING_WEIGHTS)
+        )
         spacing = radiograph.spacing_for_size(config.image_size, full_spacing)
         choices = dicom_writer.draw_choices(rng)
         states = {side: state for side, state, _, _ in knees}
         jsws = {side: jsw for side, _, _, jsw in knees}
-        image = radiograph.render_radiograph(subject.knees, states, jsws, positioning, spacing, rng,
-                                             bmi=subject.bmi)
+        image = radiograph.render_radiograph(
+            subject.knees, states, jsws, positioning, spacing, rng, bmi=subject.bmi
+        )
         dcm_rel = f"radiographs/{sid}/{sid}_{month:03d}.dcm"
-        ds = dicom_writer.build_dataset(image.pixels, spacing, choices, seed=config.seed, subject_id=sid,
-                                        sex=subject.sex, age=subject.age, month=month,
-                                        magnification=positioning.magnification)
+        ds = dicom_writer.build_dataset(
+            image.pixels,
+            spacing,
+            choices,
+            seed=config.seed,
+            subject_id=sid,
+            sex=subject.sex,
+            age=subject.age,
+            month=month,
+            magnification=positioning.magnification,
+        )
         dicom_writer.write_dicom(out / dcm_rel, ds, choices.transfer_syntax)
 
         for side, state, maps, jsw in knees:
@@ -183,19 +215,33 @@ def generate_subject(config: CohortConfig, index: int, split: str) -> SubjectRes
             _save_npy(out / tc_rel, maps.tc)
             kx, ky = image.centres_px[side]
             knee = subject.knees[side]
-            result.rows.append(ManifestRow(
-                pair_id=pair_id, subject_id=sid, side=side, visit_month=month,
-                radiograph_path=dcm_rel, fc_path=fc_rel, tc_path=tc_rel, split=split,
-                keypoint_x=round(kx, 2), keypoint_y=round(ky, 2), klg=state.klg,
-                progressor=is_progressor(knee),
-                extra={
-                    "sex": subject.sex, "age": f"{subject.age + month / 12:.1f}", "bmi": f"{subject.bmi:.1f}",
-                    "spacing_mm": f"{spacing:g}", "magnification": f"{positioning.magnification:.3f}",
-                    "jsw_medial_mm": f"{jsw[0]:.3f}", "jsw_lateral_mm": f"{jsw[1]:.3f}",
-                    "osteophyte_mm": f"{state.osteophyte_mm:.2f}",
-                    "fast_progressor": str(int(knee.fast_progressor)),
-                },
-            ))
+            result.rows.append(
+                ManifestRow(
+                    pair_id=pair_id,
+                    subject_id=sid,
+                    side=side,
+                    visit_month=month,
+                    radiograph_path=dcm_rel,
+                    fc_path=fc_rel,
+                    tc_path=tc_rel,
+                    split=split,
+                    keypoint_x=round(kx, 2),
+                    keypoint_y=round(ky, 2),
+                    klg=state.klg,
+                    progressor=is_progressor(knee),
+                    extra={
+                        "sex": subject.sex,
+                        "age": f"{subject.age + month / 12:.1f}",
+                        "bmi": f"{subject.bmi:.1f}",
+                        "spacing_mm": f"{spacing:g}",
+                        "magnification": f"{positioning.magnification:.3f}",
+                        "jsw_medial_mm": f"{jsw[0]:.3f}",
+                        "jsw_lateral_mm": f"{jsw[1]:.3f}",
+                        "osteophyte_mm": f"{state.osteophyte_mm:.2f}",
+                        "fast_progressor": str(int(knee.fast_progressor)),
+                    },
+                )
+            )
             result.records.append(make_record(subject, side, month, state, maps, jsw))
     return result
 
@@ -234,8 +280,9 @@ def _disk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def generate_cohort(config: CohortConfig, force: bool = False,
-                    on_subject: Callable[[int], None] | None = None) -> CohortSummary:
+def generate_cohort(
+    config: CohortConfig, force: bool = False, on_subject: Callable[[int], None] | None = None
+) -> CohortSummary:
     """Write the whole cohort into ``config.out``; see the module docstring for the layout."""
     if config.image_size not in IMAGE_SIZES:
         raise ValueError(f"image size must be one of {', '.join(IMAGE_SIZES)}")
@@ -252,9 +299,15 @@ def generate_cohort(config: CohortConfig, force: bool = False,
         if on_subject:
             on_subject(done)
     stats = cohort_stats(records, n_subjects=config.subjects)
-    stats["config"] = {"subjects": config.subjects, "seed": config.seed, "image_size": config.image_size,
-                       "grid": config.grid_cells}
-    stats["pairs_per_split"] = {s: sum(r.split == s for r in rows) for s in ("database", "downstream", "test")}
+    stats["config"] = {
+        "subjects": config.subjects,
+        "seed": config.seed,
+        "image_size": config.image_size,
+        "grid": config.grid_cells,
+    }
+    stats["pairs_per_split"] = {
+        s: sum(r.split == s for r in rows) for s in ("database", "downstream", "test")
+    }
     # The retrieval test gallery: test knees at their first visit (month 0 for every knee).
     stats["test_knees_first_visit"] = sum(r.split == "test" and r.visit_month == 0 for r in rows)
     spacings = [float(r.extra["spacing_mm"]) for r in rows]
@@ -265,9 +318,15 @@ def generate_cohort(config: CohortConfig, force: bool = False,
     write_preview(config.out, rows)
     write_manifest(config.out / "manifest.csv", rows)
     seconds = time.perf_counter() - start
-    return CohortSummary(out=config.out, n_subjects=config.subjects, n_pairs=len(rows),
-                         n_radiographs=len({r.radiograph_path for r in rows}), seconds=seconds,
-                         disk_bytes=_disk_bytes(config.out), stats=stats)
+    return CohortSummary(
+        out=config.out,
+        n_subjects=config.subjects,
+        n_pairs=len(rows),
+        n_radiographs=len({r.radiograph_path for r in rows}),
+        seconds=seconds,
+        disk_bytes=_disk_bytes(config.out),
+        stats=stats,
+    )
 
 
 def simulate_records(n_subjects: int, seed: int, grid: int) -> list[KneeVisitRecord]:

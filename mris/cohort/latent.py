@@ -78,7 +78,9 @@ class Cartilage:
     outline_scale: tuple[float, float, float, float]
     pattern_fc: np.ndarray  # smooth invisible pattern coefficients
     pattern_tc: np.ndarray
-    lesions: tuple[tuple[str, float, float, float, float, float], ...]  # region,u,v,radius,depth,onset yr
+    lesions: tuple[
+        tuple[str, float, float, float, float, float], ...
+    ]  # region,u,v,radius,depth,onset yr
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,9 @@ def _severity_from_quantile(q: float) -> float:
     return float(np.interp(q, _KL_CUMULATIVE, np.arange(6.0)) * 0.999)
 
 
-def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
-          shared: dict[str, float]) -> KneeLatent:
+def _knee(
+    rng: np.random.Generator, side: str, sex: str, age: float, bmi: float, shared: dict[str, float]
+) -> KneeLatent:
     male = sex == "M"
 
     def corr(name: str, rho: float = 0.8) -> float:
@@ -209,7 +212,9 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
         fc_peak_v=0.05 + 0.08 * rng.standard_normal(),
         # Atlas space: the outline is the atlas's, with a small residual that does not follow
         # the bone (size, notch width, condyle share are the radiograph's alone).
-        outline_scale=tuple(float(1.0 + sd * rng.standard_normal()) for sd in (0.015, 0.05, 0.02, 0.02)),
+        outline_scale=tuple(
+            float(1.0 + sd * rng.standard_normal()) for sd in (0.015, 0.05, 0.02, 0.02)
+        ),
         pattern_fc=rng.normal(0, 0.07, size=8),
         pattern_tc=rng.normal(0, 0.07, size=8),
         lesions=(),
@@ -224,7 +229,9 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
     if fast:
         rate = float(np.exp(rng.normal(np.log(0.7), 0.35)))
     else:
-        rate = float(np.exp(rng.normal(np.log(0.006 + 0.004 * s0 + 0.05 * max(s0 - 2.0, 0.0)), 0.6)))
+        rate = float(
+            np.exp(rng.normal(np.log(0.006 + 0.004 * s0 + 0.05 * max(s0 - 2.0, 0.0)), 0.6))
+        )
     worse = "medial" if rng.random() < ndtr(0.9 + 0.35 * (alignment - 1.2)) else "lateral"
 
     # Focal lesions: more in worse knees; invisible in the radiograph (depth is in the map only).
@@ -235,8 +242,16 @@ def _knee(rng: np.random.Generator, side: str, sex: str, age: float, bmi: float,
         medial = rng.random() < (0.7 if worse == "medial" else 0.3)
         u = (-0.5 if medial else 0.5) + rng.normal(0, 0.15)
         v = rng.normal(0.1, 0.3)
-        lesions.append((region, float(u), float(v), float(rng.uniform(0.05, 0.14)),
-                        float(rng.uniform(0.25, 0.8)), float(rng.uniform(-6, 6))))
+        lesions.append(
+            (
+                region,
+                float(u),
+                float(v),
+                float(rng.uniform(0.05, 0.14)),
+                float(rng.uniform(0.25, 0.8)),
+                float(rng.uniform(-6, 6)),
+            )
+        )
     cart = Cartilage(**{**cart.__dict__, "lesions": tuple(lesions)})
     return KneeLatent(
         side=side,
@@ -260,13 +275,31 @@ def sample_subject(seed: int, index: int, n_subjects: int, split: str) -> Subjec
     bmi = float(np.clip(rng.normal(28.6, 4.8), 17.0, 48.0))
     visits = _visits(rng)
     risk = 0.35 * (age - 61.0) / 9.0 + 0.35 * (bmi - 28.6) / 4.8
-    shared = {name: float(rng.standard_normal()) for name in
-              ("size", "plateau", "alignment", "curv_m", "curv_l", "notch", "medial_share", "spine")}
+    shared = {
+        name: float(rng.standard_normal())
+        for name in (
+            "size",
+            "plateau",
+            "alignment",
+            "curv_m",
+            "curv_l",
+            "notch",
+            "medial_share",
+            "spine",
+        )
+    }
     shared["oa"] = (risk + rng.standard_normal()) / np.sqrt(1 + 0.35**2 * 2)
     knees = {side: _knee(rng, side, sex, age, bmi, shared) for side in ("RIGHT", "LEFT")}
-    return SubjectLatent(index=index, subject_id=subject_id_for(index, n_subjects), sex=sex,
-                         age=round(age, 1), bmi=round(bmi, 1), split=split, visits=visits,
-                         knees=knees)
+    return SubjectLatent(
+        index=index,
+        subject_id=subject_id_for(index, n_subjects),
+        sex=sex,
+        age=round(age, 1),
+        bmi=round(bmi, 1),
+        split=split,
+        visits=visits,
+        knees=knees,
+    )
 
 
 def narrowing_fraction(severity: float) -> float:

@@ -70,7 +70,9 @@ def fc_mask(knee: KneeLatent, grid: int) -> np.ndarray:
     width, notch, _, _ = knee.cartilage.outline_scale
     outer = (u / (0.95 * min(width, 1.04))) ** 2 + (v / 0.93) ** 2 < 1.0
     half = 0.19 * notch
-    notch_region = (np.abs(u) < half) & (v > 0.12) | ((u / half) ** 2 + ((v - 0.12) / 0.22) ** 2 < 1)
+    notch_region = (np.abs(u) < half) & (v > 0.12) | (
+        (u / half) ** 2 + ((v - 0.12) / 0.22) ** 2 < 1
+    )
     return outer & ~notch_region
 
 
@@ -91,8 +93,13 @@ def _medial_weight(u: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(u / 0.04))
 
 
-def _plate_field(envelope: np.ndarray, mask: np.ndarray, medial_weight: np.ndarray,
-                 medial_mm: float, lateral_mm: float) -> np.ndarray:
+def _plate_field(
+    envelope: np.ndarray,
+    mask: np.ndarray,
+    medial_weight: np.ndarray,
+    medial_mm: float,
+    lateral_mm: float,
+) -> np.ndarray:
     """Per-cell plate factor blending the two compartments smoothly, so that each compartment's
     mean of ``factor x envelope`` over its half of ``mask`` is its plate mean."""
     medial_side = mask & (medial_weight > 0.5)
@@ -106,7 +113,9 @@ def oa_loss(narrowing: np.ndarray | float, central: np.ndarray) -> np.ndarray:
     """Fraction of thickness lost (0..1): proportional to the compartment's narrowing in its
     central weight-bearing zone; where narrowing passes 0.55 the zone's core is denuded."""
     proportional = 1.15 * narrowing * central
-    denuded = np.clip((narrowing - 0.55) / 0.2, 0.0, 1.0) * np.clip((central - 0.55) / 0.15, 0.0, 1.0)
+    denuded = np.clip((narrowing - 0.55) / 0.2, 0.0, 1.0) * np.clip(
+        (central - 0.55) / 0.15, 0.0, 1.0
+    )
     return np.minimum(1.0, proportional + denuded)
 
 
@@ -140,7 +149,9 @@ def thickness_maps(knee: KneeLatent, state: KneeState, grid: int) -> MapPair:
     tmask = tc_med | tc_lat
     r_m = ((u + 0.5) / 0.47) ** 2 + (v / 0.88) ** 2
     r_l = ((u - 0.5) / 0.46) ** 2 + ((v + 0.02) / 0.80) ** 2
-    t_env = np.where(medial_side, 0.45 + 0.8 * np.exp(-r_m / 0.45), 0.45 + 0.8 * np.exp(-r_l / 0.45))
+    t_env = np.where(
+        medial_side, 0.45 + 0.8 * np.exp(-r_m / 0.45), 0.45 + 0.8 * np.exp(-r_l / 0.45)
+    )
     t_env *= 1.0 + _basis(u, v, cart.pattern_tc) + 0.06 * tex_tc
     tenv_m = _normalised(t_env, tc_med)
     tenv_l = _normalised(t_env, tc_lat)
@@ -151,7 +162,9 @@ def thickness_maps(knee: KneeLatent, state: KneeState, grid: int) -> MapPair:
     # narrowing the core of the zone is denuded (thickness 0 inside the outline), as real
     # atlas-space maps of KL4 knees show it.
     # The femoral compartments meet in the trochlea (smooth); the tibial plateaus are apart.
-    narrowing_fc = medial_weight * state.narrowing_medial + (1 - medial_weight) * state.narrowing_lateral
+    narrowing_fc = (
+        medial_weight * state.narrowing_medial + (1 - medial_weight) * state.narrowing_lateral
+    )
     narrowing_tc = np.where(medial_side, state.narrowing_medial, state.narrowing_lateral)
     fc = fc * (1.0 - oa_loss(narrowing_fc, central_fc)) * (1.0 - state.thinning)
     tc = tc * (1.0 - oa_loss(narrowing_tc, central_tc)) * (1.0 - state.thinning)
@@ -203,7 +216,9 @@ def weight_bearing_mm(knee: KneeLatent, month: int) -> tuple[float, float]:
     return float(medial), float(lateral)
 
 
-def joint_space_mm(knee: KneeLatent, state: KneeState, central_mm: dict[str, float]) -> tuple[float, float]:
+def joint_space_mm(
+    knee: KneeLatent, state: KneeState, central_mm: dict[str, float]
+) -> tuple[float, float]:
     """Medial and lateral minimum JSW (mm) the radiograph shows: 0.62 x (femoral + tibial
     central cartilage; the minimum under load is below the zone mean) + the meniscus term,
     which extrudes as the compartment narrows, + the visit's weight-bearing offset (invisible
@@ -212,6 +227,10 @@ def joint_space_mm(knee: KneeLatent, state: KneeState, central_mm: dict[str, flo
     load_m, load_l = weight_bearing_mm(knee, state.month)
     medial = JSW_CARTILAGE_FACTOR * (central_mm["fc_medial"] + central_mm["tc_medial"])
     lateral = JSW_CARTILAGE_FACTOR * (central_mm["fc_lateral"] + central_mm["tc_lateral"])
-    medial += anat.meniscus_medial * (1.0 - state.narrowing_medial) + load_m * (1.0 - state.narrowing_medial)
-    lateral += anat.meniscus_lateral * (1.0 - state.narrowing_lateral) + load_l * (1.0 - state.narrowing_lateral)
+    medial += anat.meniscus_medial * (1.0 - state.narrowing_medial) + load_m * (
+        1.0 - state.narrowing_medial
+    )
+    lateral += anat.meniscus_lateral * (1.0 - state.narrowing_lateral) + load_l * (
+        1.0 - state.narrowing_lateral
+    )
     return float(max(medial, 0.2)), float(max(lateral, 0.2))

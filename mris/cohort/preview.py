@@ -36,8 +36,13 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
         if row.visit_month == 0:
             by_image.setdefault(row.radiograph_path, []).append(row)
     chosen = list(by_image.items())[:n_visits]
-    fig, axes = plt.subplots(max(len(chosen), 1), 5, figsize=(17, 3.6 * max(len(chosen), 1)),
-                             gridspec_kw={"width_ratios": [2.4, 1, 1, 1, 1]}, squeeze=False)
+    fig, axes = plt.subplots(
+        max(len(chosen), 1),
+        5,
+        figsize=(17, 3.6 * max(len(chosen), 1)),
+        gridspec_kw={"width_ratios": [2.4, 1, 1, 1, 1]},
+        squeeze=False,
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for line, (image_path, knees) in enumerate(chosen):
@@ -47,8 +52,16 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
         ax.imshow(pixels, cmap="gray", vmin=low, vmax=high)
         half = ROI_MM / spacing / 2
         for row in knees:
-            ax.add_patch(Rectangle((row.keypoint_x - half, row.keypoint_y - half), 2 * half, 2 * half,
-                                   fill=False, edgecolor="orange" if row.side == "RIGHT" else "cyan", lw=1.2))
+            ax.add_patch(
+                Rectangle(
+                    (row.keypoint_x - half, row.keypoint_y - half),
+                    2 * half,
+                    2 * half,
+                    fill=False,
+                    edgecolor="orange" if row.side == "RIGHT" else "cyan",
+                    lw=1.2,
+                )
+            )
             ax.plot(row.keypoint_x, row.keypoint_y, "+", color="red", ms=6)
         ax.set_title(f"{knees[0].subject_id} month 0  (patient RIGHT on image left)", fontsize=9)
         knees = sorted(knees, key=lambda r: r.side != "RIGHT")
@@ -58,7 +71,9 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
                 axm = axes[line, 1 + 2 * k + j]
                 im = axm.imshow(thickness, cmap="viridis", vmin=0, vmax=4)
                 axm.set_title(f"{row.side} {region.upper()} KL{row.klg} (medial left)", fontsize=9)
-    fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="thickness (mm)") if chosen else None
+    fig.colorbar(
+        im, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="thickness (mm)"
+    ) if chosen else None
     path = out / "preview.png"
     tmp = out / ".tmp-preview.png"
     fig.savefig(tmp, dpi=80, format="png")

@@ -77,7 +77,10 @@ def sample_positioning(rng: np.random.Generator) -> Positioning:
     right = (mid_x - distance / 2, y + np.sin(np.radians(tilt)) * distance / 2)
     left = (mid_x + distance / 2, y - np.sin(np.radians(tilt)) * distance / 2)
     return Positioning(
-        centres_mm={"RIGHT": (float(right[0]), float(right[1])), "LEFT": (float(left[0]), float(left[1]))},
+        centres_mm={
+            "RIGHT": (float(right[0]), float(right[1])),
+            "LEFT": (float(left[0]), float(left[1])),
+        },
         rotation_deg=float(tilt),
         magnification=mag,
         flexion_mm={s: float(rng.normal(0, 1.5)) for s in ("RIGHT", "LEFT")},
@@ -104,9 +107,18 @@ def _ellipse_sd(a, b, ca, cb, ra, rb):
     return (1.0 - r) * min(ra, rb)
 
 
-def _knee_attenuation(a, b, knee: KneeLatent, state: KneeState, jsw: tuple[float, float],
-                      texture, px_mm: float, flexion_mm: float, leg_rot_mm: float,
-                      soft_tissue_mm: float) -> np.ndarray:
+def _knee_attenuation(
+    a,
+    b,
+    knee: KneeLatent,
+    state: KneeState,
+    jsw: tuple[float, float],
+    texture,
+    px_mm: float,
+    flexion_mm: float,
+    leg_rot_mm: float,
+    soft_tissue_mm: float,
+) -> np.ndarray:
     """Attenuation of one knee in its anatomical frame (a, b mm). Arrays of one window."""
     anat = knee.anatomy
     jm, jl = jsw
@@ -123,9 +135,11 @@ def _knee_attenuation(a, b, knee: KneeLatent, state: KneeState, jsw: tuple[float
 
     # Tibia --------------------------------------------------------------------------
     pw = anat.plateau_width / 2
-    spines = anat.spine_height * (np.exp(-((a + 4.0) / 3.2) ** 2) + 0.85 * np.exp(-((a - 5.0) / 3.2) ** 2))
+    spines = anat.spine_height * (
+        np.exp(-(((a + 4.0) / 3.2) ** 2)) + 0.85 * np.exp(-(((a - 5.0) / 3.2) ** 2))
+    )
     rim = np.maximum(np.abs(a) - (pw - 5.0), 0.0)
-    concave = np.where(a < 0, 1.0 * np.exp(-((a + pw / 2) / (pw / 3)) ** 2), 0.0)
+    concave = np.where(a < 0, 1.0 * np.exp(-(((a + pw / 2) / (pw / 3)) ** 2)), 0.0)
     plateau = half_js - spines + concave + rim**2 / 5.0
     tib_shift = -np.tan(np.radians(0.4 * anat.alignment_deg)) * np.maximum(b - 12.0, 0.0)
     tib_half = pw + (anat.shaft_tibia / 2 - pw) * _smoothstep((b - 12.0) / 70.0)
@@ -144,11 +158,16 @@ def _knee_attenuation(a, b, knee: KneeLatent, state: KneeState, jsw: tuple[float
     above = b_top - b  # mm above the condyle centres
     fem_shift = np.tan(np.radians(5.0 - 0.5 * anat.alignment_deg)) * np.maximum(above, 0.0)
     fem_centre = (cm + cl) / 2 + fem_shift
-    fem_half = anat.femur_width / 2 + (anat.shaft_femur / 2 - anat.femur_width / 2) * _smoothstep(above / 60.0)
+    fem_half = anat.femur_width / 2 + (anat.shaft_femur / 2 - anat.femur_width / 2) * _smoothstep(
+        above / 60.0
+    )
     # Block above the condyle centres, continued down between the condyle centres; the
     # intercondylar notch is an arch cut into it from the joint line.
-    sd_block = np.where(b < b_top, fem_half - np.abs(a - fem_centre),
-                        np.minimum((cl - cm) / 2 - np.abs(a - (cm + cl) / 2), b_top + 0.6 * min(rym, ryl) - b))
+    sd_block = np.where(
+        b < b_top,
+        fem_half - np.abs(a - fem_centre),
+        np.minimum((cl - cm) / 2 - np.abs(a - (cm + cl) / 2), b_top + 0.6 * min(rym, ryl) - b),
+    )
     notch_centre = (cm + wm / 2 + cl - wl / 2) / 2
     notch = _ellipse_sd(a, b, notch_centre, -half_js + 2.0, nw / 2, anat.notch_height)
     sd_fem = np.maximum(np.maximum(sd_med, sd_lat), np.minimum(sd_block, -notch))
@@ -175,10 +194,28 @@ def _knee_attenuation(a, b, knee: KneeLatent, state: KneeState, jsw: tuple[float
             tib_edge = pw
             fem_edge = (wm if sign < 0 else wl) + nw / 2 + 1.0
             ry = rym if sign < 0 else ryl
-            spur = np.maximum(spur, _ellipse_sd(a, b, sign * (tib_edge + size * 0.3), j / 2 + 5.0,
-                                                size * 0.6 + 1.0, size * 0.3 + 1.2))
-            spur = np.maximum(spur, _ellipse_sd(a, b, sign * (fem_edge * 0.87 + size * 0.3),
-                                                -j / 2 - 0.5 * ry, size * 0.55 + 1.0, size * 0.3 + 1.2))
+            spur = np.maximum(
+                spur,
+                _ellipse_sd(
+                    a,
+                    b,
+                    sign * (tib_edge + size * 0.3),
+                    j / 2 + 5.0,
+                    size * 0.6 + 1.0,
+                    size * 0.3 + 1.2,
+                ),
+            )
+            spur = np.maximum(
+                spur,
+                _ellipse_sd(
+                    a,
+                    b,
+                    sign * (fem_edge * 0.87 + size * 0.3),
+                    -j / 2 - 0.5 * ry,
+                    size * 0.55 + 1.0,
+                    size * 0.3 + 1.2,
+                ),
+            )
     sd_fem = np.maximum(sd_fem, np.where(b < 0, spur, -99.0))
     sd_tib = np.maximum(sd_tib, np.where(b >= 0, spur, -99.0))
 
@@ -193,7 +230,7 @@ def _knee_attenuation(a, b, knee: KneeLatent, state: KneeState, jsw: tuple[float
     att = soft + bone(sd_fem, 1.0) + bone(sd_tib, 1.0) + 0.8 * bone(sd_fib, 1.0) + notch_fill
 
     # Fixed-flexion tilt: the back rim of the plateau projects as a second faint line.
-    rim_line = np.exp(-((b - (plateau + flexion_mm + 1.0)) / 0.7) ** 2) * (np.abs(a) < pw - 2)
+    rim_line = np.exp(-(((b - (plateau + flexion_mm + 1.0)) / 0.7) ** 2)) * (np.abs(a) < pw - 2)
     att += 0.25 * abs(flexion_mm) / 1.5 * rim_line * _sig(sd_tib / edge)
 
     # Subchondral sclerosis in the narrowing compartment.
@@ -204,7 +241,9 @@ def _knee_attenuation(a, b, knee: KneeLatent, state: KneeState, jsw: tuple[float
         att += 0.6 * state.sclerosis * band * comp
 
     # Patella: a faint oval over the distal femur.
-    pat = _sig(_ellipse_sd(a, b, 3.0, -32.0, anat.patella_width / 2, anat.patella_width * 0.62) / edge)
+    pat = _sig(
+        _ellipse_sd(a, b, 3.0, -32.0, anat.patella_width / 2, anat.patella_width * 0.62) / edge
+    )
     att += 0.18 * pat * (1.0 + 0.3 * texture)
     return att
 
@@ -216,10 +255,15 @@ class RenderedRadiograph:
     centres_px: dict[str, tuple[float, float]]  # side -> (col, row)
 
 
-def render_radiograph(knees: dict[str, KneeLatent], states: dict[str, KneeState],
-                      jsw: dict[str, tuple[float, float]], positioning: Positioning,
-                      spacing_mm: float, rng: np.random.Generator,
-                      bmi: float = 28.6) -> RenderedRadiograph:
+def render_radiograph(
+    knees: dict[str, KneeLatent],
+    states: dict[str, KneeState],
+    jsw: dict[str, tuple[float, float]],
+    positioning: Positioning,
+    spacing_mm: float,
+    rng: np.random.Generator,
+    bmi: float = 28.6,
+) -> RenderedRadiograph:
     """Render one bilateral PA radiograph; ``jsw`` is side -> (medial, lateral) mm."""
     cols = round(FIELD_WIDTH_MM / spacing_mm)
     rows = round(FIELD_HEIGHT_MM / spacing_mm)
@@ -243,15 +287,26 @@ def render_radiograph(knees: dict[str, KneeLatent], states: dict[str, KneeState]
         c1 = min(cols, int((cx + half_window_mm) / spacing_mm) + 1)
         x_mm = (np.arange(c0, c1) * spacing_mm)[None, :]
         dx, dy = x_mm - cx, y_mm - cy
-        joint_tilt = rot + np.radians(0.35 * knee.anatomy.alignment_deg) * (1 if side == "LEFT" else -1)
+        joint_tilt = rot + np.radians(0.35 * knee.anatomy.alignment_deg) * (
+            1 if side == "LEFT" else -1
+        )
         a_img = dx * np.cos(joint_tilt) + dy * np.sin(joint_tilt)
         b_img = -dx * np.sin(joint_tilt) + dy * np.cos(joint_tilt)
         lateral_sign = -1.0 if side == "RIGHT" else 1.0
         a = lateral_sign * a_img / mag
         b = b_img / mag
-        att = _knee_attenuation(a, b, knee, states[side], jsw[side], texture[:, c0:c1],
-                                spacing_mm / mag, positioning.flexion_mm[side],
-                                positioning.leg_rotation_mm[side], soft_tissue_mm)
+        att = _knee_attenuation(
+            a,
+            b,
+            knee,
+            states[side],
+            jsw[side],
+            texture[:, c0:c1],
+            spacing_mm / mag,
+            positioning.flexion_mm[side],
+            positioning.leg_rotation_mm[side],
+            soft_tissue_mm,
+        )
         # Smoothly fade the window edge so the two windows blend without a seam.
         fade = _smoothstep((half_window_mm - np.abs(dx)) / 10.0)
         attenuation[:, c0:c1] = np.maximum(attenuation[:, c0:c1], att * fade)
@@ -260,7 +315,9 @@ def render_radiograph(knees: dict[str, KneeLatent], states: dict[str, KneeState]
     mu = 1.25 * positioning.exposure
     counts = 1800.0 * positioning.dose * (spacing_mm / 0.15) ** 2 * np.exp(-mu * attenuation)
     counts = counts + rng.standard_normal(counts.shape).astype(np.float32) * np.sqrt(counts + 1.0)
-    log_att = -np.log(np.clip(counts, 1.0, None) / (1800.0 * positioning.dose * (spacing_mm / 0.15) ** 2))
+    log_att = -np.log(
+        np.clip(counts, 1.0, None) / (1800.0 * positioning.dose * (spacing_mm / 0.15) ** 2)
+    )
     log_att = np.clip(log_att, 0.0, None)
     scaled = (log_att / 3.2) ** positioning.gamma
     stored = positioning.offset + (3900.0 - positioning.offset) * scaled

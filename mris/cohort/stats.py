@@ -71,10 +71,22 @@ class KneeVisitRecord:
 
 
 # What the radiograph shows of a knee-visit (the regressors of the explained share).
-VISIBLE_LATENTS = ("jsw_medial_mm", "jsw_lateral_mm", "osteophyte_mm", "sclerosis", "klg",
-                   "alignment_deg", "femur_width_mm", "plateau_width_mm", "notch_width_mm",
-                   "medial_share", "condyle_ry_medial_mm", "condyle_ry_lateral_mm", "spine_height_mm",
-                   "male")
+VISIBLE_LATENTS = (
+    "jsw_medial_mm",
+    "jsw_lateral_mm",
+    "osteophyte_mm",
+    "sclerosis",
+    "klg",
+    "alignment_deg",
+    "femur_width_mm",
+    "plateau_width_mm",
+    "notch_width_mm",
+    "medial_share",
+    "condyle_ry_medial_mm",
+    "condyle_ry_lateral_mm",
+    "spine_height_mm",
+    "male",
+)
 
 
 def _r(x: float, digits: int = 3) -> float:
@@ -94,8 +106,11 @@ def cohort_stats(records: list[KneeVisitRecord], n_subjects: int) -> dict[str, A
     jsw: dict[str, dict[str, float]] = {}
     for sex in ("F", "M"):
         values = [r.jsw_medial_mm for r in baseline if r.sex == sex and r.klg <= 1]
-        jsw[sex] = {"mean": _r(np.mean(values)) if values else float("nan"),
-                    "sd": _r(np.std(values)) if values else float("nan"), "n": len(values)}
+        jsw[sex] = {
+            "mean": _r(np.mean(values)) if values else float("nan"),
+            "sd": _r(np.std(values)) if values else float("nan"),
+            "n": len(values),
+        }
 
     loss_all, loss_prog, jsn_all, jsn_oa = [], [], [], []
     observed_48, progressed_48 = 0, 0
@@ -124,16 +139,25 @@ def cohort_stats(records: list[KneeVisitRecord], n_subjects: int) -> dict[str, A
     by_sex_visits = defaultdict(set)
     for rec in records:
         by_sex_visits[rec.subject_id].add(rec.month)
-    plate = {name: mean([getattr(r, f"{name}_mm") for r in baseline])
-             for name in ("fc_medial", "fc_lateral", "tc_medial", "tc_lateral")}
+    plate = {
+        name: mean([getattr(r, f"{name}_mm") for r in baseline])
+        for name in ("fc_medial", "fc_lateral", "tc_medial", "tc_lateral")
+    }
     transitions = _kl_transition_losses(knees)
     correlation = {
-        "medial": _pearson([r.jsw_medial_mm for r in baseline], [r.fc_medial_mm + r.tc_medial_mm for r in baseline]),
-        "lateral": _pearson([r.jsw_lateral_mm for r in baseline], [r.fc_lateral_mm + r.tc_lateral_mm for r in baseline]),
+        "medial": _pearson(
+            [r.jsw_medial_mm for r in baseline], [r.fc_medial_mm + r.tc_medial_mm for r in baseline]
+        ),
+        "lateral": _pearson(
+            [r.jsw_lateral_mm for r in baseline],
+            [r.fc_lateral_mm + r.tc_lateral_mm for r in baseline],
+        ),
     }
     with_visible = [r for r in baseline if r.visible]
-    outline_r = _pearson([1.0 - r.fc_nan_share for r in with_visible],
-                         [r.visible[VISIBLE_LATENTS.index("femur_width_mm")] for r in with_visible])
+    outline_r = _pearson(
+        [1.0 - r.fc_nan_share for r in with_visible],
+        [r.visible[VISIBLE_LATENTS.index("femur_width_mm")] for r in with_visible],
+    )
     severe = [r.fc_denuded_share for r in records if r.klg == 4]
     return {
         "subjects": n_subjects,
@@ -145,19 +169,26 @@ def cohort_stats(records: list[KneeVisitRecord], n_subjects: int) -> dict[str, A
         "mean_fc_mm": mean([r.fc_mean_mm for r in baseline]),
         "mean_tc_mm": mean([r.tc_mean_mm for r in baseline]),
         "plate_mean_mm": plate,
-        "mean_fc_mm_by_klg": {str(g): mean([r.fc_mean_mm for r in baseline if r.klg == g]) for g in range(5)},
+        "mean_fc_mm_by_klg": {
+            str(g): mean([r.fc_mean_mm for r in baseline if r.klg == g]) for g in range(5)
+        },
         "annual_thickness_loss_pct": {"all": mean(loss_all), "progressors": mean(loss_prog)},
         "medial_jsn_mm_per_year": {"all": mean(jsn_all), "klg_2_plus": mean(jsn_oa)},
         "progression_48m_share": _r(progressed_48 / observed_48) if observed_48 else float("nan"),
         "progression_48m_knees_observed": observed_48,
         "progressor_share_latent": _r(np.mean([v[0].progressor for v in knees.values()])),
-        "nan_share": {"fc": mean([r.fc_nan_share for r in records]),
-                      "tc": mean([r.tc_nan_share for r in records])},
+        "nan_share": {
+            "fc": mean([r.fc_nan_share for r in records]),
+            "tc": mean([r.tc_nan_share for r in records]),
+        },
         "jsw_thickness_r": correlation,
         "map_variance_explained_by_visible": explained_share(with_visible),
         "outline_vs_bone_size_r": outline_r,
         "kl_transition_jsw_loss_mm": transitions,
-        "fc_denuded_share": {"klg_4": mean(severe), "all": mean([r.fc_denuded_share for r in records])},
+        "fc_denuded_share": {
+            "klg_4": mean(severe),
+            "all": mean([r.fc_denuded_share for r in records]),
+        },
     }
 
 
@@ -167,7 +198,9 @@ def _pearson(x: list[float], y: list[float]) -> float:
     return _r(np.corrcoef(x, y)[0, 1])
 
 
-def _kl_transition_losses(knees: dict[tuple[str, str], list[KneeVisitRecord]]) -> dict[str, dict[str, float]]:
+def _kl_transition_losses(
+    knees: dict[tuple[str, str], list[KneeVisitRecord]],
+) -> dict[str, dict[str, float]]:
     """Mean JSW lost in the worse compartment by KL transition: from the first visit to the first
     visit at the knee's highest grade seen (narrowing after that is not the transition's)."""
     groups: dict[str, list[float]] = defaultdict(list)
@@ -179,8 +212,13 @@ def _kl_transition_losses(knees: dict[tuple[str, str], list[KneeVisitRecord]]) -
         name = names.get((first.klg, top))
         if name and not np.isnan(first.jsw_worse_mm):
             groups[name].append(first.jsw_worse_mm - reached.jsw_worse_mm)
-    return {name: {"mean": _r(np.mean(groups[name])) if len(groups[name]) >= 5 else float("nan"),
-                   "n": len(groups[name])} for name in ("minor", "0_to_3", "2_to_4")}
+    return {
+        name: {
+            "mean": _r(np.mean(groups[name])) if len(groups[name]) >= 5 else float("nan"),
+            "n": len(groups[name]),
+        }
+        for name in ("minor", "0_to_3", "2_to_4")
+    }
 
 
 def explained_share(records: list[KneeVisitRecord]) -> float:
@@ -191,7 +229,9 @@ def explained_share(records: list[KneeVisitRecord]) -> float:
         return float("nan")
     cells = np.array([r.cells_mm for r in records], dtype=float)
     cells = cells[:, ~np.isnan(cells).any(axis=0)]
-    design = np.column_stack([np.ones(len(records)), np.array([r.visible for r in records], dtype=float)])
+    design = np.column_stack(
+        [np.ones(len(records)), np.array([r.visible for r in records], dtype=float)]
+    )
     coef, *_ = np.linalg.lstsq(design, cells, rcond=None)
     residual = cells - design @ coef
     total = ((cells - cells.mean(axis=0)) ** 2).sum()

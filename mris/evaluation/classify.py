@@ -42,8 +42,13 @@ def map_features(fc_mm: np.ndarray, tc_mm: np.ndarray, grid: int = FEATURE_GRID)
     return np.concatenate([cell_means(m, grid, grid).ravel() for m in (fc_mm, tc_mm)])
 
 
-def fit_logistic(features: np.ndarray, labels: Sequence[int], groups: Sequence[str], c_grid: Sequence[float] = C_GRID,
-                 folds: int = CV_FOLDS):
+def fit_logistic(
+    features: np.ndarray,
+    labels: Sequence[int],
+    groups: Sequence[str],
+    c_grid: Sequence[float] = C_GRID,
+    folds: int = CV_FOLDS,
+):
     """A fitted scikit-learn estimator (``predict``, ``predict_proba``, ``classes_``) whose ``C``
     was chosen by ``GroupKFold`` over ``groups`` (subjects); ``.chosen_c`` holds it."""
     import warnings
@@ -66,8 +71,13 @@ def fit_logistic(features: np.ndarray, labels: Sequence[int], groups: Sequence[s
             c = c_grid[0] if len(c_grid) == 1 else 1.0
             model = pipeline.set_params(logisticregression__C=c).fit(features, labels)
         else:
-            search = GridSearchCV(pipeline, {"logisticregression__C": list(c_grid)}, cv=GroupKFold(n_splits=folds),
-                                  scoring="neg_log_loss", error_score=np.nan)
+            search = GridSearchCV(
+                pipeline,
+                {"logisticregression__C": list(c_grid)},
+                cv=GroupKFold(n_splits=folds),
+                scoring="neg_log_loss",
+                error_score=np.nan,
+            )
             search.fit(features, labels, groups=groups)
             model, c = search.best_estimator_, search.best_params_["logisticregression__C"]
     model.chosen_c = float(c)

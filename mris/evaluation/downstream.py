@@ -55,8 +55,12 @@ class SplitMaps:
     def add(self, method: str, fc: Sequence[np.ndarray], tc: Sequence[np.ndarray]) -> None:
         for fc_map, tc_map in zip(fc, tc):
             self.features.setdefault(method, []).append(map_features(fc_map, tc_map))
-            pair = [np.nan_to_num(np.asarray(m, np.float32), nan=0.0) if self.map_px is None
-                    else cell_means(m, *self.map_px) for m in (fc_map, tc_map)]
+            pair = [
+                np.nan_to_num(np.asarray(m, np.float32), nan=0.0)
+                if self.map_px is None
+                else cell_means(m, *self.map_px)
+                for m in (fc_map, tc_map)
+            ]
             self.maps.setdefault(method, []).append(np.stack(pair).astype(np.float16))
 
     def matrix(self, method: str, positions: Sequence[int]) -> np.ndarray:
@@ -87,12 +91,16 @@ def klg_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     totals = matrix.sum(axis=1)
     per_class = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a predicted class absent from this (resampled) truth
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # a predicted class absent from this (resampled) truth
         balanced = balanced_accuracy_score(truth, predicted)
-    return {"accuracy": float(accuracy_score(truth, predicted)),
-            "balanced_accuracy": float(balanced),
-            "class_accuracy": {name: float(value) for name, value in zip(KLG_CLASSES, per_class)},
-            "confusion": matrix.tolist()}
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "balanced_accuracy": float(balanced),
+        "class_accuracy": {name: float(value) for name, value in zip(KLG_CLASSES, per_class)},
+        "confusion": matrix.tolist(),
+    }
 
 
 def progression_metrics(truth: np.ndarray, score: np.ndarray) -> dict[str, float]:
@@ -101,35 +109,57 @@ def progression_metrics(truth: np.ndarray, score: np.ndarray) -> dict[str, float
 
     if np.unique(truth).size < 2:
         return {"average_precision": float("nan"), "roc_auc": float("nan")}
-    return {"average_precision": float(average_precision_score(truth, score)), "roc_auc": float(roc_auc_score(truth, score))}
+    return {
+        "average_precision": float(average_precision_score(truth, score)),
+        "roc_auc": float(roc_auc_score(truth, score)),
+    }
 
 
-def _resample_values(task: str, truth: np.ndarray, answer: np.ndarray, positions: np.ndarray) -> dict[str, float]:
+def _resample_values(
+    task: str, truth: np.ndarray, answer: np.ndarray, positions: np.ndarray
+) -> dict[str, float]:
     if task == "klg":
         # one scikit-learn confusion matrix per resample; accuracy and balanced accuracy read off it
         # exactly as accuracy_score and balanced_accuracy_score define them (the point estimates
         # call those; tests check they agree)
         from sklearn.metrics import confusion_matrix
 
-        matrix = confusion_matrix(truth[positions], answer[positions], labels=np.arange(len(KLG_CLASSES)))
+        matrix = confusion_matrix(
+            truth[positions], answer[positions], labels=np.arange(len(KLG_CLASSES))
+        )
         totals = matrix.sum(axis=1)
         per_class = np.where(totals > 0, np.diag(matrix) / np.maximum(totals, 1), np.nan)
-        out = {"accuracy": float(np.trace(matrix) / max(1, matrix.sum())),
-               "balanced_accuracy": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")}
-        out.update({f"class_accuracy.{name}": float(value) for name, value in zip(KLG_CLASSES, per_class)})
+        out = {
+            "accuracy": float(np.trace(matrix) / max(1, matrix.sum())),
+            "balanced_accuracy": float(np.nanmean(per_class))
+            if np.isfinite(per_class).any()
+            else float("nan"),
+        }
+        out.update(
+            {f"class_accuracy.{name}": float(value) for name, value in zip(KLG_CLASSES, per_class)}
+        )
         return out
     return progression_metrics(truth[positions], answer[positions])
 
 
-def scored_with_intervals(task: str, truth: np.ndarray, answers: dict[str, np.ndarray], groups: Sequence[str],
-                          resamples: int, seed: int, reference: str = "mr") -> tuple[dict[str, Any], dict[str, Any]]:
+def scored_with_intervals(
+    task: str,
+    truth: np.ndarray,
+    answers: dict[str, np.ndarray],
+    groups: Sequence[str],
+    resamples: int,
+    seed: int,
+    reference: str = "mr",
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per method the metrics with ``<metric>_ci95`` intervals, and per method other than
     ``reference`` the paired difference to it (same test knees, same subject resamples)."""
     import sklearn
 
     scored: dict[str, Any] = {}
     for method, answer in answers.items():
-        scored[method] = klg_metrics(truth, answer) if task == "klg" else progression_metrics(truth, answer)
+        scored[method] = (
+            klg_metrics(truth, answer) if task == "klg" else progression_metrics(truth, answer)
+        )
     drawn: dict[str, list[dict[str, float]]] = {method: [] for method in answers}
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
         for positions in metrics.subject_resamples(groups, resamples, seed):
@@ -143,7 +173,8 @@ def scored_with_intervals(task: str, truth: np.ndarray, answers: dict[str, np.nd
             values = [d[name] for d in drawn[method]]
             if name.startswith("class_accuracy."):
                 scored[method].setdefault("class_accuracy_ci95", {})[name.split(".", 1)[1]] = list(
-                    metrics.percentile_interval(values))
+                    metrics.percentile_interval(values)
+                )
             else:
                 scored[method][f"{name}_ci95"] = list(metrics.percentile_interval(values))
     paired: dict[str, Any] = {}
@@ -157,8 +188,11 @@ def scored_with_intervals(task: str, truth: np.ndarray, answers: dict[str, np.nd
                     continue
                 own, ref = scored[method][name], scored[reference][name]
                 differences = [d[name] - r[name] for d, r in zip(drawn[method], drawn[reference])]
-                paired[method][name] = {"difference": own - ref, "ci95": list(metrics.percentile_interval(differences)),
-                                        "resamples_used": int(np.isfinite(differences).sum())}
+                paired[method][name] = {
+                    "difference": own - ref,
+                    "ci95": list(metrics.percentile_interval(differences)),
+                    "resamples_used": int(np.isfinite(differences).sum()),
+                }
     return scored, paired
 
 
@@ -174,10 +208,20 @@ def classifier_map_px(profile: str) -> tuple[int, int] | None:
     return None if profile == "paper" else QUICK_MAP_PX
 
 
-def downstream_table(train: SplitMaps, test: SplitMaps, methods: Sequence[str], resamples: int, seed: int,
-                     classifiers: Sequence[str] = CLASSIFIERS, profile: str = "quick", epochs: int | None = None,
-                     weights: Path | None = None, device: str = "cpu", threads: int | None = None,
-                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def downstream_table(
+    train: SplitMaps,
+    test: SplitMaps,
+    methods: Sequence[str],
+    resamples: int,
+    seed: int,
+    classifiers: Sequence[str] = CLASSIFIERS,
+    profile: str = "quick",
+    epochs: int | None = None,
+    weights: Path | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Table 3. ``methods`` are trained and tested in order (``mr`` first for the paired
     comparisons); ``classifiers`` from ``CLASSIFIERS``; ``profile``/``epochs``/``weights``/``device``
     /``threads`` for the ResNet-18. ``methods`` at the top level is the first classifier's rows."""
@@ -188,13 +232,20 @@ def downstream_table(train: SplitMaps, test: SplitMaps, methods: Sequence[str], 
     table: dict[str, Any] = {"counts": {}, "classifiers": {}, "settings": {}}
     methods = [m for m in methods if m in train.features and m in test.features]
     for classifier in classifiers:
-        table["classifiers"][classifier] = {"methods": {m: {} for m in methods}, "paired_vs_mr": {}, "seconds": 0.0}
+        table["classifiers"][classifier] = {
+            "methods": {m: {} for m in methods},
+            "paired_vs_mr": {},
+            "seconds": 0.0,
+        }
     for task in TASKS:
         train_pos, train_labels = task_positions(train.rows, task)
         test_pos, test_labels = task_positions(test.rows, task)
         table["counts"][task] = {
-            "train": len(train_pos), "test": len(test_pos),
-            "test_class_counts": {str(c): int((test_labels == c).sum()) for c in np.unique(test_labels)},
+            "train": len(train_pos),
+            "test": len(test_pos),
+            "test_class_counts": {
+                str(c): int((test_labels == c).sum()) for c in np.unique(test_labels)
+            },
             "test_subjects": len({test.rows[i].subject_id for i in test_pos}),
         }
         if len(train_pos) < 2 or len(test_pos) < 1 or np.unique(train_labels).size < 2:
@@ -208,15 +259,37 @@ def downstream_table(train: SplitMaps, test: SplitMaps, methods: Sequence[str], 
             extra: dict[str, dict[str, Any]] = {}
             for method in methods:
                 if classifier == "logistic":
-                    model = fit_logistic(train.matrix(method, train_pos), train_labels, train_groups)
+                    model = fit_logistic(
+                        train.matrix(method, train_pos), train_labels, train_groups
+                    )
                     x_test = test.matrix(method, test_pos)
-                    answers[method] = model.predict(x_test) if task == "klg" else positive_score(model, x_test)
+                    answers[method] = (
+                        model.predict(x_test) if task == "klg" else positive_score(model, x_test)
+                    )
                     extra[method] = {"C": model.chosen_c}
                 else:
-                    answers[method] = _resnet_answer(train, test, method, train_pos, train_labels, test_pos, task,
-                                                     classes, profile, epochs, weights, device, threads, seed)
-                    log(f"Table 3: ResNet-18 {task} on {method} maps ({time.perf_counter() - started:.0f} s so far)")
-            scored, paired = scored_with_intervals(task, test_labels, answers, test_groups, resamples, seed)
+                    answers[method] = _resnet_answer(
+                        train,
+                        test,
+                        method,
+                        train_pos,
+                        train_labels,
+                        test_pos,
+                        task,
+                        classes,
+                        profile,
+                        epochs,
+                        weights,
+                        device,
+                        threads,
+                        seed,
+                    )
+                    log(
+                        f"Table 3: ResNet-18 {task} on {method} maps ({time.perf_counter() - started:.0f} s so far)"
+                    )
+            scored, paired = scored_with_intervals(
+                task, test_labels, answers, test_groups, resamples, seed
+            )
             entry = table["classifiers"][classifier]
             for method in methods:
                 entry["methods"][method][task] = {**scored[method], **extra.get(method, {})}
@@ -226,13 +299,22 @@ def downstream_table(train: SplitMaps, test: SplitMaps, methods: Sequence[str], 
                 entry["paired_vs_mr"].setdefault(method, {})[task] = values
             entry["seconds"] += time.perf_counter() - started
             if classifier == "resnet18":
-                table["settings"].setdefault("resnet18", {"profile": profile, "weights": str(weights) if weights else None,
-                                                          "device": device})[task] = _resnet_settings(task, profile, epochs).to_dict()
+                table["settings"].setdefault(
+                    "resnet18",
+                    {
+                        "profile": profile,
+                        "weights": str(weights) if weights else None,
+                        "device": device,
+                    },
+                )[task] = _resnet_settings(task, profile, epochs).to_dict()
     if "logistic" in classifiers:
         from mris.evaluation.classify import C_GRID, CV_FOLDS, FEATURE_GRID
 
-        table["settings"]["logistic"] = {"features": f"{FEATURE_GRID} x {FEATURE_GRID} cell means of fc and tc",
-                                         "C_grid": list(C_GRID), "cv_folds": CV_FOLDS}
+        table["settings"]["logistic"] = {
+            "features": f"{FEATURE_GRID} x {FEATURE_GRID} cell means of fc and tc",
+            "C_grid": list(C_GRID),
+            "cv_folds": CV_FOLDS,
+        }
     for entry in table["classifiers"].values():
         entry["methods"] = {m: v for m, v in entry["methods"].items() if v}
         entry["seconds"] = round(entry["seconds"], 1)
@@ -241,9 +323,22 @@ def downstream_table(train: SplitMaps, test: SplitMaps, methods: Sequence[str], 
     return table
 
 
-def _resnet_answer(train: SplitMaps, test: SplitMaps, method: str, train_pos, train_labels, test_pos, task: str,
-                   classes: int, profile: str, epochs: int | None, weights: Path | None, device: str,
-                   threads: int | None, seed: int) -> np.ndarray:
+def _resnet_answer(
+    train: SplitMaps,
+    test: SplitMaps,
+    method: str,
+    train_pos,
+    train_labels,
+    test_pos,
+    task: str,
+    classes: int,
+    profile: str,
+    epochs: int | None,
+    weights: Path | None,
+    device: str,
+    threads: int | None,
+    seed: int,
+) -> np.ndarray:
     import torch
 
     from mris.training.downstream import fit_predict
@@ -252,7 +347,15 @@ def _resnet_answer(train: SplitMaps, test: SplitMaps, method: str, train_pos, tr
         torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    probabilities = fit_predict(train.images(method, train_pos), train_labels, test.images(method, test_pos), classes,
-                                _resnet_settings(task, profile, epochs), seed=seed, weights_path=weights, device=device)
+    probabilities = fit_predict(
+        train.images(method, train_pos),
+        train_labels,
+        test.images(method, test_pos),
+        classes,
+        _resnet_settings(task, profile, epochs),
+        seed=seed,
+        weights_path=weights,
+        device=device,
+    )
     # the reference's scores: the arg-max class for KLG, P(progressor) for progression
     return probabilities.argmax(axis=1) if task == "klg" else probabilities[:, 1]

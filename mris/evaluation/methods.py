@@ -73,8 +73,13 @@ class RoiSet:
     keypoint_fallbacks: int = 0  # knees where the localiser found nothing and keypoints were used
 
 
-def collect_rois(pipeline, manifest: Manifest, rows: Sequence[ManifestRow], use_localiser: bool,
-                 tick: Callable[[int, int], None] | None = None) -> RoiSet:
+def collect_rois(
+    pipeline,
+    manifest: Manifest,
+    rows: Sequence[ManifestRow],
+    use_localiser: bool,
+    tick: Callable[[int, int], None] | None = None,
+) -> RoiSet:
     """One ``Pipeline.prepare`` per radiograph for the knees of ``rows`` on it.
 
     With ``use_localiser`` the knees are found as the service finds them; a knee the localiser
@@ -93,8 +98,11 @@ def collect_rois(pipeline, manifest: Manifest, rows: Sequence[ManifestRow], use_
     paths = list(by_radiograph)
     for done, path in enumerate(paths, start=1):
         knee_rows = {row.side: row for row in by_radiograph[path]}
-        keypoints = {side: (row.keypoint_x, row.keypoint_y) for side, row in knee_rows.items()
-                     if row.keypoint_x is not None and row.keypoint_y is not None}
+        keypoints = {
+            side: (row.keypoint_x, row.keypoint_y)
+            for side, row in knee_rows.items()
+            if row.keypoint_x is not None and row.keypoint_y is not None
+        }
         attempts = [None, keypoints] if use_localiser else [keypoints]
         for attempt, given in enumerate(attempts):
             sides = tuple(knee_rows) if given is None else tuple(keypoints)
@@ -103,27 +111,40 @@ def collect_rois(pipeline, manifest: Manifest, rows: Sequence[ManifestRow], use_
                 skipped.setdefault(reason, []).extend(row.pair_id for row in knee_rows.values())
                 break
             try:
-                prepared = pipeline.prepare(manifest.resolve_path(path), RequestOptions(knees=sides, keypoints=given))
+                prepared = pipeline.prepare(
+                    manifest.resolve_path(path), RequestOptions(knees=sides, keypoints=given)
+                )
             except KneeNotFound:
                 if attempt + 1 < len(attempts):
                     continue
                 skipped.setdefault("knee not found", []).extend(knee_rows[s].pair_id for s in sides)
                 break
             except MrisError as exc:
-                skipped.setdefault(type(exc).__name__, []).extend(row.pair_id for row in knee_rows.values())
+                skipped.setdefault(type(exc).__name__, []).extend(
+                    row.pair_id for row in knee_rows.values()
+                )
                 break
             fallbacks += len(sides) if (use_localiser and given is not None) else 0
             for roi in prepared.rois:
                 found[knee_rows[roi.side].pair_id] = roi
             missing = [row.pair_id for side, row in knee_rows.items() if side not in sides]
-            if missing:  # in a fallback these knees were missed by the localiser and have no keypoints
-                reason = "knee not found" if (use_localiser and given is not None) else "no keypoints"
+            if (
+                missing
+            ):  # in a fallback these knees were missed by the localiser and have no keypoints
+                reason = (
+                    "knee not found" if (use_localiser and given is not None) else "no keypoints"
+                )
                 skipped.setdefault(reason, []).extend(missing)
             break
         if tick is not None:
             tick(done, len(paths))
     kept = [row for row in rows if row.pair_id in found]
-    return RoiSet(rows=kept, rois=[found[row.pair_id] for row in kept], skipped=skipped, keypoint_fallbacks=fallbacks)
+    return RoiSet(
+        rows=kept,
+        rois=[found[row.pair_id] for row in kept],
+        skipped=skipped,
+        keypoint_fallbacks=fallbacks,
+    )
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -147,8 +168,11 @@ class MrisMethod:
         )
 
 
-def database_mean_maps(store_rows: Callable[[str, np.ndarray], np.ndarray], count: int,
-                       chunk_rows: int = MEAN_CHUNK_ROWS) -> dict[str, np.ndarray]:
+def database_mean_maps(
+    store_rows: Callable[[str, np.ndarray], np.ndarray],
+    count: int,
+    chunk_rows: int = MEAN_CHUNK_ROWS,
+) -> dict[str, np.ndarray]:
     """The mean map per cartilage over ``count`` database rows read in chunks by
     ``store_rows(cartilage, row_ids [1, n]) -> [1, n, H, W]``; equals ``synthesize`` with equal
     similarities over all rows (checked by a test), without holding every map at once."""
@@ -156,7 +180,10 @@ def database_mean_maps(store_rows: Callable[[str, np.ndarray], np.ndarray], coun
     for name in CARTILAGES:
         total = present = None
         for start in range(0, count, chunk_rows):
-            block = np.asarray(store_rows(name, np.arange(start, min(count, start + chunk_rows))[None])[0], np.float64)
+            block = np.asarray(
+                store_rows(name, np.arange(start, min(count, start + chunk_rows))[None])[0],
+                np.float64,
+            )
             mask = np.isfinite(block)
             block_sum = np.where(mask, block, 0.0).sum(axis=0)
             total = block_sum if total is None else total + block_sum
@@ -178,8 +205,10 @@ class MeanMethod:
 
     def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
         n = len(rois)
-        return MethodMaps(fc=np.repeat(self.mean_maps["fc"][None], n, axis=0),
-                          tc=np.repeat(self.mean_maps["tc"][None], n, axis=0))
+        return MethodMaps(
+            fc=np.repeat(self.mean_maps["fc"][None], n, axis=0),
+            tc=np.repeat(self.mean_maps["tc"][None], n, axis=0),
+        )
 
     @property
     def atlas_masks(self) -> dict[str, np.ndarray]:
@@ -190,8 +219,14 @@ class UnetMethod:
     """``unet.onnx`` (``mris train-unet``) or ``pix2pix.onnx`` (``mris train-pix2pix``, ``card``
     ``pix2pix-card.json``): ROI [N, 1, S, S] -> [N, 2, S, S] mm (fc, tc)."""
 
-    def __init__(self, unet_dir: str | Path, atlas_masks: dict[str, np.ndarray], device: str = "auto",
-                 threads: int | None = None, card: str = "unet-card.json"):
+    def __init__(
+        self,
+        unet_dir: str | Path,
+        atlas_masks: dict[str, np.ndarray],
+        device: str = "auto",
+        threads: int | None = None,
+        card: str = "unet-card.json",
+    ):
         import onnxruntime as ort
 
         from mris.encoders import default_threads, select_providers
@@ -199,17 +234,24 @@ class UnetMethod:
         unet_dir = Path(unet_dir)
         card_path = unet_dir / card
         if not card_path.is_file():
-            raise BundleInvalid(f"{unet_dir} is not a trained baseline folder: {card} is missing "
-                                "(train it with mris train-unet or mris train-pix2pix)")
+            raise BundleInvalid(
+                f"{unet_dir} is not a trained baseline folder: {card} is missing "
+                "(train it with mris train-unet or mris train-pix2pix)"
+            )
         self.card = json.loads(card_path.read_text())
         onnx_path = unet_dir / self.card["file"]
-        if not onnx_path.is_file() or sha256_file(onnx_path) != self.card["sha256"][self.card["file"]]:
+        if (
+            not onnx_path.is_file()
+            or sha256_file(onnx_path) != self.card["sha256"][self.card["file"]]
+        ):
             raise BundleInvalid(f"{onnx_path} is missing or does not match its sha256 in {card}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=select_providers(device))
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=select_providers(device)
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.atlas_masks = atlas_masks
 
@@ -232,8 +274,13 @@ class OracleMethod:
     13,600 maps of 310 x 310). Squares are formed in chunks, never stored.
     """
 
-    def __init__(self, rows_of: Callable[[str, np.ndarray], np.ndarray], count: int,
-                 shortlist: int = ORACLE_SHORTLIST, chunk_rows: int = MEAN_CHUNK_ROWS):
+    def __init__(
+        self,
+        rows_of: Callable[[str, np.ndarray], np.ndarray],
+        count: int,
+        shortlist: int = ORACLE_SHORTLIST,
+        chunk_rows: int = MEAN_CHUNK_ROWS,
+    ):
         self.rows_of = rows_of  # (cartilage, row ids [1, n]) -> maps [1, n, H, W]
         self.count = count
         self.shortlist = shortlist
@@ -242,11 +289,14 @@ class OracleMethod:
         for name in CARTILAGES:
             filled = None
             for start in range(0, count, chunk_rows):
-                block = np.asarray(rows_of(name, np.arange(start, min(count, start + chunk_rows))[None])[0], np.float32)
+                block = np.asarray(
+                    rows_of(name, np.arange(start, min(count, start + chunk_rows))[None])[0],
+                    np.float32,
+                )
                 block = np.nan_to_num(block.reshape(block.shape[0], -1), nan=0.0)
                 if filled is None:
                     filled = np.empty((count, block.shape[1]), np.float32)
-                filled[start:start + block.shape[0]] = block
+                filled[start : start + block.shape[0]] = block
             self.filled[name] = filled
         self.chosen: dict[str, list[int]] = {"fc": [], "tc": []}
 
@@ -255,7 +305,9 @@ class OracleMethod:
         return cls(index.neighbour_maps, index.card.rows, shortlist)
 
     @classmethod
-    def from_arrays(cls, database_maps: dict[str, np.ndarray], shortlist: int = ORACLE_SHORTLIST) -> OracleMethod:
+    def from_arrays(
+        cls, database_maps: dict[str, np.ndarray], shortlist: int = ORACLE_SHORTLIST
+    ) -> OracleMethod:
         """From in-memory maps ``{"fc": [D, H, W], "tc": [D, H, W]}``."""
         return cls(lambda name, ids: database_maps[name][ids], len(database_maps["fc"]), shortlist)
 
@@ -269,8 +321,8 @@ class OracleMethod:
         # sum over the true mask of (t - d)^2 = sum m t^2 - 2 t . d + m . d^2  (t is 0 off the mask)
         squared = (t * t).sum(axis=1, keepdims=True) - 2 * (t @ database.T)
         for start in range(0, self.count, self.chunk_rows):
-            chunk = database[start:start + self.chunk_rows]
-            squared[:, start:start + chunk.shape[0]] += mask @ (chunk * chunk).T
+            chunk = database[start : start + self.chunk_rows]
+            squared[:, start : start + chunk.shape[0]] += mask @ (chunk * chunk).T
         size = min(self.shortlist, squared.shape[1])
         candidates = np.argpartition(squared, size - 1, axis=1)[:, :size]
         best = np.empty(truth.shape[0], np.int64)

@@ -55,7 +55,9 @@ def map_error(predicted_mm: np.ndarray, true_mm: np.ndarray) -> tuple[float, flo
     predicted = np.asarray(predicted_mm, dtype=np.float32)
     truth = np.asarray(true_mm, dtype=np.float32)
     if predicted.shape != truth.shape:
-        raise ValueError(f"predicted map {predicted.shape} and true map {truth.shape} differ in shape")
+        raise ValueError(
+            f"predicted map {predicted.shape} and true map {truth.shape} differ in shape"
+        )
     true_mask = np.isfinite(truth)
     both = true_mask & np.isfinite(predicted)
     mae = float(np.mean(np.abs(predicted[both] - truth[both]))) if both.any() else float("nan")
@@ -90,7 +92,9 @@ def bootstrap_ci(
     return percentile_interval(values, level)
 
 
-def subject_resamples(groups: Sequence[str], resamples: int = 1000, seed: int = 0) -> Iterator[np.ndarray]:
+def subject_resamples(
+    groups: Sequence[str], resamples: int = 1000, seed: int = 0
+) -> Iterator[np.ndarray]:
     """``resamples`` int64 position arrays, each the samples of as many subjects as there are,
     drawn with replacement (the draws ``bootstrap_ci`` uses: one sequence serves several paired
     statistics)."""

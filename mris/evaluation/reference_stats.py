@@ -40,7 +40,10 @@ from mris.constants import CARTILAGES
 
 REFERENCE_SIZE = (256, 256)
 KLG_STRATA: tuple[tuple[str, tuple[int, ...]], ...] = (
-    ("KLG01", (0, 1)), ("KLG2", (2,)), ("KLG3", (3,)), ("KLG4", (4,)),
+    ("KLG01", (0, 1)),
+    ("KLG2", (2,)),
+    ("KLG3", (3,)),
+    ("KLG4", (4,)),
 )
 STRATA = tuple(name for name, _ in KLG_STRATA) + ("all",)
 
@@ -60,8 +63,12 @@ def skimage_resize(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     factors = np.divide(array.shape, output)
     filtered = array
     if any(o < i for o, i in zip(output, array.shape)):
-        filtered = ndimage.gaussian_filter(array, np.maximum(0, (factors - 1) / 2), cval=0, mode="mirror")
-    out = ndimage.zoom(filtered, [1 / f for f in factors], order=1, mode="mirror", cval=0, grid_mode=True)
+        filtered = ndimage.gaussian_filter(
+            array, np.maximum(0, (factors - 1) / 2), cval=0, mode="mirror"
+        )
+    out = ndimage.zoom(
+        filtered, [1 / f for f in factors], order=1, mode="mirror", cval=0, grid_mode=True
+    )
     np.clip(out, np.min(array), np.max(array), out=out)
     return out
 
@@ -84,7 +91,9 @@ def pair_statistic(predicted_resized: np.ndarray, true_resized: np.ndarray) -> t
     resized by ``resize_ignore_nan``); NaNs when no pixel is. The same numbers as the reference's
     ``np.nanmedian`` and ``median_abs_deviation(..., nan_policy='omit')`` (median of the absolute
     deviations from the median, scale 1) on the finite pixels, without scipy's slower NaN path."""
-    error = np.abs(np.asarray(predicted_resized, np.float64) - np.asarray(true_resized, np.float64)).ravel()
+    error = np.abs(
+        np.asarray(predicted_resized, np.float64) - np.asarray(true_resized, np.float64)
+    ).ravel()
     error = error[np.isfinite(error)]
     if error.size == 0:
         return float("nan"), float("nan")
@@ -101,10 +110,14 @@ class ReferenceErrors:
     pair_ids: list[str] = field(default_factory=list)
     subjects: list[str] = field(default_factory=list)
     klg: list[int | None] = field(default_factory=list)
-    median: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # method -> fc/tc -> [N]
+    median: dict[str, dict[str, list[float]]] = field(
+        default_factory=dict
+    )  # method -> fc/tc -> [N]
     mad: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
-    def add(self, rows: Sequence[Any], truth: dict[str, np.ndarray], answers: dict[str, Any]) -> None:
+    def add(
+        self, rows: Sequence[Any], truth: dict[str, np.ndarray], answers: dict[str, Any]
+    ) -> None:
         """One batch: ``rows`` (manifest rows), ``truth`` fc/tc [B, H, W] and every method's
         answer (indexable by "fc"/"tc" -> [B, H, W]). The true maps are resized once."""
         for row in rows:
@@ -142,42 +155,72 @@ def _nanmean(values: np.ndarray) -> float:
 PAIRED = (("mris-s", "unet"), ("mris-s", "mris-c"), ("mris-s", "pix2pix"))
 
 
-def reference_table(errors: ReferenceErrors, resamples: int, seed: int,
-                    comparisons: Sequence[tuple[str, str]] = PAIRED) -> dict[str, Any]:
+def reference_table(
+    errors: ReferenceErrors,
+    resamples: int,
+    seed: int,
+    comparisons: Sequence[tuple[str, str]] = PAIRED,
+) -> dict[str, Any]:
     """The main Table 2 (module docstring) for every method in ``errors``, with subject-bootstrap
     intervals of the ``all`` cells and the paired comparisons of ``comparisons`` present."""
     from mris.evaluation.metrics import bootstrap_ci
 
     strata = stratum_positions(errors.klg)
-    table: dict[str, Any] = {"pairs": len(errors.pair_ids), "size": list(errors.size), "strata": list(STRATA),
-                             "methods": {}}
+    table: dict[str, Any] = {
+        "pairs": len(errors.pair_ids),
+        "size": list(errors.size),
+        "strata": list(STRATA),
+        "methods": {},
+    }
     for method in errors.median:
         entry: dict[str, Any] = {}
         for name in CARTILAGES:
             medians = np.asarray(errors.median[method][name], np.float64)
             mads = np.asarray(errors.mad[method][name], np.float64)
-            cells = {stratum: {"median": _nanmean(medians[where]), "mad": _nanmean(mads[where]),
-                               "n": int(np.isfinite(medians[where]).sum())}
-                     for stratum, where in strata.items()}
-            cells["all"]["median_ci95"] = list(bootstrap_ci(lambda p, v=medians: _nanmean(v[p]), errors.subjects,
-                                                            resamples, seed))
-            cells["all"]["mad_ci95"] = list(bootstrap_ci(lambda p, v=mads: _nanmean(v[p]), errors.subjects,
-                                                         resamples, seed))
+            cells = {
+                stratum: {
+                    "median": _nanmean(medians[where]),
+                    "mad": _nanmean(mads[where]),
+                    "n": int(np.isfinite(medians[where]).sum()),
+                }
+                for stratum, where in strata.items()
+            }
+            cells["all"]["median_ci95"] = list(
+                bootstrap_ci(lambda p, v=medians: _nanmean(v[p]), errors.subjects, resamples, seed)
+            )
+            cells["all"]["mad_ci95"] = list(
+                bootstrap_ci(lambda p, v=mads: _nanmean(v[p]), errors.subjects, resamples, seed)
+            )
             entry[name] = cells
         table["methods"][method] = entry
     table["paired"] = {}
     for first, second in comparisons:
         if first in errors.median and second in errors.median:
             table["paired"][f"{first} vs {second}"] = {
-                "first": first, "second": second, "statistic": "per-pair median absolute error (mm)",
-                **{name: paired_difference(errors.median[first][name], errors.median[second][name], errors.subjects,
-                                           resamples, seed) for name in CARTILAGES},
+                "first": first,
+                "second": second,
+                "statistic": "per-pair median absolute error (mm)",
+                **{
+                    name: paired_difference(
+                        errors.median[first][name],
+                        errors.median[second][name],
+                        errors.subjects,
+                        resamples,
+                        seed,
+                    )
+                    for name in CARTILAGES
+                },
             }
     return table
 
 
-def paired_difference(first: Sequence[float], second: Sequence[float], subjects: Sequence[str], resamples: int,
-                      seed: int) -> dict[str, Any]:
+def paired_difference(
+    first: Sequence[float],
+    second: Sequence[float],
+    subjects: Sequence[str],
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
     """Per-pair values of two methods on the same knee-visits (lower = better): the mean and
     median of ``first - second`` over the pairs both have, the share of pairs where ``first`` is
     lower, and 95 % intervals of the mean difference and of that share from resampling SUBJECTS."""
@@ -193,9 +236,12 @@ def paired_difference(first: Sequence[float], second: Sequence[float], subjects:
         "n": int(ok.sum()),
         "subjects": int(np.unique(groups).size),
         "mean_difference_mm": float(difference.mean()),
-        "mean_difference_ci95": list(bootstrap_ci(lambda p: float(difference[p].mean()), groups, resamples, seed)),
+        "mean_difference_ci95": list(
+            bootstrap_ci(lambda p: float(difference[p].mean()), groups, resamples, seed)
+        ),
         "median_difference_mm": float(np.median(difference)),
         "first_better_share": float(np.mean(difference < 0)),
-        "first_better_share_ci95": list(bootstrap_ci(lambda p: float(np.mean(difference[p] < 0)), groups,
-                                                     resamples, seed)),
+        "first_better_share_ci95": list(
+            bootstrap_ci(lambda p: float(np.mean(difference[p] < 0)), groups, resamples, seed)
+        ),
     }

@@ -39,8 +39,15 @@ PAPER = {
     "table3_klg_accuracy": {"mris-s": 0.789, "mr": 0.775},
     "table3_progression_auc": {"mris-s": 0.702, "mr": 0.739},
 }
-METHOD_LABELS = {"mr": "MR maps (truth)", "mris-c": "MRIS-C", "mris-s": "MRIS-S", "unet": "U-Net", "pix2pix": "pix2pix", "mean": "database mean map",
-                 "oracle": "oracle neighbour"}
+METHOD_LABELS = {
+    "mr": "MR maps (truth)",
+    "mris-c": "MRIS-C",
+    "mris-s": "MRIS-S",
+    "unet": "U-Net",
+    "pix2pix": "pix2pix",
+    "mean": "database mean map",
+    "oracle": "oracle neighbour",
+}
 CLOSE_DOWNSTREAM = 0.05  # |synthesized - MR| at most this counts as "close" on accuracy / AUC
 THICKNESS_MAX_MM = 4.5
 ERROR_MAX_MM = 1.5
@@ -67,24 +74,33 @@ def findings(report: dict[str, Any]) -> list[str]:
     t1 = report["table1_retrieval"]
     for label, row in t1.items():
         r20, chance = row["recall"]["R@20"], row["chance"]["R@20"]
-        lines.append(f"Retrieval ({label}): R@20 {_pct(r20)} % against {_pct(chance)} % by chance "
-                     f"({r20 / chance:.1f}x) on a gallery of {row['gallery']} test knees.")
+        lines.append(
+            f"Retrieval ({label}): R@20 {_pct(r20)} % against {_pct(chance)} % by chance "
+            f"({r20 / chance:.1f}x) on a gallery of {row['gallery']} test knees."
+        )
     if "combined" in t1:
         paper_chance = 20 / PAPER_TABLE1_GALLERY
-        lines.append(f"The paper's combined R@20 {_pct(PAPER['table1_combined']['R@20'])} % is on a gallery of "
-                     f"{PAPER_TABLE1_GALLERY:,} baseline test pairs (chance {_pct(paper_chance)} %, "
-                     f"{PAPER['table1_combined']['R@20'] / paper_chance:.0f}x); recall falls as the gallery grows, so "
-                     "only the ratios to chance are comparable across galleries, and even they only roughly.")
+        lines.append(
+            f"The paper's combined R@20 {_pct(PAPER['table1_combined']['R@20'])} % is on a gallery of "
+            f"{PAPER_TABLE1_GALLERY:,} baseline test pairs (chance {_pct(paper_chance)} %, "
+            f"{PAPER['table1_combined']['R@20'] / paper_chance:.0f}x); recall falls as the gallery grows, so "
+            "only the ratios to chance are comparable across galleries, and even they only roughly."
+        )
     t2 = (report.get("table2_reference") or {}).get("methods", {})
     label_of = {"mris-s": "MRIS-S", "mris-c": "MRIS-C", "unet": "the U-Net", "pix2pix": "pix2pix"}
     if "mris-s" in t2 and "unet" in t2:
         for name, label in (("fc", "femoral"), ("tc", "tibial")):
             s, u = t2["mris-s"][name]["all"]["median"], t2["unet"][name]["all"]["median"]
             verdict = "AGREES with" if s < u else "does NOT agree with"
-            lines.append(f"Synthesis error ({label}, the reference's statistic): MRIS-S {_num(s)} mm vs U-Net {_num(u)} mm: "
-                         f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral figures "
-                         f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs {PAPER['table2_fc_median_mm']['unet']:.3f} mm).")
-    for table_key, statistic in (("table2_reference", "per-pair median absolute error"), ("table2_error", "per-pair MAE")):
+            lines.append(
+                f"Synthesis error ({label}, the reference's statistic): MRIS-S {_num(s)} mm vs U-Net {_num(u)} mm: "
+                f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral figures "
+                f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs {PAPER['table2_fc_median_mm']['unet']:.3f} mm)."
+            )
+    for table_key, statistic in (
+        ("table2_reference", "per-pair median absolute error"),
+        ("table2_error", "per-pair MAE"),
+    ):
         for comparison in ((report.get(table_key) or {}).get("paired") or {}).values():
             first = label_of.get(comparison["first"], comparison["first"])
             second = label_of.get(comparison["second"], comparison["second"])
@@ -97,19 +113,30 @@ def findings(report: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"Paired ({statistic}, {name}, {first} - {second}): mean difference {p['mean_difference_mm']:+.3f} mm "
                     f"(95 % subject-bootstrap interval {low:+.3f} to {high:+.3f}"
-                    + ("; excludes 0" if low > 0 or high < 0 else "; includes 0") + f"); {first} lower on "
+                    + ("; excludes 0" if low > 0 or high < 0 else "; includes 0")
+                    + f"); {first} lower on "
                     f"{_pct(p['first_better_share'])} % ({_pct(share_low)}-{_pct(share_high)} %) of {p['n']} "
-                    f"test knee-visits of {p['subjects']} subjects.")
+                    f"test knee-visits of {p['subjects']} subjects."
+                )
     if "mris-s" in t2 and "mean" in t2:
         s, m = t2["mris-s"]["fc"]["all"]["median"], t2["mean"]["fc"]["all"]["median"]
-        lines.append(f"Against the database mean map (no information from the radiograph): MRIS-S femoral error "
-                     f"{_num(s)} vs {_num(m)} mm: " + ("the radiograph adds information." if s < m else
-                                                     "the radiograph adds NO measurable information here."))
+        lines.append(
+            f"Against the database mean map (no information from the radiograph): MRIS-S femoral error "
+            f"{_num(s)} vs {_num(m)} mm: "
+            + (
+                "the radiograph adds information."
+                if s < m
+                else "the radiograph adds NO measurable information here."
+            )
+        )
     if "mris-s" in t2 and "oracle" in t2:
         s, o = t2["mris-s"]["fc"]["all"]["median"], t2["oracle"]["fc"]["all"]["median"]
-        lines.append(f"Oracle neighbour (best single database map, uses the truth): femoral error {_num(o)} mm vs "
-                     f"MRIS-S {_num(s)} mm; averaging 20 neighbours " + ("beats" if s < o else "does not beat")
-                     + " the best single map.")
+        lines.append(
+            f"Oracle neighbour (best single database map, uses the truth): femoral error {_num(o)} mm vs "
+            f"MRIS-S {_num(s)} mm; averaging 20 neighbours "
+            + ("beats" if s < o else "does not beat")
+            + " the best single map."
+        )
     t3 = report.get("table3_downstream")
     if t3 and "mr" in t3["methods"]:
         mr = t3["methods"]["mr"]
@@ -117,26 +144,46 @@ def findings(report: dict[str, Any]) -> list[str]:
             entry = t3["methods"].get(method)
             if not entry:
                 continue
-            for task, key, paper_key in (("klg", "accuracy", "table3_klg_accuracy"), ("progression", "roc_auc", "table3_progression_auc")):
+            for task, key, paper_key in (
+                ("klg", "accuracy", "table3_klg_accuracy"),
+                ("progression", "roc_auc", "table3_progression_auc"),
+            ):
                 if task not in entry or task not in mr:
                     continue
                 ours, reference = entry[task][key], mr[task][key]
-                if ours is None or reference is None or not (math.isfinite(ours) and math.isfinite(reference)):
+                if (
+                    ours is None
+                    or reference is None
+                    or not (math.isfinite(ours) and math.isfinite(reference))
+                ):
                     continue
                 difference = ours - reference
-                paired = (((t3.get("classifiers") or {}).get(t3.get("primary")) or {}).get("paired_vs_mr") or {})
+                paired = ((t3.get("classifiers") or {}).get(t3.get("primary")) or {}).get(
+                    "paired_vs_mr"
+                ) or {}
                 interval = ((paired.get(method) or {}).get(task) or {}).get(key, {}).get("ci95")
-                interval_text = (f", paired 95 % subject-bootstrap interval {interval[0]:+.3f} to {interval[1]:+.3f}"
-                                 if interval and all(v is not None and math.isfinite(v) for v in interval) else "")
-                text = (f"Downstream {task} {key.replace('_', ' ')}: {METHOD_LABELS[method]} {_num(ours)} vs MR maps "
-                        f"{_num(reference)} ({difference:+.3f}{interval_text}): "
-                        + ("close (within 0.05)" if abs(difference) <= CLOSE_DOWNSTREAM else "NOT close (more than 0.05 apart)"))
+                interval_text = (
+                    f", paired 95 % subject-bootstrap interval {interval[0]:+.3f} to {interval[1]:+.3f}"
+                    if interval and all(v is not None and math.isfinite(v) for v in interval)
+                    else ""
+                )
+                text = (
+                    f"Downstream {task} {key.replace('_', ' ')}: {METHOD_LABELS[method]} {_num(ours)} vs MR maps "
+                    f"{_num(reference)} ({difference:+.3f}{interval_text}): "
+                    + (
+                        "close (within 0.05)"
+                        if abs(difference) <= CLOSE_DOWNSTREAM
+                        else "NOT close (more than 0.05 apart)"
+                    )
+                )
                 if method == "mris-s":
                     paper = PAPER[paper_key]
                     paper_difference = paper["mris-s"] - paper["mr"]
                     same = np.sign(difference) == np.sign(paper_difference)
-                    text += (f"; paper {paper['mris-s']:.3f} vs {paper['mr']:.3f} ({paper_difference:+.3f}): "
-                             + ("the same direction" if same else "the OPPOSITE direction"))
+                    text += (
+                        f"; paper {paper['mris-s']:.3f} vs {paper['mr']:.3f} ({paper_difference:+.3f}): "
+                        + ("the same direction" if same else "the OPPOSITE direction")
+                    )
                 lines.append(text + ".")
     return lines
 
@@ -144,17 +191,25 @@ def findings(report: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------ tables
 def markdown(report: dict[str, Any]) -> str:
     out = ["# MRIS evaluation report", ""]
-    out += [f"Made by `{report['command']}` on {report['created']} in {report['seconds']['total']:.0f} s.", ""]
+    out += [
+        f"Made by `{report['command']}` on {report['created']} in {report['seconds']['total']:.0f} s.",
+        "",
+    ]
     rois = report["rois"]
-    out += [f"Methods: {', '.join(METHOD_LABELS[m] for m in report['methods'])}; k = {report['k']}; "
-            f"NaN rule of the MRIS maps: {report.get('nan_rule', 'majority')}; ROIs from the "
-            f"{rois['source']} (the same ROI for every method); 95 % intervals from {report['bootstrap_resamples']} "
-            "bootstrap resamples of subjects.", ""]
+    out += [
+        f"Methods: {', '.join(METHOD_LABELS[m] for m in report['methods'])}; k = {report['k']}; "
+        f"NaN rule of the MRIS maps: {report.get('nan_rule', 'majority')}; ROIs from the "
+        f"{rois['source']} (the same ROI for every method); 95 % intervals from {report['bootstrap_resamples']} "
+        "bootstrap resamples of subjects.",
+        "",
+    ]
     for split in ("test", "downstream"):
         if split in rois:
             s = rois[split]
             skipped = ", ".join(f"{n} {r}" for r, n in s["skipped"].items()) or "none"
-            out.append(f"- {split}: {s['pairs']} knee-visit pairs; skipped: {skipped}; keypoint fallbacks: {s['keypoint_fallbacks']}")
+            out.append(
+                f"- {split}: {s['pairs']} knee-visit pairs; skipped: {skipped}; keypoint fallbacks: {s['keypoint_fallbacks']}"
+            )
     out += [f"- **warning**: {w}" for w in report.get("warnings", [])]
     out += ["", "## What agrees with the paper and what does not", ""]
     out += [f"- {line}" for line in findings(report)]
@@ -169,29 +224,48 @@ def markdown(report: dict[str, Any]) -> str:
     cohort = report.get("cohort")
     if cohort:
         mix = cohort.get("baseline_klg_mix", {})
-        out += [f"- {cohort.get('subjects')} subjects, {cohort.get('knee_visits')} knee-visit pairs "
-                f"({', '.join(f'{k} {v}' for k, v in cohort.get('pairs_per_split', {}).items())})",
-                "- baseline KL0-4: " + " / ".join(f"{100 * mix.get(str(g), 0):.1f}" for g in KL_GRADES) + " %",
-                f"- mean FC / TC thickness {cohort.get('mean_fc_mm')} / {cohort.get('mean_tc_mm')} mm; progressors "
-                f"{_pct(cohort.get('progressor_share_latent'))} % (progressor label: KL increase within 72 months)", ""]
+        out += [
+            f"- {cohort.get('subjects')} subjects, {cohort.get('knee_visits')} knee-visit pairs "
+            f"({', '.join(f'{k} {v}' for k, v in cohort.get('pairs_per_split', {}).items())})",
+            "- baseline KL0-4: "
+            + " / ".join(f"{100 * mix.get(str(g), 0):.1f}" for g in KL_GRADES)
+            + " %",
+            f"- mean FC / TC thickness {cohort.get('mean_fc_mm')} / {cohort.get('mean_tc_mm')} mm; progressors "
+            f"{_pct(cohort.get('progressor_share_latent'))} % (progressor label: KL increase within 72 months)",
+            "",
+        ]
     else:
         out += ["No `cohort_stats.json` beside the manifest (not a synthetic cohort).", ""]
     card = report["model_card"]
     artefacts = report["artefacts"]
-    out += ["## Model and index", "",
-            f"- model bundle `{artefacts['model']}` (created {card['created']}, profile {card['profile']}, "
-            f"{card['epochs']} epochs, {card['init']})",
-            f"- preprocessing: {', '.join(f'{k} {v}' for k, v in card['preprocess'].items())}",
-            *[f"- validation recall in the card ({name}, held-out database subjects' first visits, gallery "
-              f"{row['gallery']}): " + ", ".join(f"{k} {_pct(r)} %{_ci(row['ci95'][k], _pct)}, "
-                                                 f"{row['ratio_to_chance'][k]:.1f}x chance" for k, r in row["recall"].items())
-              for name, row in (card.get("validation_first_visit") or {}).items()],
-            f"- indexes: {', '.join(f'{v} {p}' for v, p in artefacts['index_versions'].items())}; "
-            f"{artefacts['database_rows']} database maps",
-            f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`; "
-            f"pix2pix: `{artefacts.get('pix2pix') or '-'}`",
-            *[f"- {METHOD_LABELS[method]}: {note}" for method, note in artefacts.get("baseline_notes", {}).items() if note],
-            "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()), ""]
+    out += [
+        "## Model and index",
+        "",
+        f"- model bundle `{artefacts['model']}` (created {card['created']}, profile {card['profile']}, "
+        f"{card['epochs']} epochs, {card['init']})",
+        f"- preprocessing: {', '.join(f'{k} {v}' for k, v in card['preprocess'].items())}",
+        *[
+            f"- validation recall in the card ({name}, held-out database subjects' first visits, gallery "
+            f"{row['gallery']}): "
+            + ", ".join(
+                f"{k} {_pct(r)} %{_ci(row['ci95'][k], _pct)}, "
+                f"{row['ratio_to_chance'][k]:.1f}x chance"
+                for k, r in row["recall"].items()
+            )
+            for name, row in (card.get("validation_first_visit") or {}).items()
+        ],
+        f"- indexes: {', '.join(f'{v} {p}' for v, p in artefacts['index_versions'].items())}; "
+        f"{artefacts['database_rows']} database maps",
+        f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`; "
+        f"pix2pix: `{artefacts.get('pix2pix') or '-'}`",
+        *[
+            f"- {METHOD_LABELS[method]}: {note}"
+            for method, note in artefacts.get("baseline_notes", {}).items()
+            if note
+        ],
+        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()),
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -201,26 +275,44 @@ def _label(method: str) -> str:
 
 def table1_markdown(report: dict[str, Any]) -> list[str]:
     ks = ("R@1", "R@5", "R@10", "R@20")
-    out = ["", "## Table 1: retrieval (test split, first visit of each knee)", "",
-           "Radiograph to the thickness map of the same knee-visit among the test knees' maps (one query per knee, "
-           "the gallery = those knees' maps); recall in % with its 95 % interval (subjects resampled), then its "
-           "ratio to chance (chance R@k = k / gallery) with the interval divided by chance.", "",
-           "| embedding | gallery | " + " | ".join(ks) + " | median rank |", "|---|---|" + "---|" * len(ks) + "---|"]
+    out = [
+        "",
+        "## Table 1: retrieval (test split, first visit of each knee)",
+        "",
+        "Radiograph to the thickness map of the same knee-visit among the test knees' maps (one query per knee, "
+        "the gallery = those knees' maps); recall in % with its 95 % interval (subjects resampled), then its "
+        "ratio to chance (chance R@k = k / gallery) with the interval divided by chance.",
+        "",
+        "| embedding | gallery | " + " | ".join(ks) + " | median rank |",
+        "|---|---|" + "---|" * len(ks) + "---|",
+    ]
     rows = report["table1_retrieval"]
     for label, row in rows.items():
         cells = [f"{_pct(row['recall'][k])}{_ci(row['ci95'][k], _pct)}" for k in ks]
-        out.append(f"| {label} | {row['gallery']} | " + " | ".join(cells) + f" | {row['median_rank']:.0f} |")
+        out.append(
+            f"| {label} | {row['gallery']} | "
+            + " | ".join(cells)
+            + f" | {row['median_rank']:.0f} |"
+        )
         if "ratio_to_chance" in row:
-            ratios = [f"{row['ratio_to_chance'][k]:.1f}x{_ci(row['ratio_ci95'][k], lambda v: f'{v:.1f}')}" for k in ks]
+            ratios = [
+                f"{row['ratio_to_chance'][k]:.1f}x{_ci(row['ratio_ci95'][k], lambda v: f'{v:.1f}')}"
+                for k in ks
+            ]
             out.append(f"| {label}: ratio to chance | | " + " | ".join(ratios) + " | |")
     if rows:
         row = next(iter(rows.values()))
         out.append("| chance | | " + " | ".join(_pct(row["chance"][k]) for k in ks) + " | |")
     paper = PAPER["table1_combined"]
-    out.append(f"| paper, combined, OAI (gallery of {PAPER_TABLE1_GALLERY:,} baseline test pairs, 897 subjects) | "
-               f"{PAPER_TABLE1_GALLERY} | " + " | ".join(f"{100 * paper[k]:.1f}" for k in ks) + " | |")
-    out.append("| paper: ratio to chance | | " + " | ".join(
-        f"{paper[k] / (int(k[2:]) / PAPER_TABLE1_GALLERY):.0f}x" for k in ks) + " | |")
+    out.append(
+        f"| paper, combined, OAI (gallery of {PAPER_TABLE1_GALLERY:,} baseline test pairs, 897 subjects) | "
+        f"{PAPER_TABLE1_GALLERY} | " + " | ".join(f"{100 * paper[k]:.1f}" for k in ks) + " | |"
+    )
+    out.append(
+        "| paper: ratio to chance | | "
+        + " | ".join(f"{paper[k] / (int(k[2:]) / PAPER_TABLE1_GALLERY):.0f}x" for k in ks)
+        + " | |"
+    )
     out += ["", "![recall@k](recall_at_k.png)", ""]
     return out
 
@@ -231,50 +323,91 @@ def table2_markdown(report: dict[str, Any]) -> list[str]:
     if t2:
         strata = t2["strata"]
         size = "x".join(str(v) for v in t2["size"])
-        out += ["## Table 2: synthesis error by KL grade (test split, every knee-visit pair; the reference's statistic)", "",
-                f"As the reference's `synthesis.get_synthesis_stat`: per pair, true and synthesized map resized to {size} "
-                "with the NaN-aware resize, the median and the MAD of the per-pixel absolute error; the cell is the mean "
-                f"over pairs of each, `median ± MAD` in mm, over {t2['pairs']} pairs; the interval is the 95 % "
-                "subject-bootstrap interval of the `all` median. MRIS maps use the NaN rule "
-                f"`{report.get('nan_rule', 'majority')}`.", ""]
+        out += [
+            "## Table 2: synthesis error by KL grade (test split, every knee-visit pair; the reference's statistic)",
+            "",
+            f"As the reference's `synthesis.get_synthesis_stat`: per pair, true and synthesized map resized to {size} "
+            "with the NaN-aware resize, the median and the MAD of the per-pixel absolute error; the cell is the mean "
+            f"over pairs of each, `median ± MAD` in mm, over {t2['pairs']} pairs; the interval is the 95 % "
+            "subject-bootstrap interval of the `all` median. MRIS maps use the NaN rule "
+            f"`{report.get('nan_rule', 'majority')}`.",
+            "",
+        ]
         paper = PAPER["table2_fc_median_mm"]
         for name, label in (("fc", "femoral"), ("tc", "tibial")):
-            out += [f"**{label} ({name})**", "",
-                    "| method | " + " | ".join(strata) + " | 95 % interval of the all median |",
-                    "|---|" + "---|" * (len(strata) + 1)]
+            out += [
+                f"**{label} ({name})**",
+                "",
+                "| method | " + " | ".join(strata) + " | 95 % interval of the all median |",
+                "|---|" + "---|" * (len(strata) + 1),
+            ]
             for method, entry in t2["methods"].items():
-                cells = [f"{_num(entry[name][st]['median'])} ± {_num(entry[name][st]['mad'])}" for st in strata]
-                out.append(f"| {_label(method)} | " + " | ".join(cells)
-                           + f" | {_ci(entry[name]['all']['median_ci95'], _num).strip(' ()')} |")
+                cells = [
+                    f"{_num(entry[name][st]['median'])} ± {_num(entry[name][st]['mad'])}"
+                    for st in strata
+                ]
+                out.append(
+                    f"| {_label(method)} | "
+                    + " | ".join(cells)
+                    + f" | {_ci(entry[name]['all']['median_ci95'], _num).strip(' ()')} |"
+                )
             counts = next(iter(t2["methods"].values()))[name] if t2["methods"] else {}
-            out.append("| pairs | " + " | ".join(str(counts.get(st, {}).get("n", 0)) for st in strata) + " | |")
+            out.append(
+                "| pairs | "
+                + " | ".join(str(counts.get(st, {}).get("n", 0)) for st in strata)
+                + " | |"
+            )
             if name == "fc":
                 for method in ("mris-s", "unet"):
-                    out.append(f"| paper (OAI), {_label(method)} | " + " | ".join("n/t" for _ in strata[:-1])
-                               + f" | {paper[method]:.3f} (median; MAD n/t) | |")
+                    out.append(
+                        f"| paper (OAI), {_label(method)} | "
+                        + " | ".join("n/t" for _ in strata[:-1])
+                        + f" | {paper[method]:.3f} (median; MAD n/t) | |"
+                    )
             out.append("")
-        out += ["`n/t`: not transcribed — only the femoral all-grades medians of the paper's Table 2 are in this "
-                "repository (mris/evaluation/report.py, PAPER).", ""]
+        out += [
+            "`n/t`: not transcribed — only the femoral all-grades medians of the paper's Table 2 are in this "
+            "repository (mris/evaluation/report.py, PAPER).",
+            "",
+        ]
         out += _paired_markdown(t2.get("paired") or {}, "per-pair median absolute error")
     t2b = report["table2_error"]
-    out += ["## Table 2b: per-pair MAE by KL grade (our statistic, not the paper's)", "",
-            "Per knee-visit: mean absolute error (mm) over the cartilage both the true and the synthesized map cover, at "
-            f"the maps' own size; median (MAD) over {t2b['knees']} pairs; `coverage` = mean share of the true cartilage "
-            "the map covers. Not comparable with the paper's figures.", ""]
+    out += [
+        "## Table 2b: per-pair MAE by KL grade (our statistic, not the paper's)",
+        "",
+        "Per knee-visit: mean absolute error (mm) over the cartilage both the true and the synthesized map cover, at "
+        f"the maps' own size; median (MAD) over {t2b['knees']} pairs; `coverage` = mean share of the true cartilage "
+        "the map covers. Not comparable with the paper's figures.",
+        "",
+    ]
     for name, label in (("fc", "femoral"), ("tc", "tibial")):
-        out += [f"**{label} ({name})**", "",
-                "| method | " + " | ".join(f"KL{g}" for g in KL_GRADES) + " | all | 95 % interval of the median | coverage |",
-                "|---|" + "---|" * (len(KL_GRADES) + 3)]
+        out += [
+            f"**{label} ({name})**",
+            "",
+            "| method | "
+            + " | ".join(f"KL{g}" for g in KL_GRADES)
+            + " | all | 95 % interval of the median | coverage |",
+            "|---|" + "---|" * (len(KL_GRADES) + 3),
+        ]
         for method, entry in t2b["methods"].items():
             e = entry[name]
-            cells = [f"{_num(e['by_klg'][str(g)]['median'])} ({_num(e['by_klg'][str(g)]['mad'])})" for g in KL_GRADES]
+            cells = [
+                f"{_num(e['by_klg'][str(g)]['median'])} ({_num(e['by_klg'][str(g)]['mad'])})"
+                for g in KL_GRADES
+            ]
             total = e["all"]
-            out.append(f"| {_label(method)} | " + " | ".join(cells)
-                       + f" | {_num(total['median'])} ({_num(total['mad'])}) | {_ci(total['median_ci95'], _num).strip(' ()')} "
-                       f"| {_pct(e['coverage_mean'])} % |")
+            out.append(
+                f"| {_label(method)} | "
+                + " | ".join(cells)
+                + f" | {_num(total['median'])} ({_num(total['mad'])}) | {_ci(total['median_ci95'], _num).strip(' ()')} "
+                f"| {_pct(e['coverage_mean'])} % |"
+            )
         counts = next(iter(t2b["methods"].values()))[name]["by_klg"] if t2b["methods"] else {}
-        out.append("| pairs | " + " | ".join(str(counts.get(str(g), {}).get("n", 0)) for g in KL_GRADES)
-                   + f" | {t2b['knees']} | | |")
+        out.append(
+            "| pairs | "
+            + " | ".join(str(counts.get(str(g), {}).get("n", 0)) for g in KL_GRADES)
+            + f" | {t2b['knees']} | | |"
+        )
         out.append("")
     out += _paired_markdown(t2b.get("paired") or {}, "per-pair MAE")
     out += ["![error by KL grade](error_by_klg.png)", "", "![test knees](examples.png)", ""]
@@ -284,17 +417,23 @@ def table2_markdown(report: dict[str, Any]) -> list[str]:
 def _paired_markdown(paired: dict[str, Any], statistic: str) -> list[str]:
     if not paired:
         return []
-    out = [f"Paired comparisons ({statistic}, first - second, on the knee-visits both have; 95 % intervals "
-           "resample subjects):", "",
-           "| comparison | map | pairs (subjects) | mean difference (mm) | first lower on |", "|---|---|---|---|---|"]
+    out = [
+        f"Paired comparisons ({statistic}, first - second, on the knee-visits both have; 95 % intervals "
+        "resample subjects):",
+        "",
+        "| comparison | map | pairs (subjects) | mean difference (mm) | first lower on |",
+        "|---|---|---|---|---|",
+    ]
     for comparison in paired.values():
         for name in CARTILAGES:
             p = comparison[name]
             if not p.get("n"):
                 continue
-            out.append(f"| {_label(comparison['first'])} - {_label(comparison['second'])} | {name} | {p['n']} ({p['subjects']}) | "
-                       f"{p['mean_difference_mm']:+.3f}{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} | "
-                       f"{_pct(p['first_better_share'])} %{_ci(p['first_better_share_ci95'], _pct)} |")
+            out.append(
+                f"| {_label(comparison['first'])} - {_label(comparison['second'])} | {name} | {p['n']} ({p['subjects']}) | "
+                f"{p['mean_difference_mm']:+.3f}{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} | "
+                f"{_pct(p['first_better_share'])} %{_ci(p['first_better_share_ci95'], _pct)} |"
+            )
     return out + [""]
 
 
@@ -320,7 +459,11 @@ def recall_figure(report: dict[str, Any]) -> bytes:
     gallery = None
     for label, row in report["table1_retrieval"].items():
         curve = np.asarray(row["curve"])
-        ax.plot(np.arange(1, curve.size + 1), 100 * curve, label=f"{label} (R@20 {_pct(row['recall']['R@20'])} %)")
+        ax.plot(
+            np.arange(1, curve.size + 1),
+            100 * curve,
+            label=f"{label} (R@20 {_pct(row['recall']['R@20'])} %)",
+        )
         gallery = row["gallery"]
     if gallery:
         ks = np.arange(1, min(50, gallery) + 1)
@@ -341,7 +484,11 @@ def error_figure(report: dict[str, Any]) -> bytes:
 
     per_knee = report["per_knee"]
     values_of = per_knee.get("reference_median") or per_knee["mae"]
-    what = "median absolute error per pair (reference)" if per_knee.get("reference_median") else "MAE per pair"
+    what = (
+        "median absolute error per pair (reference)"
+        if per_knee.get("reference_median")
+        else "MAE per pair"
+    )
     strata = stratum_positions(per_knee["klg"])
     groups = [name for name in STRATA if name != "all"]
     methods = list(values_of)
@@ -350,14 +497,22 @@ def error_figure(report: dict[str, Any]) -> bytes:
     width = 0.8 / max(1, len(methods))
     for ax, (name, label) in zip(axes, (("fc", "femoral"), ("tc", "tibial"))):
         for m, method in enumerate(methods):
-            values = np.array([np.nan if v is None else v for v in values_of[method][name]], np.float64)
+            values = np.array(
+                [np.nan if v is None else v for v in values_of[method][name]], np.float64
+            )
             data = [values[strata[g] & np.isfinite(values)] for g in groups]
             positions = [i + (m - (len(methods) - 1) / 2) * width for i in range(len(groups))]
             keep = [i for i, d in enumerate(data) if d.size]
             if not keep:
                 continue
-            parts = ax.boxplot([data[i] for i in keep], positions=[positions[i] for i in keep], widths=width * 0.9,
-                               patch_artist=True, showfliers=False, manage_ticks=False)
+            parts = ax.boxplot(
+                [data[i] for i in keep],
+                positions=[positions[i] for i in keep],
+                widths=width * 0.9,
+                patch_artist=True,
+                showfliers=False,
+                manage_ticks=False,
+            )
             colour = f"C{m}"
             for box in parts["boxes"]:
                 box.set_facecolor(colour)
@@ -392,18 +547,40 @@ def examples_figure(examples) -> bytes:
             panels = [(f"{name.upper()} MR", truth, "viridis", THICKNESS_MAX_MM)]
             for method in ("mris-s", "unet"):
                 m = maps.get(method, {}).get(name)
-                panels.append((f"{name.upper()} {METHOD_LABELS[method]}", m, "viridis", THICKNESS_MAX_MM))
+                panels.append(
+                    (f"{name.upper()} {METHOD_LABELS[method]}", m, "viridis", THICKNESS_MAX_MM)
+                )
             for method in ("mris-s", "unet"):
                 m = maps.get(method, {}).get(name)
-                panels.append((f"|{METHOD_LABELS[method]} - MR|", None if m is None else np.abs(m - truth), "magma", ERROR_MAX_MM))
-            panels.append((f"{name.upper()} MRIS-S SD", maps.get("mris-s", {}).get(f"{name}_std"), "magma", ERROR_MAX_MM))
+                panels.append(
+                    (
+                        f"|{METHOD_LABELS[method]} - MR|",
+                        None if m is None else np.abs(m - truth),
+                        "magma",
+                        ERROR_MAX_MM,
+                    )
+                )
+            panels.append(
+                (
+                    f"{name.upper()} MRIS-S SD",
+                    maps.get("mris-s", {}).get(f"{name}_std"),
+                    "magma",
+                    ERROR_MAX_MM,
+                )
+            )
             for title, image, cmap, vmax in panels:
                 ax = axes[r, column]
                 column += 1
                 if image is None:
                     ax.set_visible(False)
                     continue
-                handle = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+                handle = ax.imshow(
+                    np.ma.masked_invalid(image),
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=vmax,
+                    interpolation="nearest",
+                )
                 ax.set_title(title, fontsize=7)
                 if r == 0:
                     bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02)
@@ -417,16 +594,34 @@ def knees_csv(report: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     reference = {kind: per_knee.get(f"reference_{kind}") or {} for kind in ("median", "mad")}
-    writer.writerow(["pair_id", "subject_id", "klg"] + [f"{m}_{n}_{kind}" for m in methods
-                                                         for n in CARTILAGES
-                                                         for kind in ("mae_mm", "coverage", "ref_median_mm", "ref_mad_mm")])
+    writer.writerow(
+        ["pair_id", "subject_id", "klg"]
+        + [
+            f"{m}_{n}_{kind}"
+            for m in methods
+            for n in CARTILAGES
+            for kind in ("mae_mm", "coverage", "ref_median_mm", "ref_mad_mm")
+        ]
+    )
     for i, pair in enumerate(per_knee["pair_ids"]):
         values = []
         for m in methods:
             for n in CARTILAGES:
-                values += [f"{per_knee['mae'][m][n][i]:.4f}", f"{per_knee['coverage'][m][n][i]:.4f}"]
-                values += [_cell(reference[kind].get(m, {}).get(n), i) for kind in ("median", "mad")]
-        writer.writerow([pair, per_knee["subjects"][i], "" if per_knee["klg"][i] is None else per_knee["klg"][i]] + values)
+                values += [
+                    f"{per_knee['mae'][m][n][i]:.4f}",
+                    f"{per_knee['coverage'][m][n][i]:.4f}",
+                ]
+                values += [
+                    _cell(reference[kind].get(m, {}).get(n), i) for kind in ("median", "mad")
+                ]
+        writer.writerow(
+            [
+                pair,
+                per_knee["subjects"][i],
+                "" if per_knee["klg"][i] is None else per_knee["klg"][i],
+            ]
+            + values
+        )
     return buffer.getvalue()
 
 

@@ -80,8 +80,10 @@ class Baseline:
     title: str
 
 
-BASELINES = {"unet": Baseline("train-unet", "unet-card.json", "the U-Net"),
-             "pix2pix": Baseline("train-pix2pix", "pix2pix-card.json", "pix2pix")}
+BASELINES = {
+    "unet": Baseline("train-unet", "unet-card.json", "the U-Net"),
+    "pix2pix": Baseline("train-pix2pix", "pix2pix-card.json", "pix2pix"),
+}
 
 
 @dataclass
@@ -130,10 +132,14 @@ class Progress:
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
-    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    names = [
+        m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()
+    ]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise BadParameter(f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {', '.join(unknown) or 'nothing'}")
+        raise BadParameter(
+            f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {', '.join(unknown) or 'nothing'}"
+        )
     return [m for m in METHODS if m in names]  # the table order
 
 
@@ -155,31 +161,44 @@ def _check_profile(request: EvaluateRequest, encoder_px: int) -> None:
     except ValueError as exc:
         raise BadParameter(str(exc)) from exc
     if profile.encoder_px != encoder_px:
-        raise BadParameter(f"--profile {request.profile} trains at {profile.encoder_px} px but the model bundle's "
-                           f"encoders take {encoder_px} px ROIs: give the profile the model was trained with")
+        raise BadParameter(
+            f"--profile {request.profile} trains at {profile.encoder_px} px but the model bundle's "
+            f"encoders take {encoder_px} px ROIs: give the profile the model was trained with"
+        )
 
 
 def _needs_torch(what: str) -> None:
     try:
         import torch  # noqa: F401
     except ImportError as exc:
-        raise MrisError(f"{what} must be trained and torch is not installed: install the train extra "
-                        "(pip install 'mris[train]') or pass the trained folder") from exc
+        raise MrisError(
+            f"{what} must be trained and torch is not installed: install the train extra "
+            "(pip install 'mris[train]') or pass the trained folder"
+        ) from exc
 
 
-def _trained_on(request: EvaluateRequest, manifest_sha256: str | None, what: str, ours: bool,
-                warnings: list[str]) -> None:
+def _trained_on(
+    request: EvaluateRequest,
+    manifest_sha256: str | None,
+    what: str,
+    ours: bool,
+    warnings: list[str],
+) -> None:
     """Artefacts this evaluation trained must come from this manifest (else ``--out`` is stale);
     given ones may not (a model evaluated on another cohort), which the report says."""
     if manifest_sha256 is None or manifest_sha256 == request.manifest_sha256:
         return
     if ours:
-        raise BadParameter(f"{request.work} holds {what} trained on another manifest: use a new --out "
-                           "(or delete that folder) to evaluate this one")
+        raise BadParameter(
+            f"{request.work} holds {what} trained on another manifest: use a new --out "
+            "(or delete that folder) to evaluate this one"
+        )
     warnings.append(f"{what} was trained on another manifest than {request.manifest}")
 
 
-def combined_model(request: EvaluateRequest, model: ModelBundle, warnings: list[str]) -> ModelBundle:
+def combined_model(
+    request: EvaluateRequest, model: ModelBundle, warnings: list[str]
+) -> ModelBundle:
     """The bundle holding the combined variant (``--model``, ``--combined-model`` or trained)."""
     from mris.subcommand import run_mris
 
@@ -187,18 +206,44 @@ def combined_model(request: EvaluateRequest, model: ModelBundle, warnings: list[
         return model
     if request.combined_model is not None:
         given = load_model_bundle(request.combined_model)
-        _trained_on(request, given.card.training.get("manifest_sha256"), "the combined model", False, warnings)
+        _trained_on(
+            request,
+            given.card.training.get("manifest_sha256"),
+            "the combined model",
+            False,
+            warnings,
+        )
         return given
     out = request.work / "model-combined"
     if (out / "card.json").is_file():
         trained = load_model_bundle(out)
-        _trained_on(request, trained.card.training.get("manifest_sha256"), "the combined model", True, warnings)
+        _trained_on(
+            request,
+            trained.card.training.get("manifest_sha256"),
+            "the combined model",
+            True,
+            warnings,
+        )
         return trained
     _needs_torch("MRIS-C (the combined encoders)")
     _check_profile(request, model.card.preprocess_config.encoder_px)
-    resume = ["--resume"] if (request.work / "model-combined.training" / "run.json").is_file() else ["--force"]
-    run_mris("train", "--manifest", str(request.manifest), "--out", str(out), "--variant", "combined",
-             "--no-localiser", *_train_args(request), *resume)
+    resume = (
+        ["--resume"]
+        if (request.work / "model-combined.training" / "run.json").is_file()
+        else ["--force"]
+    )
+    run_mris(
+        "train",
+        "--manifest",
+        str(request.manifest),
+        "--out",
+        str(out),
+        "--variant",
+        "combined",
+        "--no-localiser",
+        *_train_args(request),
+        *resume,
+    )
     return load_model_bundle(out)
 
 
@@ -207,7 +252,9 @@ def _baseline_manifest(folder: Path, card: str) -> str | None:
     return json.loads(path.read_text()).get("manifest_sha256") if path.is_file() else None
 
 
-def baseline_dir(request: EvaluateRequest, method: str, encoder_px: int, warnings: list[str]) -> Path:
+def baseline_dir(
+    request: EvaluateRequest, method: str, encoder_px: int, warnings: list[str]
+) -> Path:
     """The trained folder of a ``BASELINES`` method: given (``--unet`` / ``--pix2pix``), else
     ``work/<method>``, trained there by its command when missing (resumed when interrupted)."""
     from mris.subcommand import run_mris
@@ -216,8 +263,12 @@ def baseline_dir(request: EvaluateRequest, method: str, encoder_px: int, warning
     given = {"unet": request.unet, "pix2pix": request.pix2pix}[method]
     if given is not None:
         if not (given / baseline.card).is_file():
-            raise BundleInvalid(f"--{method} {given} is not a {method} folder: {baseline.card} is missing")
-        _trained_on(request, _baseline_manifest(given, baseline.card), baseline.title, False, warnings)
+            raise BundleInvalid(
+                f"--{method} {given} is not a {method} folder: {baseline.card} is missing"
+            )
+        _trained_on(
+            request, _baseline_manifest(given, baseline.card), baseline.title, False, warnings
+        )
         return given
     out = request.work / method
     if (out / baseline.card).is_file():
@@ -225,8 +276,20 @@ def baseline_dir(request: EvaluateRequest, method: str, encoder_px: int, warning
     else:
         _needs_torch(f"The {method} baseline")
         _check_profile(request, encoder_px)
-        resume = ["--resume"] if (request.work / f"{method}.training" / "run.json").is_file() else ["--force"]
-        run_mris(baseline.command, "--manifest", str(request.manifest), "--out", str(out), *_train_args(request), *resume)
+        resume = (
+            ["--resume"]
+            if (request.work / f"{method}.training" / "run.json").is_file()
+            else ["--force"]
+        )
+        run_mris(
+            baseline.command,
+            "--manifest",
+            str(request.manifest),
+            "--out",
+            str(out),
+            *_train_args(request),
+            *resume,
+        )
     return out
 
 
@@ -253,8 +316,20 @@ def index_for(request: EvaluateRequest, variant: str, model: ModelBundle) -> Pat
                 raise
             continue
         return candidate
-    run_mris("index", "build", "--model", str(model.root), "--manifest", str(request.manifest), "--root", str(own),
-             "--variant", variant, "--publish", "--quiet")
+    run_mris(
+        "index",
+        "build",
+        "--model",
+        str(model.root),
+        "--manifest",
+        str(request.manifest),
+        "--root",
+        str(own),
+        "--variant",
+        variant,
+        "--publish",
+        "--quiet",
+    )
     return own
 
 
@@ -290,7 +365,9 @@ class Examples:
     pair_ids: list[str]
     rows: dict[str, ManifestRow] = field(default_factory=dict)
     roi: dict[str, np.ndarray] = field(default_factory=dict)
-    maps: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # pair -> method -> name -> map
+    maps: dict[str, dict[str, dict[str, np.ndarray]]] = field(
+        default_factory=dict
+    )  # pair -> method -> name -> map
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -345,13 +422,25 @@ def load_inputs(request: EvaluateRequest) -> EvaluationInputs:
         raise ManifestError(f"manifest {request.manifest} has no 'test' rows to evaluate on")
     model = load_model_bundle(request.model)
     if "separate" not in model.card.variants:
-        raise BadParameter(f"model bundle {request.model} has no 'separate' variant "
-                           "(MRIS-S, the serving default)")
+        raise BadParameter(
+            f"model bundle {request.model} has no 'separate' variant (MRIS-S, the serving default)"
+        )
     request.work.mkdir(parents=True, exist_ok=True)
-    inputs = EvaluationInputs(methods=methods, classifiers=classifiers, manifest=manifest,
-                              test_rows=test_rows, downstream_rows=downstream_rows, model=model)
-    _trained_on(request, model.card.training.get("manifest_sha256"),
-                f"the model bundle {request.model}", False, inputs.warnings)
+    inputs = EvaluationInputs(
+        methods=methods,
+        classifiers=classifiers,
+        manifest=manifest,
+        test_rows=test_rows,
+        downstream_rows=downstream_rows,
+        model=model,
+    )
+    _trained_on(
+        request,
+        model.card.training.get("manifest_sha256"),
+        f"the model bundle {request.model}",
+        False,
+        inputs.warnings,
+    )
     return inputs
 
 
@@ -363,18 +452,25 @@ def train_missing(request: EvaluateRequest, inputs: EvaluationInputs) -> Artefac
     if "mris-c" in methods:
         models["combined"] = combined_model(request, model, warnings)
         if models["combined"].card.preprocess != model.card.preprocess:
-            raise BundleMismatch(f"the combined model {models['combined'].root} uses other "
-                                 f"preprocessing constants than {request.model}")
+            raise BundleMismatch(
+                f"the combined model {models['combined'].root} uses other "
+                f"preprocessing constants than {request.model}"
+            )
     encoder_px = model.card.preprocess_config.encoder_px
-    baseline_paths = {method: baseline_dir(request, method, encoder_px, warnings)
-                      for method in BASELINES if method in methods}
+    baseline_paths = {
+        method: baseline_dir(request, method, encoder_px, warnings)
+        for method in BASELINES
+        if method in methods
+    }
     baseline_notes: dict[str, str] = {}
     for method, path in baseline_paths.items():
         baseline_card = json.loads((path / BASELINES[method].card).read_text())
         baseline_notes[method] = baseline_card.get("width_note", "")
         if baseline_card.get("preprocess") != model.card.preprocess:
-            raise BundleMismatch(f"{BASELINES[method].title} {path} was trained with other "
-                                 f"preprocessing constants than {request.model}")
+            raise BundleMismatch(
+                f"{BASELINES[method].title} {path} was trained with other "
+                f"preprocessing constants than {request.model}"
+            )
     return Artefacts(models=models, baseline_paths=baseline_paths, baseline_notes=baseline_notes)
 
 
@@ -384,19 +480,30 @@ def load_pipelines(request: EvaluateRequest, artefacts: Artefacts) -> None:
 
     models = artefacts.models
     indexes = {variant: index_for(request, variant, bundle) for variant, bundle in models.items()}
-    pipelines = {variant: Pipeline.load(models[variant].root, indexes[variant], variant=variant, device=request.device,
-                                        intra_op_threads=request.threads or 0) for variant in models}
+    pipelines = {
+        variant: Pipeline.load(
+            models[variant].root,
+            indexes[variant],
+            variant=variant,
+            device=request.device,
+            intra_op_threads=request.threads or 0,
+        )
+        for variant in models
+    }
     artefacts.indexes, artefacts.pipelines = indexes, pipelines
 
 
-def collect_roi_sets(request: EvaluateRequest, inputs: EvaluationInputs, separate,
-                     progress: Progress) -> tuple[dict[str, RoiSet], bool]:
+def collect_roi_sets(
+    request: EvaluateRequest, inputs: EvaluationInputs, separate, progress: Progress
+) -> tuple[dict[str, RoiSet], bool]:
     """Stage 4: the ROIs every method sees, per split (rows without their maps skipped), and
     whether the localiser found them."""
     from mris.index.embed import find_missing
 
     manifest = inputs.manifest
-    use_localiser = request.rois == "localiser" or (request.rois == "auto" and separate.localiser is not None)
+    use_localiser = request.rois == "localiser" or (
+        request.rois == "auto" and separate.localiser is not None
+    )
     if request.rois == "localiser" and separate.localiser is None:
         raise BadParameter(f"--rois localiser: model bundle {request.model} has no knee localiser")
     roi_sets: dict[str, RoiSet] = {}
@@ -406,8 +513,13 @@ def collect_roi_sets(request: EvaluateRequest, inputs: EvaluationInputs, separat
         if not rows:
             continue
         task = progress.stage(f"ROIs {split}", len({r.radiograph_path for r in rows}))
-        roi_sets[split] = collect_rois(separate, manifest, rows, use_localiser,
-                                       tick=lambda done, total, task=task: progress.advance(task, done))
+        roi_sets[split] = collect_rois(
+            separate,
+            manifest,
+            rows,
+            use_localiser,
+            tick=lambda done, total, task=task: progress.advance(task, done),
+        )
         if missing:
             roi_sets[split].skipped["missing map"] = sorted(missing)
     if "test" not in roi_sets:
@@ -417,8 +529,9 @@ def collect_roi_sets(request: EvaluateRequest, inputs: EvaluationInputs, separat
     return roi_sets, use_localiser
 
 
-def make_predictors(request: EvaluateRequest, methods: Sequence[str],
-                    artefacts: Artefacts) -> tuple[dict[str, Any], OracleMethod | None]:
+def make_predictors(
+    request: EvaluateRequest, methods: Sequence[str], artefacts: Artefacts
+) -> tuple[dict[str, Any], OracleMethod | None]:
     """Stage 5: one predictor per method (MRIS-C, MRIS-S, the baselines, the mean), in the
     table order; the oracle apart (it is given the truth)."""
     pipelines, separate = artefacts.pipelines, artefacts.pipelines["separate"]
@@ -429,32 +542,44 @@ def make_predictors(request: EvaluateRequest, methods: Sequence[str],
     if "mris-s" in methods:
         predictors["mris-s"] = MrisMethod(separate, request.k, request.nan_rule)
     for method, path in artefacts.baseline_paths.items():
-        predictors[method] = UnetMethod(path, mean_method.atlas_masks, device=request.device,
-                                        threads=request.threads, card=BASELINES[method].card)
+        predictors[method] = UnetMethod(
+            path,
+            mean_method.atlas_masks,
+            device=request.device,
+            threads=request.threads,
+            card=BASELINES[method].card,
+        )
     if "mean" in methods:
         predictors["mean"] = mean_method
     oracle = OracleMethod.from_index(separate.index) if "oracle" in methods else None
     return predictors, oracle
 
 
-def run_methods(request: EvaluateRequest, inputs: EvaluationInputs, artefacts: Artefacts,
-                roi_sets: dict[str, RoiSet], progress: Progress) -> MethodResults:
+def run_methods(
+    request: EvaluateRequest,
+    inputs: EvaluationInputs,
+    artefacts: Artefacts,
+    roi_sets: dict[str, RoiSet],
+    progress: Progress,
+) -> MethodResults:
     """Stage 6: every method on both splits, batch by batch: the classifiers' maps, the test
     split's errors (ours and the reference's) and the example figure's maps."""
     predictors, oracle = make_predictors(request, inputs.methods, artefacts)
     map_px = classifier_map_px(request.profile) if "resnet18" in inputs.classifiers else None
     results = MethodResults(
-        errors=KneeErrors(), reference=ReferenceErrors(),
+        errors=KneeErrors(),
+        reference=ReferenceErrors(),
         features={split: SplitMaps(map_px=map_px) for split in roi_sets},
-        examples=Examples(pair_ids=choose_examples(roi_sets["test"].rows, request.examples,
-                                                   request.seed)),
+        examples=Examples(
+            pair_ids=choose_examples(roi_sets["test"].rows, request.examples, request.seed)
+        ),
         oracle=oracle,
     )
     for split, roi_set in roi_sets.items():
         task = progress.stage(f"methods on {split}", len(roi_set.rows))
         for start in range(0, len(roi_set.rows), BATCH):
-            rows = roi_set.rows[start:start + BATCH]
-            rois = roi_set.rois[start:start + BATCH]
+            rows = roi_set.rows[start : start + BATCH]
+            rois = roi_set.rois[start : start + BATCH]
             truth = _load_truth(inputs.manifest, rows)
             answers: dict[str, MethodMaps] = {"mr": MethodMaps(fc=truth["fc"], tc=truth["tc"])}
             for name, predictor in predictors.items():
@@ -470,8 +595,13 @@ def run_methods(request: EvaluateRequest, inputs: EvaluationInputs, artefacts: A
     return results
 
 
-def _add_test_batch(results: MethodResults, rows: Sequence[ManifestRow], rois,
-                    truth: dict[str, np.ndarray], answers: dict[str, MethodMaps]) -> None:
+def _add_test_batch(
+    results: MethodResults,
+    rows: Sequence[ManifestRow],
+    rois,
+    truth: dict[str, np.ndarray],
+    answers: dict[str, MethodMaps],
+) -> None:
     """A test batch's errors per method and cartilage, and the maps of its example knees."""
     errors, examples = results.errors, results.examples
     errors.add_rows(rows)
@@ -486,45 +616,72 @@ def _add_test_batch(results: MethodResults, rows: Sequence[ManifestRow], rois,
             examples.rows[row.pair_id] = row
             examples.roi[row.pair_id] = rois[i].image
             examples.maps[row.pair_id] = {
-                name: {**{c: answer[c][i] for c in CARTILAGES},
-                       **{f"{c}_std": s[i] for c, s in answer.std.items()}}
+                name: {
+                    **{c: answer[c][i] for c in CARTILAGES},
+                    **{f"{c}_std": s[i] for c, s in answer.std.items()},
+                }
                 for name, answer in answers.items()
             }
 
 
-def downstream_stage(request: EvaluateRequest, inputs: EvaluationInputs,
-                     results: MethodResults, progress: Progress) -> dict[str, Any] | None:
+def downstream_stage(
+    request: EvaluateRequest, inputs: EvaluationInputs, results: MethodResults, progress: Progress
+) -> dict[str, Any] | None:
     """Stage 8: Table 3 (classifiers trained on the downstream split's maps, tested on the test
     split's); ``None`` without downstream rows or classifiers."""
     features = results.features
     if "downstream" not in features or not features["downstream"].rows or not inputs.classifiers:
         return None
-    return downstream_table(features["downstream"], features["test"], ["mr", *inputs.methods],
-                            request.resamples, request.seed, classifiers=inputs.classifiers,
-                            profile=request.profile, epochs=request.classifier_epochs,
-                            weights=request.classifier_weights, device=request.device,
-                            threads=request.threads, log=progress.log)
+    return downstream_table(
+        features["downstream"],
+        features["test"],
+        ["mr", *inputs.methods],
+        request.resamples,
+        request.seed,
+        classifiers=inputs.classifiers,
+        profile=request.profile,
+        epochs=request.classifier_epochs,
+        weights=request.classifier_weights,
+        device=request.device,
+        threads=request.threads,
+        log=progress.log,
+    )
 
 
-def build_report(request: EvaluateRequest, inputs: EvaluationInputs, artefacts: Artefacts,
-                 roi_sets: dict[str, RoiSet], use_localiser: bool, results: MethodResults,
-                 tables: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    request: EvaluateRequest,
+    inputs: EvaluationInputs,
+    artefacts: Artefacts,
+    roi_sets: dict[str, RoiSet],
+    use_localiser: bool,
+    results: MethodResults,
+    tables: dict[str, Any],
+) -> dict[str, Any]:
     """Stage 9: ``report.json``'s content (without ``seconds``)."""
     models, pipelines = artefacts.models, artefacts.pipelines
     baseline_paths, errors = artefacts.baseline_paths, results.errors
     reference, oracle = results.reference, results.oracle
-    rois = {"source": "localiser" if use_localiser else "keypoints",
-            **{split: {"pairs": len(s.rows), "skipped": {r: len(p) for r, p in s.skipped.items()},
-                       "keypoint_fallbacks": s.keypoint_fallbacks}
-               for split, s in roi_sets.items()}}
+    rois = {
+        "source": "localiser" if use_localiser else "keypoints",
+        **{
+            split: {
+                "pairs": len(s.rows),
+                "skipped": {r: len(p) for r, p in s.skipped.items()},
+                "keypoint_fallbacks": s.keypoint_fallbacks,
+            }
+            for split, s in roi_sets.items()
+        },
+    }
     artefact_paths = {
         "model": str(request.model),
         "combined_model": str(models["combined"].root) if "combined" in models else "",
         "indexes": {v: str(p) for v, p in artefacts.indexes.items()},
         "index_versions": {v: p.index_version for v, p in pipelines.items()},
         "database_rows": pipelines["separate"].index.card.rows,
-        **{method: str(baseline_paths[method]) if method in baseline_paths else None
-           for method in BASELINES},
+        **{
+            method: str(baseline_paths[method]) if method in baseline_paths else None
+            for method in BASELINES
+        },
         "baseline_notes": artefacts.baseline_notes,
     }
     return {
@@ -546,9 +703,15 @@ def build_report(request: EvaluateRequest, inputs: EvaluationInputs, artefacts: 
         "table2_error": tables["table2_mae"],
         "table3_downstream": tables["table3"],
         "oracle_rows": {c: len(set(v)) for c, v in (oracle.chosen.items() if oracle else [])},
-        "per_knee": {"pair_ids": errors.pair_ids, "subjects": errors.subjects, "klg": errors.klg,
-                     "mae": errors.mae, "coverage": errors.coverage,
-                     "reference_median": reference.median, "reference_mad": reference.mad},
+        "per_knee": {
+            "pair_ids": errors.pair_ids,
+            "subjects": errors.subjects,
+            "klg": errors.klg,
+            "mae": errors.mae,
+            "coverage": errors.coverage,
+            "reference_median": reference.median,
+            "reference_mad": reference.mad,
+        },
     }
 
 
@@ -568,13 +731,19 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     load_pipelines(request, artefacts)
     seconds["indexes"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    roi_sets, use_localiser = collect_roi_sets(request, inputs, artefacts.pipelines["separate"],
-                                               progress)
+    roi_sets, use_localiser = collect_roi_sets(
+        request, inputs, artefacts.pipelines["separate"], progress
+    )
     seconds["rois"] = time.perf_counter() - mark
     tables: dict[str, Any] = {}
     mark = time.perf_counter()
-    tables["table1"] = retrieval_table(request, artefacts.pipelines, inputs.manifest,
-                                       roi_sets["test"], inputs.model.card.preprocess_config)
+    tables["table1"] = retrieval_table(
+        request,
+        artefacts.pipelines,
+        inputs.manifest,
+        roi_sets["test"],
+        inputs.model.card.preprocess_config,
+    )
     seconds["table1"] = time.perf_counter() - mark
     mark = time.perf_counter()
     results = run_methods(request, inputs, artefacts, roi_sets, progress)
@@ -595,24 +764,33 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
 
 
 def _parse_classifiers(request: EvaluateRequest) -> list[str]:
-    names = request.classifiers.split(",") if isinstance(request.classifiers, str) else list(request.classifiers)
+    names = (
+        request.classifiers.split(",")
+        if isinstance(request.classifiers, str)
+        else list(request.classifiers)
+    )
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in CLASSIFIERS]
     if unknown:
-        raise BadParameter(f"--classifiers: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIFIERS)}")
+        raise BadParameter(
+            f"--classifiers: unknown {', '.join(unknown)}; choose from {', '.join(CLASSIFIERS)}"
+        )
     if "resnet18" in names:
         try:
             import torch  # noqa: F401
         except ImportError as exc:
-            raise MrisError("Table 3's ResNet-18 classifier needs torch: install the train extra "
-                            "(pip install 'mris[train]') or pass --classifiers logistic") from exc
+            raise MrisError(
+                "Table 3's ResNet-18 classifier needs torch: install the train extra "
+                "(pip install 'mris[train]') or pass --classifiers logistic"
+            ) from exc
     if request.classifier_weights is not None and not Path(request.classifier_weights).is_file():
         raise BadParameter(f"--classifier-weights {request.classifier_weights}: no such file")
     return names
 
 
-def retrieval_table(request: EvaluateRequest, pipelines: dict, manifest: Manifest, test: RoiSet,
-                    config) -> dict[str, Any]:
+def retrieval_table(
+    request: EvaluateRequest, pipelines: dict, manifest: Manifest, test: RoiSet, config
+) -> dict[str, Any]:
     """Table 1 on the test split's first visits with the bundles' ONNX encoders."""
     from mris.encoders import OnnxEncoder
     from mris.index.embed import region_inputs
@@ -623,32 +801,55 @@ def retrieval_table(request: EvaluateRequest, pipelines: dict, manifest: Manifes
     truth = _load_truth(manifest, rows)
     subjects = [row.subject_id for row in rows]
     table: dict[str, Any] = {}
-    for label, variant, region in (("femoral", "separate", "fc"), ("tibial", "separate", "tc"),
-                                   ("combined", "combined", "combined")):
+    for label, variant, region in (
+        ("femoral", "separate", "fc"),
+        ("tibial", "separate", "tc"),
+        ("combined", "combined", "combined"),
+    ):
         if variant not in pipelines:
             continue
         pipeline = pipelines[variant]
-        thickness = OnnxEncoder(pipeline.model.encoder_path(variant, region, "thickness"), device=request.device,
-                                intra_op_threads=request.threads, batch_size=64)
-        inputs = np.stack([region_inputs(variant, fc, tc, config)[region] for fc, tc in zip(truth["fc"], truth["tc"])])
+        thickness = OnnxEncoder(
+            pipeline.model.encoder_path(variant, region, "thickness"),
+            device=request.device,
+            intra_op_threads=request.threads,
+            batch_size=64,
+        )
+        inputs = np.stack(
+            [
+                region_inputs(variant, fc, tc, config)[region]
+                for fc, tc in zip(truth["fc"], truth["tc"])
+            ]
+        )
         keys = thickness.embed(inputs[:, None])
         queries = pipeline.encoders[region].embed(images)
-        table[label] = {"variant": variant, "region": region,
-                        **retrieval_row(queries, keys, subjects, request.resamples, request.seed)}
+        table[label] = {
+            "variant": variant,
+            "region": region,
+            **retrieval_row(queries, keys, subjects, request.resamples, request.seed),
+        }
     return table
 
 
 def _card_summary(card) -> dict[str, Any]:
     training = card.training or {}
-    return {"created": card.created, "preprocess": card.preprocess, "variants": sorted(card.variants),
-            "profile": (training.get("profile") or {}).get("name"), "epochs": (training.get("profile") or {}).get("epochs"),
-            "init": training.get("init"), "manifest_sha256": training.get("manifest_sha256"),
-            "files": card.files,
-            # recall of the held-out validation subjects' first visits against chance (cards
-            # written before it was measured have none)
-            "validation_first_visit": {name: region["validation_first_visit"]
-                                       for name, region in ((card.metrics or {}).get("regions") or {}).items()
-                                       if isinstance(region, dict) and region.get("validation_first_visit")}}
+    return {
+        "created": card.created,
+        "preprocess": card.preprocess,
+        "variants": sorted(card.variants),
+        "profile": (training.get("profile") or {}).get("name"),
+        "epochs": (training.get("profile") or {}).get("epochs"),
+        "init": training.get("init"),
+        "manifest_sha256": training.get("manifest_sha256"),
+        "files": card.files,
+        # recall of the held-out validation subjects' first visits against chance (cards
+        # written before it was measured have none)
+        "validation_first_visit": {
+            name: region["validation_first_visit"]
+            for name, region in ((card.metrics or {}).get("regions") or {}).items()
+            if isinstance(region, dict) and region.get("validation_first_visit")
+        },
+    }
 
 
 def _cohort_stats(manifest_path: Path) -> dict[str, Any] | None:

@@ -50,18 +50,30 @@ def merge_klg(klg: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- Table 1
-def retrieval_row(queries: np.ndarray, keys: np.ndarray, subjects: Sequence[str], resamples: int,
-                  seed: int) -> dict[str, Any]:
+def retrieval_row(
+    queries: np.ndarray, keys: np.ndarray, subjects: Sequence[str], resamples: int, seed: int
+) -> dict[str, Any]:
     """Recall@k with intervals for query embeddings [Q, D] whose true keys are ``keys`` [Q, D]
     (same order; the gallery is all of ``keys``)."""
     ranks = metrics.retrieval_ranks(queries @ keys.T)
     gallery = keys.shape[0]
-    row: dict[str, Any] = {"queries": int(ranks.size), "gallery": int(gallery), "recall": {}, "ci95": {}, "chance": {},
-                           "ratio_to_chance": {}, "ratio_ci95": {}}
+    row: dict[str, Any] = {
+        "queries": int(ranks.size),
+        "gallery": int(gallery),
+        "recall": {},
+        "ci95": {},
+        "chance": {},
+        "ratio_to_chance": {},
+        "ratio_ci95": {},
+    }
     for k in metrics.RECALL_AT:
         hits = (ranks < k).astype(np.float64)
         row["recall"][f"R@{k}"] = float(hits.mean())
-        row["ci95"][f"R@{k}"] = list(metrics.bootstrap_ci(lambda p, hits=hits: float(hits[p].mean()), subjects, resamples, seed))
+        row["ci95"][f"R@{k}"] = list(
+            metrics.bootstrap_ci(
+                lambda p, hits=hits: float(hits[p].mean()), subjects, resamples, seed
+            )
+        )
         chance = min(1.0, k / gallery)
         row["chance"][f"R@{k}"] = chance
         row["ratio_to_chance"][f"R@{k}"] = row["recall"][f"R@{k}"] / chance
@@ -107,10 +119,15 @@ def error_table(errors: KneeErrors, resamples: int, seed: int) -> dict[str, Any]
                 median, mad, n = metrics.median_mad(values[klg == grade])
                 per_grade[str(grade)] = {"median": median, "mad": mad, "n": n}
             median, mad, n = metrics.median_mad(values)
-            ci = metrics.bootstrap_ci(lambda p, v=values: metrics.median_mad(v[p])[0], errors.subjects, resamples, seed)
-            entry[name] = {"by_klg": per_grade, "all": {"median": median, "mad": mad, "n": n, "median_ci95": list(ci)},
-                           "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
-                           "coverage_mean": float(np.nanmean(errors.coverage[method][name]))}
+            ci = metrics.bootstrap_ci(
+                lambda p, v=values: metrics.median_mad(v[p])[0], errors.subjects, resamples, seed
+            )
+            entry[name] = {
+                "by_klg": per_grade,
+                "all": {"median": median, "mad": mad, "n": n, "median_ci95": list(ci)},
+                "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+                "coverage_mean": float(np.nanmean(errors.coverage[method][name])),
+            }
         table["methods"][method] = entry
     table["paired"] = {
         f"{first} vs {second}": comparison
@@ -131,6 +148,14 @@ def paired_comparison(
     subject-bootstrap intervals)."""
     if first not in errors.mae or second not in errors.mae:
         return None
-    return {"first": first, "second": second, "statistic": "per-pair MAE (mm)",
-            **{name: paired_difference(errors.mae[first][name], errors.mae[second][name], errors.subjects,
-                                       resamples, seed) for name in CARTILAGES}}
+    return {
+        "first": first,
+        "second": second,
+        "statistic": "per-pair MAE (mm)",
+        **{
+            name: paired_difference(
+                errors.mae[first][name], errors.mae[second][name], errors.subjects, resamples, seed
+            )
+            for name in CARTILAGES
+        },
+    }

@@ -75,8 +75,12 @@ BAD_AUTH: dict[str, str | None] = {
 
 
 # ----------------------------------------------------------------------------------- server
-def fuzz_server(root: Path, token: str = TOKEN, max_upload_mb: float = MAX_UPLOAD_MB,
-                bundle: tuple[Path, Path] | None = None) -> ServeProcess:
+def fuzz_server(
+    root: Path,
+    token: str = TOKEN,
+    max_upload_mb: float = MAX_UPLOAD_MB,
+    bundle: tuple[Path, Path] | None = None,
+) -> ServeProcess:
     """The real ``mris serve`` this fuzzer targets, over ``bundle`` (model, index root) or the
     tiny bundle built under ``root`` (reused when already there); ``MRIS_MAX_UPLOAD_MB`` is small
     so 413 is reachable."""
@@ -439,7 +443,11 @@ def _strategies(schema: Any) -> list[Any]:
 
 
 def long_run(
-    cases: int | None, seconds: float | None, seed: int, slow_s: float, chunk: int = 25,
+    cases: int | None,
+    seconds: float | None,
+    seed: int,
+    slow_s: float,
+    chunk: int = 25,
     bundle: tuple[Path, Path] | None = None,
 ) -> Stats:
     import requests
@@ -518,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     statuses = ", ".join(f"{code}: {count}" for code, count in sorted(stats.statuses.items()))
     print(f"statuses {statuses}; {stats.requests} requests; {len(stats.findings)} findings")
     series = stats.rss_series_mb
-    print(f"server RSS before {series[0]:.0f} MB, after {series[-1]:.0f} MB, peak "
-          f"{stats.peak_rss_mib:.0f} MB; every 1,000 cases: {', '.join(f'{v:.0f}' for v in series)}")
+    print(
+        f"server RSS before {series[0]:.0f} MB, after {series[-1]:.0f} MB, peak "
+        f"{stats.peak_rss_mib:.0f} MB; every 1,000 cases: {', '.join(f'{v:.0f}' for v in series)}"
+    )
     print(
         f"{stats.cases} cases, 5xx={stats.server_errors}, crashes={stats.crashes}, slow={stats.slow}, "
         f"max RSS {stats.peak_rss_mib:.0f} MB (decode workers {stats.peak_children_mib:.0f} MB), "

@@ -62,12 +62,17 @@ class Tally:
 
     def line(self) -> str:
         fivexx = sum(count for key, count in self.outcomes.items() if key.startswith("http-5"))
-        crashes = sum(count for key, count in self.outcomes.items()
-                      if key in ("read-DecoderCrashed", "read-escaped", "http-dropped"))
+        crashes = sum(
+            count
+            for key, count in self.outcomes.items()
+            if key in ("read-DecoderCrashed", "read-escaped", "http-dropped")
+        )
         rss = max(self.rss_mb, default=0.0)
-        return (f"{self.cases} cases, 5xx={fivexx}, crashes={crashes}, slow={self.slow}, "
-                f"max RSS {rss:.0f} MB (server; decode workers at most "
-                f"{max(self.workers_rss_mb, default=0.0):.0f} MB together), slowest {self.slowest_s:.2f} s")
+        return (
+            f"{self.cases} cases, 5xx={fivexx}, crashes={crashes}, slow={self.slow}, "
+            f"max RSS {rss:.0f} MB (server; decode workers at most "
+            f"{max(self.workers_rss_mb, default=0.0):.0f} MB together), slowest {self.slowest_s:.2f} s"
+        )
 
 
 def _leaks(text: str) -> bool:
@@ -101,13 +106,19 @@ def check_read(sandbox, name: str, data: bytes, tally: Tally, slow_s: float) -> 
     return finding
 
 
-def check_http(client: httpx.Client, number: int, data: bytes, tally: Tally, slow_s: float) -> str | None:
+def check_http(
+    client: httpx.Client, number: int, data: bytes, tally: Tally, slow_s: float
+) -> str | None:
     """One case through ``POST /synthesize``; returns a finding or None."""
     params = {"keypoints": json.dumps(KEYPOINTS)} if number % 2 == 0 else {}
     started = time.monotonic()
     try:
-        response = client.post("/synthesize", params=params, content=data,
-                               headers={"Content-Type": "application/dicom"})
+        response = client.post(
+            "/synthesize",
+            params=params,
+            content=data,
+            headers={"Content-Type": "application/dicom"},
+        )
     except httpx.HTTPError as exc:
         tally.outcomes["http-dropped"] += 1
         return f"http: {type(exc).__name__} (connection dropped or timed out)"
@@ -137,7 +148,9 @@ def save_failure(name: str, data: bytes, finding: str, folder: Path = FAILURES) 
     stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", name)[:120]
     path = folder / f"{stem}.dcm"
     path.write_bytes(data)
-    path.with_suffix(".json").write_text(json.dumps({"case": name, "finding": finding}, indent=2) + "\n")
+    path.with_suffix(".json").write_text(
+        json.dumps({"case": name, "finding": finding}, indent=2) + "\n"
+    )
     return path
 
 
@@ -149,18 +162,30 @@ def regression_files() -> dict[str, bytes]:
     return files
 
 
-def campaign(server: ServeProcess, sandbox, seed: int, count: int, slow_s: float = 5.0,
-             save: bool = True, progress=None, extra: dict[str, bytes] | None = None) -> Tally:
+def campaign(
+    server: ServeProcess,
+    sandbox,
+    seed: int,
+    count: int,
+    slow_s: float = 5.0,
+    save: bool = True,
+    progress=None,
+    extra: dict[str, bytes] | None = None,
+) -> Tally:
     """Run ``count`` mutated cases (plus ``extra`` files as they are) through both paths."""
     tally = Tally()
     seeds = seed_files()
     headers = {"Authorization": f"Bearer {TOKEN}"}
     tally.rss_mb.append(server.rss_mb())
-    with httpx.Client(base_url=server.url, headers=headers, timeout=max(60.0, 4 * slow_s)) as client:
+    with httpx.Client(
+        base_url=server.url, headers=headers, timeout=max(60.0, 4 * slow_s)
+    ) as client:
         work = list((extra or {}).items())
         for number, (name, data) in enumerate([*work, *cases(seed, count, seeds)]):
-            for finding in (check_read(sandbox, name, data, tally, slow_s),
-                            check_http(client, number, data, tally, slow_s)):
+            for finding in (
+                check_read(sandbox, name, data, tally, slow_s),
+                check_http(client, number, data, tally, slow_s),
+            ):
                 if finding is not None:
                     tally.findings.append((name, finding))
                     if save:
@@ -182,7 +207,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", type=Path, help="model bundle (default: a tiny test bundle)")
     parser.add_argument("--index", type=Path, help="index root (with --model)")
-    parser.add_argument("--slow-s", type=float, default=5.0, help="an answer slower than this is a finding")
+    parser.add_argument(
+        "--slow-s", type=float, default=5.0, help="an answer slower than this is a finding"
+    )
     args = parser.parse_args()
     from rich.progress import (
         BarColumn,
@@ -196,19 +223,35 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         model, index = (args.model, args.index) if args.model else tiny_bundle(Path(folder))
-        with ServeProcess(model, index, {"MRIS_API_TOKEN": TOKEN}) as server, DecodeSandbox() as sandbox:
+        with (
+            ServeProcess(model, index, {"MRIS_API_TOKEN": TOKEN}) as server,
+            DecodeSandbox() as sandbox,
+        ):
             before = server.rss_mb()
-            with Progress(TextColumn("fuzzing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[status]}")) as bar:
+            with Progress(
+                TextColumn("fuzzing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+            ) as bar:
                 task = bar.add_task("cases", total=args.cases + len(regression_files()), status="")
                 tally = campaign(
-                    server, sandbox, args.seed, args.cases, args.slow_s, extra=regression_files(),
-                    progress=lambda t: bar.update(task, completed=t.cases,
-                                                  status=f"findings {len(t.findings)}"),
+                    server,
+                    sandbox,
+                    args.seed,
+                    args.cases,
+                    args.slow_s,
+                    extra=regression_files(),
+                    progress=lambda t: bar.update(
+                        task, completed=t.cases, status=f"findings {len(t.findings)}"
+                    ),
                 )
             after, peak = server.rss_mb(), server.peak_rss_mb_now()
     print(f"server RSS before {before:.0f} MB, after {after:.0f} MB, peak {peak:.0f} MB")
-    print("outcomes: " + ", ".join(f"{key} {count}" for key, count in sorted(tally.outcomes.items())))
+    print(
+        "outcomes: " + ", ".join(f"{key} {count}" for key, count in sorted(tally.outcomes.items()))
+    )
     for name, finding in tally.findings[:20]:
         print(f"FINDING {name}: {finding}")
     print(tally.line())

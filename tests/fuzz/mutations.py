@@ -36,19 +36,71 @@ PLANTED = ("Secret^Patient", "PID-SECRET-123", "19500101", "S0001")
 PHANTOM_SHAPE = (96, 128)
 KEYPOINTS = {"right": [38.4, 48.0], "left": [89.6, 48.0]}
 
-_VRS = [b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
-        b"OD", b"OF", b"OL", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL",
-        b"UN", b"US", b"UT", b"ZZ", b"\x00\x00"]
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OV", b"SV", b"UV"}
+_VRS = [
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FL",
+    b"FD",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OW",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SQ",
+    b"SS",
+    b"ST",
+    b"TM",
+    b"UI",
+    b"UL",
+    b"UN",
+    b"US",
+    b"UT",
+    b"ZZ",
+    b"\x00\x00",
+]
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OW",
+    b"SQ",
+    b"UN",
+    b"UT",
+    b"UC",
+    b"UR",
+    b"OV",
+    b"SV",
+    b"UV",
+}
 # Tags whose bytes the element mutators look for (group, element), little endian.
 _TAGS = {
-    "Rows": (0x0028, 0x0010), "Columns": (0x0028, 0x0011), "BitsAllocated": (0x0028, 0x0100),
-    "BitsStored": (0x0028, 0x0101), "HighBit": (0x0028, 0x0102),
-    "PixelRepresentation": (0x0028, 0x0103), "SamplesPerPixel": (0x0028, 0x0002),
-    "PhotometricInterpretation": (0x0028, 0x0004), "ImagerPixelSpacing": (0x0018, 0x1164),
-    "PixelSpacing": (0x0028, 0x0030), "RescaleSlope": (0x0028, 0x1053),
-    "TransferSyntaxUID": (0x0002, 0x0010), "PatientName": (0x0010, 0x0010),
-    "PixelData": (0x7FE0, 0x0010), "GroupLength": (0x0002, 0x0000),
+    "Rows": (0x0028, 0x0010),
+    "Columns": (0x0028, 0x0011),
+    "BitsAllocated": (0x0028, 0x0100),
+    "BitsStored": (0x0028, 0x0101),
+    "HighBit": (0x0028, 0x0102),
+    "PixelRepresentation": (0x0028, 0x0103),
+    "SamplesPerPixel": (0x0028, 0x0002),
+    "PhotometricInterpretation": (0x0028, 0x0004),
+    "ImagerPixelSpacing": (0x0018, 0x1164),
+    "PixelSpacing": (0x0028, 0x0030),
+    "RescaleSlope": (0x0028, 0x1053),
+    "TransferSyntaxUID": (0x0002, 0x0010),
+    "PatientName": (0x0010, 0x0010),
+    "PixelData": (0x7FE0, 0x0010),
+    "GroupLength": (0x0002, 0x0000),
 }
 _TAG_VALUES = {
     "Rows": [0, 1, 2, 15, 95, 97, 4096, 8193, 65535],
@@ -58,16 +110,43 @@ _TAG_VALUES = {
     "HighBit": [0, 7, 15, 16, 31],
     "PixelRepresentation": [1, 2, 65535],
     "SamplesPerPixel": [0, 3, 4],
-    "PhotometricInterpretation": ["RGB", "PALETTE COLOR", "YBR_FULL", "MONOCHROME3", "", "MONOCHROME1"],
-    "ImagerPixelSpacing": ["0", "-0.2\\0.2", "nan\\nan", "inf", "0.2\\0.1", "1e308\\1e308", "abc", "0.2\\0.2\\0.2", "3"],
+    "PhotometricInterpretation": [
+        "RGB",
+        "PALETTE COLOR",
+        "YBR_FULL",
+        "MONOCHROME3",
+        "",
+        "MONOCHROME1",
+    ],
+    "ImagerPixelSpacing": [
+        "0",
+        "-0.2\\0.2",
+        "nan\\nan",
+        "inf",
+        "0.2\\0.1",
+        "1e308\\1e308",
+        "abc",
+        "0.2\\0.2\\0.2",
+        "3",
+    ],
     "PixelSpacing": ["0", "0.1\\0.2", "1e-9", "NaN"],
     "RescaleSlope": ["0", "nan", "inf", "-1", "1e38", "abc"],
     "RescaleIntercept": ["nan", "-1e30", "1e308"],
     "NumberOfFrames": ["0", "2", "-1", "65", "99999999"],
-    "TransferSyntaxUID": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-                          "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70",
-                          "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201",
-                          "1.2.840.10008.1.2.1.99", "1.2.3.4", ""],
+    "TransferSyntaxUID": [
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.3.4",
+        "",
+    ],
 }
 
 
@@ -86,21 +165,42 @@ def seed_files() -> dict[str, bytes]:
     # The cohort's own writer, every syntax and photometric it uses.
     for scanner_index, scanner in enumerate(dicom_writer.SCANNERS):
         for ts, _ in dicom_writer.TRANSFER_SYNTAX_SHARES:
-            choices = dicom_writer.DicomChoices(scanner=scanner_index, transfer_syntax=str(ts), spacing_tags="both")
+            choices = dicom_writer.DicomChoices(
+                scanner=scanner_index, transfer_syntax=str(ts), spacing_tags="both"
+            )
             ds = dicom_writer.build_dataset(
-                image, 0.15, choices, seed=1, subject_id="S0001", sex="F", age=60.0, month=12, magnification=1.1
+                image,
+                0.15,
+                choices,
+                seed=1,
+                subject_id="S0001",
+                sex="F",
+                age=60.0,
+                month=12,
+                magnification=1.1,
             )
             ds.PatientName = "Secret^Patient"
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "seed.dcm"
                 dicom_writer.write_dicom(path, ds, str(ts))
                 seeds[f"cohort-{scanner[2]}-{uid.UID(ts).keyword}"] = path.read_bytes()
-    for ts in (uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian, uid.DeflatedExplicitVRLittleEndian,
-               uid.JPEGLosslessSV1, uid.JPEG2000):
+    for ts in (
+        uid.ImplicitVRLittleEndian,
+        uid.ExplicitVRBigEndian,
+        uid.DeflatedExplicitVRLittleEndian,
+        uid.JPEGLosslessSV1,
+        uid.JPEG2000,
+    ):
         seeds[uid.UID(ts).keyword] = make_dicom_bytes(image, ts, bits_stored=12)
-    seeds["JPEGBaseline8Bit"] = make_dicom_bytes((image >> 4).astype(np.uint8), uid.JPEGBaseline8Bit)
-    seeds["PixelSpacingOnly"] = make_dicom_bytes(image, imager_spacing=None, pixel_spacing=(0.2, 0.2), bits_stored=12)
-    seeds["JPEGLSLossless"] = rewrap_encapsulated(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    seeds["JPEGBaseline8Bit"] = make_dicom_bytes(
+        (image >> 4).astype(np.uint8), uid.JPEGBaseline8Bit
+    )
+    seeds["PixelSpacingOnly"] = make_dicom_bytes(
+        image, imager_spacing=None, pixel_spacing=(0.2, 0.2), bits_stored=12
+    )
+    seeds["JPEGLSLossless"] = rewrap_encapsulated(
+        get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    )
     seeds["JPEGExtended12Bit"] = rewrap_encapsulated(get_testdata_file("JPGExtended.dcm"))
     seeds["bare-ExplicitVRLittleEndian"] = bare_dataset(make_dicom_bytes(image, bits_stored=12))
     return seeds
@@ -130,7 +230,11 @@ def _pixel_data_offset(data: bytes) -> int:
 def _frame_bounds(data: bytes) -> tuple[int, int] | None:
     """(start, end) of the first fragment of encapsulated pixel data, found by its items."""
     at = data.rfind(b"\xe0\x7f\x10\x00")
-    if at < 0 or data[at + 4 : at + 6] not in (b"OB", b"OW") or data[at + 8 : at + 12] != b"\xff\xff\xff\xff":
+    if (
+        at < 0
+        or data[at + 4 : at + 6] not in (b"OB", b"OW")
+        or data[at + 8 : at + 12] != b"\xff\xff\xff\xff"
+    ):
         return None
     pos = at + 12
     # Basic offset table item, then the first fragment item.
@@ -168,7 +272,11 @@ def flip_bytes(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
     count = int(rng.integers(1, 9))
     for _ in range(count):
         at = int(rng.integers(0, end))
-        out[at] = int(rng.integers(0, 256)) if rng.random() < 0.5 else out[at] ^ (1 << int(rng.integers(0, 8)))
+        out[at] = (
+            int(rng.integers(0, 256))
+            if rng.random() < 0.5
+            else out[at] ^ (1 << int(rng.integers(0, 8)))
+        )
     return f"flip{count}{'h' if header_only else ''}", bytes(out)
 
 
@@ -184,7 +292,11 @@ def element_length(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
         return flip_bytes(data, rng)
     out = bytearray(data)
     vr = bytes(out[at + 4 : at + 6])
-    value = int(rng.choice([0, 1, 2, 3, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, len(data), int(rng.integers(0, 1 << 16))]))
+    value = int(
+        rng.choice(
+            [0, 1, 2, 3, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, len(data), int(rng.integers(0, 1 << 16))]
+        )
+    )
     if vr in _LONG_VRS:
         struct.pack_into("<I", out, at + 8, value & 0xFFFFFFFF)
     elif vr.isalpha():
@@ -222,8 +334,14 @@ def tag_value(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
 
 
 def _jpeg_mutation(frame: bytearray, rng: np.random.Generator) -> str:
-    sof = next((i for i in range(2, min(len(frame) - 9, 4096))
-                if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC1, 0xC3, 0xF7)), None)
+    sof = next(
+        (
+            i
+            for i in range(2, min(len(frame) - 9, 4096))
+            if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC1, 0xC3, 0xF7)
+        ),
+        None,
+    )
     choice = int(rng.integers(0, 6))
     if sof is None or choice == 5:
         sos = frame.find(b"\xff\xda")
@@ -279,7 +397,9 @@ def codestream(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
         out = bytearray(data)
         at = start - 4 if rng.random() < 0.5 else start - 8 - 4 - 4
         if at > 0:
-            struct.pack_into("<I", out, at, int(rng.choice([0, 1, 3, 0xFFFFFFFF, len(data), end - start + 2])))
+            struct.pack_into(
+                "<I", out, at, int(rng.choice([0, 1, 3, 0xFFFFFFFF, len(data), end - start + 2]))
+            )
         return "encapsulation-item-length", bytes(out)
     if frame[:2] == b"\xff\xd8":
         what = _jpeg_mutation(frame, rng)
@@ -305,11 +425,21 @@ def _replace_first_fragment(data: bytes, start: int, end: int, frame: bytes) -> 
 
 
 MUTATORS: tuple[Callable[[bytes, np.random.Generator], tuple[str, bytes]], ...] = (
-    flip_bytes, flip_bytes, truncate, element_length, swap_vr, tag_value, tag_value, codestream, codestream,
+    flip_bytes,
+    flip_bytes,
+    truncate,
+    element_length,
+    swap_vr,
+    tag_value,
+    tag_value,
+    codestream,
+    codestream,
 )
 
 
-def cases(seed: int, count: int, seeds: dict[str, bytes] | None = None) -> Iterator[tuple[str, bytes]]:
+def cases(
+    seed: int, count: int, seeds: dict[str, bytes] | None = None
+) -> Iterator[tuple[str, bytes]]:
     """``count`` mutated cases, deterministic for ``seed``; one or two mutations each."""
     seeds = seeds or seed_files()
     names = sorted(seeds)
