@@ -1,0 +1,28 @@
+"""CI runs the README's test command and nothing else, and that command runs ruff."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("python3 ")]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    install, test = _readme_commands()[:2]
+    assert ci == test
+    assert "mris demo" in install
+
+
+def test_the_test_command_lints_and_checks_formatting_before_the_tests() -> None:
+    test = _readme_commands()[1]
+    steps = [step.strip() for step in test.split("&&")]
+    assert steps.index(".venv/bin/ruff check .") < steps.index(".venv/bin/python -m pytest -q")
+    assert ".venv/bin/ruff format --check ." in steps
