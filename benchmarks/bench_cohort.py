@@ -38,11 +38,13 @@ def main() -> None:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(
-        f"subjects {summary.n_subjects}  knee-visits {summary.n_pairs}  radiographs {summary.n_radiographs}"
+        f"subjects {summary.n_subjects}  knee-visits {summary.n_pairs}  radiographs "
+        f"{summary.n_radiographs}"
     )
     print(f"time {seconds:.1f} s  ->  {summary.n_pairs / seconds:.1f} knee-visits/s")
     print(
-        f"disk {summary.disk_bytes / 1e6:.1f} MB ({summary.disk_bytes / max(summary.n_subjects, 1) / 1e6:.2f} MB/subject)"
+        f"disk {summary.disk_bytes / 1e6:.1f} MB "
+        f"({summary.disk_bytes / max(summary.n_subjects, 1) / 1e6:.2f} MB/subject)"
     )
     print(f"peak RSS: main {own:.0f} MiB, largest worker {children:.0f} MiB")
 

@@ -148,13 +148,16 @@ def main() -> None:
         bare_rate = args.pairs / bare
         pipe_rate = result.new_rows / result.embed_seconds
         print(
-            f"model {model_dir} ({args.encoder_px}px), {args.pairs} knee-visits (2 maps each, 2 encoders), batch {args.batch_size}, {threads} threads"
+            f"model {model_dir} ({args.encoder_px}px), {args.pairs} knee-visits (2 maps "
+            f"each, 2 encoders), batch {args.batch_size}, {threads} threads"
         )
         print(
-            f"bare encoders:  {bare_rate:.2f} pairs/s ({1000 * bare / args.pairs / 2:.1f} ms per map)"
+            f"bare encoders:  {bare_rate:.2f} pairs/s ({1000 * bare / args.pairs / 2:.1f} ms "
+            "per map)"
         )
         print(
-            f"build pipeline: {pipe_rate:.2f} pairs/s over embedding; whole build incl. index, card, verify: {args.pairs / whole:.2f} pairs/s"
+            f"build pipeline: {pipe_rate:.2f} pairs/s over embedding; whole build incl. "
+            f"index, card, verify: {args.pairs / whole:.2f} pairs/s"
         )
         print(f"ratio: {pipe_rate / bare_rate:.2f} of bare encoder throughput (goal >= 0.80)")
     finally:

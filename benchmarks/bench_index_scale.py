@@ -114,7 +114,8 @@ def main() -> None:
     seed_rows = np.load(args.seed_embeddings).astype(np.float32) if args.seed_embeddings else None
     results = []
     print(
-        f"threads {threads}; structure: {'grown from ' + args.seed_embeddings if seed_rows is not None else 'Gaussian mixture (32-d latent)'}"
+        f"threads {threads}; structure: "
+        f"{'grown from ' + args.seed_embeddings if seed_rows is not None else 'Gaussian mixture (32-d latent)'}"
     )
     for size in sorted(args.sizes):
         if size > args.max_rows:
@@ -178,10 +179,14 @@ def main() -> None:
         }
         results.append(row)
         print(
-            f"{size:>8} rows | flat: build {flat_build:5.1f} s, {row['flat']['bytes'] / 2**20:7.0f} MiB, "
-            f"1 query {flat_1:7.2f} ms, {flat_16:6.3f} ms/query@16 | {spec.factory} nprobe {built.nprobe}: "
-            f"build {approx_build:5.1f} s, {row['approx']['bytes'] / 2**20:7.0f} MiB, 1 query {approx_1:6.2f} ms, "
-            f"{approx_16:6.3f} ms/query@16, recall@20 {recall:.4f} | speedup x{row['speedup_1']} (1), x{row['speedup_16']} (16)",
+            f"{size:>8} rows | flat: build {flat_build:5.1f} s, "
+            f"{row['flat']['bytes'] / 2**20:7.0f} MiB, "
+            f"1 query {flat_1:7.2f} ms, {flat_16:6.3f} ms/query@16 | {spec.factory} nprobe "
+            f"{built.nprobe}: "
+            f"build {approx_build:5.1f} s, {row['approx']['bytes'] / 2**20:7.0f} MiB, 1 "
+            f"query {approx_1:6.2f} ms, "
+            f"{approx_16:6.3f} ms/query@16, recall@20 {recall:.4f} | speedup "
+            f"x{row['speedup_1']} (1), x{row['speedup_16']} (16)",
             flush=True,
         )
         del database, flat, built

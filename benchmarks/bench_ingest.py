@@ -100,7 +100,8 @@ def main() -> None:
             roi = median_ms(lambda r=radiograph: extract_rois(r, centres, config), args.repeats)
             sandboxed = median_ms(lambda data=data: sandbox.read(data), args.repeats)
             print(
-                f"{name:<20} {len(data) / 2**20:>9.2f} {decode:>10.1f} {roi:>10.1f} {decode + roi:>9.1f} "
+                f"{name:<20} {len(data) / 2**20:>9.2f} {decode:>10.1f} {roi:>10.1f} "
+                f"{decode + roi:>9.1f} "
                 f"{sandboxed:>20.1f} {sandboxed / decode:>6.2f}"
             )
 

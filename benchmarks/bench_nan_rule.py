@@ -64,7 +64,8 @@ def main() -> None:
     rois = collect_rois(pipeline, manifest, rows, use_localiser=args.rois == "localiser")
     print(
         f"{len(rois.rows)} {args.split} knee-visits with ROIs from the {args.rois} "
-        f"(skipped: { ({r: len(p) for r, p in rois.skipped.items()}) }, fallbacks: {rois.keypoint_fallbacks})"
+        f"(skipped: { ({r: len(p) for r, p in rois.skipped.items()}) }, fallbacks: "
+        f"{rois.keypoint_fallbacks})"
     )
 
     per = {
@@ -105,7 +106,8 @@ def main() -> None:
     summary = {}
     print(f"\nk = {args.k}, {len(rois.rows)} knee-visits, {time.perf_counter() - started:.0f} s")
     print(
-        f"{'rule':<9} {'map':<3} {'coverage':>9} {'MAE mm':>8} {'median':>8} {'outside':>8} {'extra px':>9} {'MAE extra':>10}"
+        f"{'rule':<9} {'map':<3} {'coverage':>9} {'MAE mm':>8} {'median':>8} {'outside':>8} "
+        f"{'extra px':>9} {'MAE extra':>10}"
     )
     for rule in NAN_RULES:
         for name in CARTILAGES:
@@ -123,7 +125,8 @@ def main() -> None:
                 f"{entry['extra_mae_mean']:.3f}" if entry["extra_mae_mean"] is not None else "-"
             )
             print(
-                f"{rule:<9} {name:<3} {100 * entry['coverage_mean']:>8.1f}% {entry['mae_mean']:>8.3f} "
+                f"{rule:<9} {name:<3} {100 * entry['coverage_mean']:>8.1f}% "
+                f"{entry['mae_mean']:>8.3f} "
                 f"{entry['mae_median']:>8.3f} {100 * entry['outside_mean']:>7.1f}% "
                 f"{100 * entry['extra_share_mean']:>8.1f}% {extra_mae:>10}"
             )

@@ -173,22 +173,28 @@ def main() -> None:
 
     cpu = os.cpu_count()
     print(
-        f"machine: {cpu} cores; requests per measurement: {args.requests}; radiographs: {len(files)} test DICOMs"
+        f"machine: {cpu} cores; requests per measurement: {args.requests}; radiographs: "
+        f"{len(files)} test DICOMs"
     )
     print(
-        f"in-process floor  p50 {statistics.median(floor) * 1000:7.1f} ms  p95 {_percentile(floor, 95) * 1000:7.1f} ms"
+        f"in-process floor  p50 {statistics.median(floor) * 1000:7.1f} ms  p95 "
+        f"{_percentile(floor, 95) * 1000:7.1f} ms"
     )
     print(
-        f"HTTP /synthesize  p50 {statistics.median(http) * 1000:7.1f} ms  p95 {_percentile(http, 95) * 1000:7.1f} ms"
+        f"HTTP /synthesize  p50 {statistics.median(http) * 1000:7.1f} ms  p95 "
+        f"{_percentile(http, 95) * 1000:7.1f} ms"
         f"   ratio p50 {statistics.median(http) / statistics.median(floor):.2f}x (goal <= 1.3x)"
     )
     print(
-        f"throughput: in-process best {inproc_rps:.1f} req/s; HTTP with {args.clients} clients {http_rps:.1f} req/s"
-        f" = {http_rps / inproc_rps:.2f}x (goal >= 0.85x on CPU); 1 client {args.requests // 2 / one_seconds:.1f} req/s;"
+        f"throughput: in-process best {inproc_rps:.1f} req/s; HTTP with {args.clients} "
+        f"clients {http_rps:.1f} req/s"
+        f" = {http_rps / inproc_rps:.2f}x (goal >= 0.85x on CPU); 1 client "
+        f"{args.requests // 2 / one_seconds:.1f} req/s;"
         f" failures {sum(s != 200 for s in statuses + one_statuses)}"
     )
     print(
-        f"load with rebuild + reload: {len(load_statuses)} requests in {load_seconds:.1f} s, reload status "
+        f"load with rebuild + reload: {len(load_statuses)} requests in {load_seconds:.1f} s, "
+        "reload status "
         f"{reload_status}, failed requests {sum(s != 200 for s in load_statuses)} (goal 0)"
     )
 

@@ -64,11 +64,14 @@ def main() -> None:
         mr = entry["methods"]["mr"]
         print(
             f"{name}: {entry['seconds']:.0f} s; MR KLG accuracy {mr['klg']['accuracy']:.3f} "
-            f"balanced {mr['klg']['balanced_accuracy']:.3f} per class {mr['klg']['class_accuracy']}; "
-            f"progression AP {mr['progression']['average_precision']:.3f} AUC {mr['progression']['roc_auc']:.3f}"
+            f"balanced {mr['klg']['balanced_accuracy']:.3f} per class "
+            f"{mr['klg']['class_accuracy']}; "
+            f"progression AP {mr['progression']['average_precision']:.3f} AUC "
+            f"{mr['progression']['roc_auc']:.3f}"
         )
     print(
-        f"total {total:.0f} s wall, {cpu:.0f} s CPU (all threads of this process); load average {os.getloadavg()}; settings {table['settings'].get('resnet18')}"
+        f"total {total:.0f} s wall, {cpu:.0f} s CPU (all threads of this process); load "
+        f"average {os.getloadavg()}; settings {table['settings'].get('resnet18')}"
     )
 
 

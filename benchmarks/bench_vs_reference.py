@@ -69,7 +69,8 @@ def main() -> None:
         database, queries = both[: args.rows], both[args.rows :]
         shape = (args.map_px, args.map_px)
         print(
-            f"writing {args.files} map files and a {args.rows} x {shape[0]} x {shape[1]} float32 maps array ...",
+            f"writing {args.files} map files and a {args.rows} x {shape[0]} x {shape[1]} "
+            "float32 maps array ...",
             flush=True,
         )
         maps_dir = work / "maps"
@@ -140,13 +141,17 @@ def main() -> None:
         synthesize(rows, sims2)
         t_syn = time.perf_counter() - t
         print(
-            f"database {args.rows} rows, maps {shape[0]}x{shape[1]}, {args.queries} queries, maps {'resident' if args.resident else 'preadv rows'}"
+            f"database {args.rows} rows, maps {shape[0]}x{shape[1]}, {args.queries} queries, "
+            f"maps {'resident' if args.resident else 'preadv rows'}"
         )
         print(
-            f"reference: {timings['reference']:.2f} ms/query (dot {1000 * t_dot:.2f}, argsort {1000 * t_sort:.2f}, load 20 .npy {1000 * t_load:.2f}, resize 20 {1000 * t_resize:.2f})"
+            f"reference: {timings['reference']:.2f} ms/query (dot {1000 * t_dot:.2f}, "
+            f"argsort {1000 * t_sort:.2f}, load 20 .npy {1000 * t_load:.2f}, resize 20 "
+            f"{1000 * t_resize:.2f})"
         )
         print(
-            f"ours:      {timings['ours']:.2f} ms/query (faiss top-20 {1000 * t_search:.2f}, read 20 rows {1000 * t_rows:.2f}, eq. 4 + NaN rule + std {1000 * t_syn:.2f})"
+            f"ours:      {timings['ours']:.2f} ms/query (faiss top-20 {1000 * t_search:.2f}, "
+            f"read 20 rows {1000 * t_rows:.2f}, eq. 4 + NaN rule + std {1000 * t_syn:.2f})"
         )
         print(f"speedup:   x{timings['reference'] / timings['ours']:.1f}")
         _ = similarity_weights

@@ -71,9 +71,12 @@ def main() -> None:
             trainer, seconds = learns.train(cohort, work / f"run-{name}-{seed}")
             outcome = learns.held_out_outcome(trainer, heldout, seconds)
             print(
-                f"augmentation {name:<6} seed {seed}: R@5 {outcome.recall['R@5']:.3f} = {outcome.ratio_at_5:.2f}x chance, "
-                f"R@1 {outcome.recall['R@1']:.3f} R@10 {outcome.recall['R@10']:.3f} R@20 {outcome.recall['R@20']:.3f}; "
-                f"loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-5:]):.1f}; {seconds:.0f} s",
+                f"augmentation {name:<6} seed {seed}: R@5 {outcome.recall['R@5']:.3f} = "
+                f"{outcome.ratio_at_5:.2f}x chance, "
+                f"R@1 {outcome.recall['R@1']:.3f} R@10 {outcome.recall['R@10']:.3f} R@20 "
+                f"{outcome.recall['R@20']:.3f}; "
+                f"loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-5:]):.1f}; "
+                f"{seconds:.0f} s",
                 flush=True,
             )
 
@@ -124,9 +127,12 @@ def evaluate_checkpoint(
     trainer.load(path)
     outcome = learns.held_out_outcome(trainer, heldout, 0.0)
     print(
-        f"augmentation {name:<6} seed {seed} epoch {trainer.epoch}: R@5 {outcome.recall['R@5']:.3f} = "
-        f"{outcome.ratio_at_5:.2f}x chance, R@1 {outcome.recall['R@1']:.3f} R@10 {outcome.recall['R@10']:.3f} "
-        f"R@20 {outcome.recall['R@20']:.3f}; loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-3:]):.1f} "
+        f"augmentation {name:<6} seed {seed} epoch {trainer.epoch}: R@5 "
+        f"{outcome.recall['R@5']:.3f} = "
+        f"{outcome.ratio_at_5:.2f}x chance, R@1 {outcome.recall['R@1']:.3f} R@10 "
+        f"{outcome.recall['R@10']:.3f} "
+        f"R@20 {outcome.recall['R@20']:.3f}; loss {outcome.losses[0]:.1f} -> "
+        f"{np.mean(outcome.losses[-3:]):.1f} "
         "(mean of the last 3 epochs)",
         flush=True,
     )
