@@ -82,11 +82,15 @@ def choose_index(
         elif raw_bytes <= memory_budget_bytes:
             kind, reason = (
                 "ivf",
-                f"{rows} rows >= {flat_max_rows}: IVF-Flat, nprobe tuned to recall@20 >= {target_recall}",
+                f"{rows} rows >= {flat_max_rows}: IVF-Flat, nprobe tuned to recall@20 >= "
+                f"{target_recall}",
             )
         else:
             kind = "ivfpq"
-            reason = f"raw vectors ({raw_bytes / 2**30:.1f} GiB) exceed the memory budget: IVF-PQ (lossy)"
+            reason = (
+                f"raw vectors ({raw_bytes / 2**30:.1f} GiB) exceed the memory budget: IVF-PQ "
+                "(lossy)"
+            )
     else:
         reason = f"asked for {kind}"
     if kind == "flat":

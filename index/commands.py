@@ -144,7 +144,8 @@ def register(app: typer.Typer) -> None:
             kinds = ",".join(sorted({rc.kind for rc in card.regions.values()}))
             mark = "*" if info.current else " "
             typer.echo(
-                f"{mark} {info.version}  {card.variant:<9} {card.rows:>9} rows  {kinds:<6} {_size(info.size_bytes):>10}  {card.created}"
+                f"{mark} {info.version}  {card.variant:<9} {card.rows:>9} rows  {kinds:<6} "
+                f"{_size(info.size_bytes):>10}  {card.created}"
                 + (
                     ""
                     if card.preprocessing_version == PREPROCESSING_VERSION

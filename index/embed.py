@@ -152,14 +152,16 @@ def embed_rows(
                         item.fc.shape != map_shape or item.tc.shape != map_shape
                     ):
                         item.error = (
-                            f"{rows[item.index].pair_id}: maps are {item.fc.shape} / {item.tc.shape}, "
+                            f"{rows[item.index].pair_id}: maps are {item.fc.shape} / "
+                            f"{item.tc.shape}, "
                             f"the others {map_shape}"
                         )
                         item.reason = "wrong_shape"
                     if item.error is not None:
                         if not skip_bad:
                             raise MrisError(
-                                f"unusable thickness map: {item.error} (or pass --skip-missing to skip it)"
+                                f"unusable thickness map: {item.error} (or pass "
+                                "--skip-missing to skip it)"
                             )
                         keep[item.index] = False
                         skipped.setdefault(item.reason or "unreadable", []).append(

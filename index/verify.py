@@ -153,7 +153,8 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
             or str(array.dtype) != maps.dtype
         ):
             raise BundleInvalid(
-                f"index bundle {path}: {maps.file} is {array.shape} {array.dtype}, card says {maps.shape} {maps.dtype}"
+                f"index bundle {path}: {maps.file} is {array.shape} {array.dtype}, card says "
+                f"{maps.shape} {maps.dtype}"
             )
     embeddings = {}
     indexes = {}
@@ -185,7 +186,8 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
             if rate < required:
                 shown = ", ".join(rows[i].pair_id for i in failures[:10])
                 raise BundleInvalid(
-                    f"index bundle {path}: self-retrieval failed for {len(failures)} of {card.rows} rows "
+                    f"index bundle {path}: self-retrieval failed for {len(failures)} of "
+                    f"{card.rows} rows "
                     f"in region {region} (e.g. {shown})"
                 )
         report.checks.append(
