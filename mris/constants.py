@@ -41,8 +41,10 @@ def check_preprocessing_version(version: int | None, what: str, rebuild: str) ->
         )
     )
     raise BundleMismatch(
-        f"{what} was made with {made}; this mris uses preprocessing version {PREPROCESSING_VERSION} "
-        f"(ROI minus its minimum, 99th percentile -> 0.99). It must be {rebuild}; it is never served "
+        f"{what} was made with {made}; this mris uses preprocessing version "
+        f"{PREPROCESSING_VERSION} "
+        f"(ROI minus its minimum, 99th percentile -> 0.99). It must be {rebuild}; it is "
+        "never served "
         "with another normalisation"
     )
 

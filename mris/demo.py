@@ -180,7 +180,8 @@ def run_demo(
         synthesize_examples(paths, workdir)
     if evaluate:
         console.rule(
-            "[bold]evaluation (--evaluate): the paper's three tables (trains the U-Net and the combined encoders)"
+            "[bold]evaluation (--evaluate): the paper's three tables (trains the U-Net and "
+            "the combined encoders)"
         )
         epoch_args = ["--epochs", str(epochs)] if epochs else []
         run_mris(
@@ -196,11 +197,13 @@ def run_demo(
             *epoch_args,
         )
     console.print(
-        f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is in {workdir}"
+        f"[bold green]demo done[/] in {time.perf_counter() - started:.0f} s; everything is "
+        f"in {workdir}"
     )
     if not evaluate:
         console.print(
-            "the paper's three tables on this cohort: [bold]mris demo --evaluate[/] (about 11 minutes more on 2 idle cores)"
+            "the paper's three tables on this cohort: [bold]mris demo --evaluate[/] (about "
+            "11 minutes more on 2 idle cores)"
         )
     if serve:
         console.print(f"serving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")

@@ -435,7 +435,8 @@ def _check_codestream(
         )
     if header.tiles > codestream.MAX_J2K_TILES:
         raise UnreadableDicom(
-            f"the {kind} codestream declares {header.tiles} tiles (at most {codestream.MAX_J2K_TILES})"
+            f"the {kind} codestream declares {header.tiles} tiles (at most "
+            f"{codestream.MAX_J2K_TILES})"
         )
     if header.components != 1:
         raise UnreadableDicom(

@@ -104,7 +104,8 @@ def register(app: typer.Typer) -> None:
         downstream_folds: list[str] = typer.Option(
             [],
             "--downstream-folds",
-            help="train_set folds that become the 'downstream' split (fold3 or 3; repeat or comma-separate).",
+            help="train_set folds that become the 'downstream' split (fold3 or 3; repeat or "
+            "comma-separate).",
         ),
         out: Path = typer.Option(..., "--out", help="Manifest CSV to write."),
     ) -> None:
@@ -123,7 +124,9 @@ def register(app: typer.Typer) -> None:
         keypoints: str | None = typer.Option(
             None,
             "--keypoints",
-            help='Joint centres as inline JSON or a .json file: an object with "right" and/or "left", each a list of two numbers (pixel column, row); "right" is the patient\'s right knee, on the image\'s left.',
+            help='Joint centres as inline JSON or a .json file: an object with "right" and/or '
+            '"left", each a list of two numbers (pixel column, row); "right" is the '
+            "patient's right knee, on the image's left.",
         ),
         spacing_mm: float | None = typer.Option(
             None, "--spacing-mm", help="mm per pixel; overrides the file's spacing tags."
@@ -135,7 +138,8 @@ def register(app: typer.Typer) -> None:
         model: Path | None = typer.Option(
             None,
             "--model",
-            help="Model bundle: its preprocessing constants, and its knee localiser when no --keypoints are given.",
+            help="Model bundle: its preprocessing constants, and its knee localiser when no "
+            "--keypoints are given.",
         ),
     ) -> None:
         """Show the knee ROIs of one radiograph as the encoder sees them (a PNG)."""

@@ -247,8 +247,10 @@ def locate_knees(
         (x, y), confidence = found[side]
         if confidence < threshold:
             raise KneeNotFound(
-                f"no {side.lower()} knee found in the radiograph (localiser confidence {confidence:.2f} "
-                f"< {threshold:.2f}); give the joint centres as keypoints if this is a knee radiograph"
+                f"no {side.lower()} knee found in the radiograph (localiser confidence "
+                f"{confidence:.2f} "
+                f"< {threshold:.2f}); give the joint centres as keypoints if this is a knee "
+                "radiograph"
             )
         if not (0 <= x < cols and 0 <= y < rows):
             raise KneeNotFound(

@@ -104,7 +104,8 @@ def _wait_forwarding(
             except subprocess.TimeoutExpired:
                 if forwarder.deadline is not None and time.monotonic() >= forwarder.deadline:
                     console.print(
-                        f"[yellow]'mris {name}' did not stop within {forwarder.grace_s:g} s: killing it[/]"
+                        f"[yellow]'mris {name}' did not stop within {forwarder.grace_s:g} s: "
+                        "killing it[/]"
                     )
                     child.kill()
                     forwarder.deadline = None

@@ -75,21 +75,26 @@ def print_summary(console, summary) -> None:
         f"{jsw['M']['mean']} +- {jsw['M']['sd']} mm   (OAI 4.8 +- 0.7, 5.7 +- 0.8)"
     )
     console.print(
-        f"  mean thickness FC {stats['mean_fc_mm']} mm, TC {stats['mean_tc_mm']} mm   (OAI 2.28, 2.32)"
+        f"  mean thickness FC {stats['mean_fc_mm']} mm, TC {stats['mean_tc_mm']} mm   (OAI "
+        "2.28, 2.32)"
     )
     loss = stats["annual_thickness_loss_pct"]
     console.print(
-        f"  thickness loss {loss['all']} %/yr (progressors {loss['progressors']} %/yr)   (OAI 1-3 %/yr in progressors)"
+        f"  thickness loss {loss['all']} %/yr (progressors {loss['progressors']} %/yr)   "
+        "(OAI 1-3 %/yr in progressors)"
     )
     console.print(
-        f"  KL progression by 48 months {stats['progression_48m_share'] * 100:.1f}% of knees seen at 48   (OAI about 15 %)"
+        f"  KL progression by 48 months {stats['progression_48m_share'] * 100:.1f}% of knees "
+        "seen at 48   (OAI about 15 %)"
     )
     console.print(
-        f"  NaN share FC {stats['nan_share']['fc']}, TC {stats['nan_share']['tc']}   (OAI about 0.40)"
+        f"  NaN share FC {stats['nan_share']['fc']}, TC {stats['nan_share']['tc']}   (OAI "
+        "about 0.40)"
     )
     jsn = stats["medial_jsn_mm_per_year"]
     console.print(
-        f"  medial JSN {jsn['all']} mm/yr (KL>=2 {jsn['klg_2_plus']} mm/yr)   (OAI 0.13 +- 0.15 in OA knees, about 0.2)"
+        f"  medial JSN {jsn['all']} mm/yr (KL>=2 {jsn['klg_2_plus']} mm/yr)   (OAI 0.13 +- "
+        "0.15 in OA knees, about 0.2)"
     )
     r = stats["jsw_thickness_r"]
     console.print(
@@ -98,7 +103,8 @@ def print_summary(console, summary) -> None:
     )
     console.print(
         f"  map variance explained by the radiograph-visible latents (linear R^2) "
-        f"{stats['map_variance_explained_by_visible']}; outline vs bone size r {stats['outline_vs_bone_size_r']}"
+        f"{stats['map_variance_explained_by_visible']}; outline vs bone size r "
+        f"{stats['outline_vs_bone_size_r']}"
     )
     spacing = stats.get("spacing_mm") or {}
     if spacing:

@@ -39,11 +39,13 @@ def register(app: typer.Typer) -> None:
         ),
         index: Path = typer.Option(
             ...,
-            help="Index root (or bundle) of the model's separate variant; missing indexes are built under OUT/work/.",
+            help="Index root (or bundle) of the model's separate variant; missing indexes are "
+            "built under OUT/work/.",
         ),
         out: Path = typer.Option(
             ...,
-            help="Report folder: report.md, report.json, figures; OUT/work/ keeps what the evaluation trains or builds.",
+            help="Report folder: report.md, report.json, figures; OUT/work/ keeps what the "
+            "evaluation trains or builds.",
         ),
         methods: str = typer.Option(
             ",".join(("mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle")),
@@ -51,7 +53,8 @@ def register(app: typer.Typer) -> None:
         ),
         profile: str = typer.Option(
             "quick",
-            help="Profile for what must be trained (U-Net, pix2pix, combined encoders): quick | reference | paper.",
+            help="Profile for what must be trained (U-Net, pix2pix, combined encoders): quick | "
+            "reference | paper.",
         ),
         epochs: int | None = typer.Option(
             None, min=1, help="Override the profile's epochs for what is trained here."
@@ -67,7 +70,8 @@ def register(app: typer.Typer) -> None:
         ),
         rois: str = typer.Option(
             "auto",
-            help="auto (the localiser when the bundle has one) | localiser | keypoints (the manifest's).",
+            help="auto (the localiser when the bundle has one) | localiser | keypoints (the "
+            "manifest's).",
         ),
         k: int = typer.Option(DEFAULT_K, min=1, max=MAX_K, help="Neighbours per synthesis."),
         nan_rule: str = typer.Option(
@@ -169,7 +173,8 @@ def register(app: typer.Typer) -> None:
             )
         console.print(t1)
         t2 = Table(
-            title="Table 2: the reference's statistic, mm: mean over test knee-visits of each pair's median ± MAD "
+            title="Table 2: the reference's statistic, mm: mean over test knee-visits of each "
+            "pair's median ± MAD "
             "absolute error at 256 x 256"
         )
         for column in ("method", "femoral", "tibial"):

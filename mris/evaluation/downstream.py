@@ -285,7 +285,8 @@ def downstream_table(
                         seed,
                     )
                     log(
-                        f"Table 3: ResNet-18 {task} on {method} maps ({time.perf_counter() - started:.0f} s so far)"
+                        f"Table 3: ResNet-18 {task} on {method} maps "
+                        f"({time.perf_counter() - started:.0f} s so far)"
                     )
             scored, paired = scored_with_intervals(
                 task, test_labels, answers, test_groups, resamples, seed

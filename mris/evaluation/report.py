@@ -81,9 +81,11 @@ def findings(report: dict[str, Any]) -> list[str]:
     if "combined" in t1:
         paper_chance = 20 / PAPER_TABLE1_GALLERY
         lines.append(
-            f"The paper's combined R@20 {_pct(PAPER['table1_combined']['R@20'])} % is on a gallery of "
+            f"The paper's combined R@20 {_pct(PAPER['table1_combined']['R@20'])} % is on a "
+            "gallery of "
             f"{PAPER_TABLE1_GALLERY:,} baseline test pairs (chance {_pct(paper_chance)} %, "
-            f"{PAPER['table1_combined']['R@20'] / paper_chance:.0f}x); recall falls as the gallery grows, so "
+            f"{PAPER['table1_combined']['R@20'] / paper_chance:.0f}x); recall falls as the "
+            "gallery grows, so "
             "only the ratios to chance are comparable across galleries, and even they only roughly."
         )
     t2 = (report.get("table2_reference") or {}).get("methods", {})
@@ -93,9 +95,11 @@ def findings(report: dict[str, Any]) -> list[str]:
             s, u = t2["mris-s"][name]["all"]["median"], t2["unet"][name]["all"]["median"]
             verdict = "AGREES with" if s < u else "does NOT agree with"
             lines.append(
-                f"Synthesis error ({label}, the reference's statistic): MRIS-S {_num(s)} mm vs U-Net {_num(u)} mm: "
+                f"Synthesis error ({label}, the reference's statistic): MRIS-S {_num(s)} mm "
+                f"vs U-Net {_num(u)} mm: "
                 f"{verdict} the paper's ordering (MRIS-S below U-Net; the paper's femoral figures "
-                f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs {PAPER['table2_fc_median_mm']['unet']:.3f} mm)."
+                f"{PAPER['table2_fc_median_mm']['mris-s']:.3f} vs "
+                f"{PAPER['table2_fc_median_mm']['unet']:.3f} mm)."
             )
     for table_key, statistic in (
         ("table2_reference", "per-pair median absolute error"),
@@ -111,17 +115,20 @@ def findings(report: dict[str, Any]) -> list[str]:
                 low, high = p["mean_difference_ci95"]
                 share_low, share_high = p["first_better_share_ci95"]
                 lines.append(
-                    f"Paired ({statistic}, {name}, {first} - {second}): mean difference {p['mean_difference_mm']:+.3f} mm "
+                    f"Paired ({statistic}, {name}, {first} - {second}): mean difference "
+                    f"{p['mean_difference_mm']:+.3f} mm "
                     f"(95 % subject-bootstrap interval {low:+.3f} to {high:+.3f}"
                     + ("; excludes 0" if low > 0 or high < 0 else "; includes 0")
                     + f"); {first} lower on "
-                    f"{_pct(p['first_better_share'])} % ({_pct(share_low)}-{_pct(share_high)} %) of {p['n']} "
+                    f"{_pct(p['first_better_share'])} % "
+                    f"({_pct(share_low)}-{_pct(share_high)} %) of {p['n']} "
                     f"test knee-visits of {p['subjects']} subjects."
                 )
     if "mris-s" in t2 and "mean" in t2:
         s, m = t2["mris-s"]["fc"]["all"]["median"], t2["mean"]["fc"]["all"]["median"]
         lines.append(
-            f"Against the database mean map (no information from the radiograph): MRIS-S femoral error "
+            "Against the database mean map (no information from the radiograph): MRIS-S "
+            "femoral error "
             f"{_num(s)} vs {_num(m)} mm: "
             + (
                 "the radiograph adds information."
@@ -132,7 +139,8 @@ def findings(report: dict[str, Any]) -> list[str]:
     if "mris-s" in t2 and "oracle" in t2:
         s, o = t2["mris-s"]["fc"]["all"]["median"], t2["oracle"]["fc"]["all"]["median"]
         lines.append(
-            f"Oracle neighbour (best single database map, uses the truth): femoral error {_num(o)} mm vs "
+            "Oracle neighbour (best single database map, uses the truth): femoral error "
+            f"{_num(o)} mm vs "
             f"MRIS-S {_num(s)} mm; averaging 20 neighbours "
             + ("beats" if s < o else "does not beat")
             + " the best single map."
@@ -163,12 +171,14 @@ def findings(report: dict[str, Any]) -> list[str]:
                 ) or {}
                 interval = ((paired.get(method) or {}).get(task) or {}).get(key, {}).get("ci95")
                 interval_text = (
-                    f", paired 95 % subject-bootstrap interval {interval[0]:+.3f} to {interval[1]:+.3f}"
+                    f", paired 95 % subject-bootstrap interval {interval[0]:+.3f} to "
+                    f"{interval[1]:+.3f}"
                     if interval and all(v is not None and math.isfinite(v) for v in interval)
                     else ""
                 )
                 text = (
-                    f"Downstream {task} {key.replace('_', ' ')}: {METHOD_LABELS[method]} {_num(ours)} vs MR maps "
+                    f"Downstream {task} {key.replace('_', ' ')}: {METHOD_LABELS[method]} "
+                    f"{_num(ours)} vs MR maps "
                     f"{_num(reference)} ({difference:+.3f}{interval_text}): "
                     + (
                         "close (within 0.05)"
@@ -181,7 +191,8 @@ def findings(report: dict[str, Any]) -> list[str]:
                     paper_difference = paper["mris-s"] - paper["mr"]
                     same = np.sign(difference) == np.sign(paper_difference)
                     text += (
-                        f"; paper {paper['mris-s']:.3f} vs {paper['mr']:.3f} ({paper_difference:+.3f}): "
+                        f"; paper {paper['mris-s']:.3f} vs {paper['mr']:.3f} "
+                        f"({paper_difference:+.3f}): "
                         + ("the same direction" if same else "the OPPOSITE direction")
                     )
                 lines.append(text + ".")
@@ -192,14 +203,16 @@ def findings(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     out = ["# MRIS evaluation report", ""]
     out += [
-        f"Made by `{report['command']}` on {report['created']} in {report['seconds']['total']:.0f} s.",
+        f"Made by `{report['command']}` on {report['created']} in "
+        f"{report['seconds']['total']:.0f} s.",
         "",
     ]
     rois = report["rois"]
     out += [
         f"Methods: {', '.join(METHOD_LABELS[m] for m in report['methods'])}; k = {report['k']}; "
         f"NaN rule of the MRIS maps: {report.get('nan_rule', 'majority')}; ROIs from the "
-        f"{rois['source']} (the same ROI for every method); 95 % intervals from {report['bootstrap_resamples']} "
+        f"{rois['source']} (the same ROI for every method); 95 % intervals from "
+        f"{report['bootstrap_resamples']} "
         "bootstrap resamples of subjects.",
         "",
     ]
@@ -208,7 +221,8 @@ def markdown(report: dict[str, Any]) -> str:
             s = rois[split]
             skipped = ", ".join(f"{n} {r}" for r, n in s["skipped"].items()) or "none"
             out.append(
-                f"- {split}: {s['pairs']} knee-visit pairs; skipped: {skipped}; keypoint fallbacks: {s['keypoint_fallbacks']}"
+                f"- {split}: {s['pairs']} knee-visit pairs; skipped: {skipped}; keypoint "
+                f"fallbacks: {s['keypoint_fallbacks']}"
             )
     out += [f"- **warning**: {w}" for w in report.get("warnings", [])]
     out += ["", "## What agrees with the paper and what does not", ""]
@@ -230,8 +244,10 @@ def markdown(report: dict[str, Any]) -> str:
             "- baseline KL0-4: "
             + " / ".join(f"{100 * mix.get(str(g), 0):.1f}" for g in KL_GRADES)
             + " %",
-            f"- mean FC / TC thickness {cohort.get('mean_fc_mm')} / {cohort.get('mean_tc_mm')} mm; progressors "
-            f"{_pct(cohort.get('progressor_share_latent'))} % (progressor label: KL increase within 72 months)",
+            f"- mean FC / TC thickness {cohort.get('mean_fc_mm')} / "
+            f"{cohort.get('mean_tc_mm')} mm; progressors "
+            f"{_pct(cohort.get('progressor_share_latent'))} % (progressor label: KL increase "
+            "within 72 months)",
             "",
         ]
     else:
@@ -241,11 +257,13 @@ def markdown(report: dict[str, Any]) -> str:
     out += [
         "## Model and index",
         "",
-        f"- model bundle `{artefacts['model']}` (created {card['created']}, profile {card['profile']}, "
+        f"- model bundle `{artefacts['model']}` (created {card['created']}, profile "
+        f"{card['profile']}, "
         f"{card['epochs']} epochs, {card['init']})",
         f"- preprocessing: {', '.join(f'{k} {v}' for k, v in card['preprocess'].items())}",
         *[
-            f"- validation recall in the card ({name}, held-out database subjects' first visits, gallery "
+            f"- validation recall in the card ({name}, held-out database subjects' first "
+            "visits, gallery "
             f"{row['gallery']}): "
             + ", ".join(
                 f"{k} {_pct(r)} %{_ci(row['ci95'][k], _pct)}, "
@@ -256,7 +274,8 @@ def markdown(report: dict[str, Any]) -> str:
         ],
         f"- indexes: {', '.join(f'{v} {p}' for v, p in artefacts['index_versions'].items())}; "
         f"{artefacts['database_rows']} database maps",
-        f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: `{artefacts['unet'] or '-'}`; "
+        f"- combined model: `{artefacts['combined_model'] or '-'}`; U-Net: "
+        f"`{artefacts['unet'] or '-'}`; "
         f"pix2pix: `{artefacts.get('pix2pix') or '-'}`",
         *[
             f"- {METHOD_LABELS[method]}: {note}"
@@ -279,8 +298,10 @@ def table1_markdown(report: dict[str, Any]) -> list[str]:
         "",
         "## Table 1: retrieval (test split, first visit of each knee)",
         "",
-        "Radiograph to the thickness map of the same knee-visit among the test knees' maps (one query per knee, "
-        "the gallery = those knees' maps); recall in % with its 95 % interval (subjects resampled), then its "
+        "Radiograph to the thickness map of the same knee-visit among the test knees' maps "
+        "(one query per knee, "
+        "the gallery = those knees' maps); recall in % with its 95 % interval (subjects "
+        "resampled), then its "
         "ratio to chance (chance R@k = k / gallery) with the interval divided by chance.",
         "",
         "| embedding | gallery | " + " | ".join(ks) + " | median rank |",
@@ -305,7 +326,8 @@ def table1_markdown(report: dict[str, Any]) -> list[str]:
         out.append("| chance | | " + " | ".join(_pct(row["chance"][k]) for k in ks) + " | |")
     paper = PAPER["table1_combined"]
     out.append(
-        f"| paper, combined, OAI (gallery of {PAPER_TABLE1_GALLERY:,} baseline test pairs, 897 subjects) | "
+        f"| paper, combined, OAI (gallery of {PAPER_TABLE1_GALLERY:,} baseline test pairs, "
+        "897 subjects) | "
         f"{PAPER_TABLE1_GALLERY} | " + " | ".join(f"{100 * paper[k]:.1f}" for k in ks) + " | |"
     )
     out.append(
@@ -324,11 +346,15 @@ def table2_markdown(report: dict[str, Any]) -> list[str]:
         strata = t2["strata"]
         size = "x".join(str(v) for v in t2["size"])
         out += [
-            "## Table 2: synthesis error by KL grade (test split, every knee-visit pair; the reference's statistic)",
+            "## Table 2: synthesis error by KL grade (test split, every knee-visit pair; the "
+            "reference's statistic)",
             "",
-            f"As the reference's `synthesis.get_synthesis_stat`: per pair, true and synthesized map resized to {size} "
-            "with the NaN-aware resize, the median and the MAD of the per-pixel absolute error; the cell is the mean "
-            f"over pairs of each, `median ± MAD` in mm, over {t2['pairs']} pairs; the interval is the 95 % "
+            "As the reference's `synthesis.get_synthesis_stat`: per pair, true and "
+            f"synthesized map resized to {size} "
+            "with the NaN-aware resize, the median and the MAD of the per-pixel absolute "
+            "error; the cell is the mean "
+            f"over pairs of each, `median ± MAD` in mm, over {t2['pairs']} pairs; the "
+            "interval is the 95 % "
             "subject-bootstrap interval of the `all` median. MRIS maps use the NaN rule "
             f"`{report.get('nan_rule', 'majority')}`.",
             "",
@@ -366,7 +392,8 @@ def table2_markdown(report: dict[str, Any]) -> list[str]:
                     )
             out.append("")
         out += [
-            "`n/t`: not transcribed — only the femoral all-grades medians of the paper's Table 2 are in this "
+            "`n/t`: not transcribed — only the femoral all-grades medians of the paper's "
+            "Table 2 are in this "
             "repository (mris/evaluation/report.py, PAPER).",
             "",
         ]
@@ -375,8 +402,10 @@ def table2_markdown(report: dict[str, Any]) -> list[str]:
     out += [
         "## Table 2b: per-pair MAE by KL grade (our statistic, not the paper's)",
         "",
-        "Per knee-visit: mean absolute error (mm) over the cartilage both the true and the synthesized map cover, at "
-        f"the maps' own size; median (MAD) over {t2b['knees']} pairs; `coverage` = mean share of the true cartilage "
+        "Per knee-visit: mean absolute error (mm) over the cartilage both the true and the "
+        "synthesized map cover, at "
+        f"the maps' own size; median (MAD) over {t2b['knees']} pairs; `coverage` = mean "
+        "share of the true cartilage "
         "the map covers. Not comparable with the paper's figures.",
         "",
     ]
@@ -399,7 +428,8 @@ def table2_markdown(report: dict[str, Any]) -> list[str]:
             out.append(
                 f"| {_label(method)} | "
                 + " | ".join(cells)
-                + f" | {_num(total['median'])} ({_num(total['mad'])}) | {_ci(total['median_ci95'], _num).strip(' ()')} "
+                + f" | {_num(total['median'])} ({_num(total['mad'])}) | "
+                f"{_ci(total['median_ci95'], _num).strip(' ()')} "
                 f"| {_pct(e['coverage_mean'])} % |"
             )
         counts = next(iter(t2b["methods"].values()))[name]["by_klg"] if t2b["methods"] else {}
@@ -418,7 +448,8 @@ def _paired_markdown(paired: dict[str, Any], statistic: str) -> list[str]:
     if not paired:
         return []
     out = [
-        f"Paired comparisons ({statistic}, first - second, on the knee-visits both have; 95 % intervals "
+        f"Paired comparisons ({statistic}, first - second, on the knee-visits both have; 95 "
+        "% intervals "
         "resample subjects):",
         "",
         "| comparison | map | pairs (subjects) | mean difference (mm) | first lower on |",
@@ -430,8 +461,10 @@ def _paired_markdown(paired: dict[str, Any], statistic: str) -> list[str]:
             if not p.get("n"):
                 continue
             out.append(
-                f"| {_label(comparison['first'])} - {_label(comparison['second'])} | {name} | {p['n']} ({p['subjects']}) | "
-                f"{p['mean_difference_mm']:+.3f}{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} | "
+                f"| {_label(comparison['first'])} - {_label(comparison['second'])} | {name} "
+                f"| {p['n']} ({p['subjects']}) | "
+                f"{p['mean_difference_mm']:+.3f}{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} "
+                "| "
                 f"{_pct(p['first_better_share'])} %{_ci(p['first_better_share_ci95'], _pct)} |"
             )
     return out + [""]

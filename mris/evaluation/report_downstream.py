@@ -12,9 +12,11 @@ from mris.evaluation.report import METHOD_LABELS, PAPER, _num
 from mris.evaluation.tables import KLG_CLASSES
 
 PAPER_TABLE3 = (
-    f"Paper (OAI, ResNet-18): KLG accuracy {PAPER['table3_klg_accuracy']['mris-s']:.3f} (MRIS-S) vs "
+    f"Paper (OAI, ResNet-18): KLG accuracy {PAPER['table3_klg_accuracy']['mris-s']:.3f} "
+    "(MRIS-S) vs "
     f"{PAPER['table3_klg_accuracy']['mr']:.3f} (MR maps); progression AUC "
-    f"{PAPER['table3_progression_auc']['mris-s']:.3f} vs {PAPER['table3_progression_auc']['mr']:.3f}."
+    f"{PAPER['table3_progression_auc']['mris-s']:.3f} vs "
+    f"{PAPER['table3_progression_auc']['mr']:.3f}."
 )
 CLASSIFIER_TITLES = {
     "resnet18": "ResNet-18 (the paper's classifier)",
@@ -40,8 +42,10 @@ def _settings_line(classifier: str, settings: dict[str, Any]) -> str:
     if classifier == "logistic":
         s = settings.get("logistic", {})
         return (
-            f"Logistic regression (scikit-learn) on {s.get('features', '8 x 8 cell means')}, standardised, C from "
-            f"{s.get('C_grid')} by {s.get('cv_folds')}-fold GroupKFold over downstream subjects (lowest held-out log-loss)."
+            f"Logistic regression (scikit-learn) on {s.get('features', '8 x 8 cell means')}, "
+            "standardised, C from "
+            f"{s.get('C_grid')} by {s.get('cv_folds')}-fold GroupKFold over downstream "
+            "subjects (lowest held-out log-loss)."
         )
     s = settings.get("resnet18", {})
     parts = []
@@ -55,12 +59,14 @@ def _settings_line(classifier: str, settings: dict[str, Any]) -> str:
             else f"{t['map_px'][0]} x {t['map_px'][1]} cell means per map"
         )
         parts.append(
-            f"{task}: {t['epochs']} epochs, batch {t['batch_size']}, AdamW lr {t['lr']:g} (weight decay "
+            f"{task}: {t['epochs']} epochs, batch {t['batch_size']}, AdamW lr {t['lr']:g} "
+            "(weight decay "
             f"{t['weight_decay']:g}), x{t['gamma']:g} every {t['step_epochs']} epochs, {size}"
         )
     weights = s.get("weights")
     return (
-        f"ResNet-18 (torchvision, profile {s.get('profile')}, device {s.get('device')}), fc above tc as one image "
+        f"ResNet-18 (torchvision, profile {s.get('profile')}, device {s.get('device')}), fc "
+        "above tc as one image "
         f"(NaN -> 0) repeated to 3 channels, balanced class weights; "
         + ("; ".join(parts))
         + "; "
@@ -70,7 +76,8 @@ def _settings_line(classifier: str, settings: dict[str, Any]) -> str:
             else "from random initialisation (no pretrained weights given), every layer trained."
         )
         + (
-            f" The {s.get('profile')} profile's classifier is shorter and smaller than the paper's (30 epochs,"
+            f" The {s.get('profile')} profile's classifier is shorter and smaller than the "
+            "paper's (30 epochs,"
             " lr 1e-5 / 1e-4, full maps): its numbers are not the paper's setting."
             if s.get("profile") != "paper"
             else ""
@@ -94,10 +101,13 @@ def table3_markdown(t3: dict[str, Any] | None) -> list[str]:
     )
     out += [
         f"KL grade: {c['klg']['train']} training and {c['klg']['test']} test knee-visit pairs "
-        f"({c['klg'].get('test_subjects', '?')} test subjects), classes {', '.join(KLG_CLASSES)}; progression "
-        f"(KL grade rises within 72 months): each knee's first visit, {c['progression']['train']} training and "
+        f"({c['klg'].get('test_subjects', '?')} test subjects), classes "
+        f"{', '.join(KLG_CLASSES)}; progression "
+        "(KL grade rises within 72 months): each knee's first visit, "
+        f"{c['progression']['train']} training and "
         f"{c['progression']['test']} test knees (test prevalence "
-        f"{'-' if not math.isfinite(prevalence) else f'{100 * prevalence:.1f}'} %). Metrics from scikit-learn; "
+        f"{'-' if not math.isfinite(prevalence) else f'{100 * prevalence:.1f}'} %). Metrics "
+        "from scikit-learn; "
         "95 % intervals from resampling test subjects.",
         "",
     ]
@@ -105,7 +115,8 @@ def table3_markdown(t3: dict[str, Any] | None) -> list[str]:
         if not entry["methods"]:
             continue
         out += [
-            f"### {CLASSIFIER_TITLES.get(classifier, classifier)} ({entry.get('seconds', 0):.0f} s)",
+            f"### {CLASSIFIER_TITLES.get(classifier, classifier)} "
+            f"({entry.get('seconds', 0):.0f} s)",
             "",
             _settings_line(classifier, t3.get("settings", {})),
             "",
@@ -122,18 +133,23 @@ def table3_markdown(t3: dict[str, Any] | None) -> list[str]:
                 f"| {_label(method)} | {_with_ci(klg.get('accuracy'), klg.get('accuracy_ci95'))} | "
                 f"{_with_ci(klg.get('balanced_accuracy'), klg.get('balanced_accuracy_ci95'))} | "
                 + " | ".join(_with_ci(per_class.get(n), per_class_ci.get(n)) for n in KLG_CLASSES)
-                + f" | {_with_ci(prog.get('average_precision'), prog.get('average_precision_ci95'))} | "
+                + " | "
+                f"{_with_ci(prog.get('average_precision'), prog.get('average_precision_ci95'))} "
+                "| "
                 f"{_with_ci(prog.get('roc_auc'), prog.get('roc_auc_ci95'))} |"
             )
         paired = entry.get("paired_vs_mr") or {}
         if paired:
             out += [
                 "",
-                "Each method minus the MR maps, paired on the same test knees (difference and 95 % interval of "
-                "the difference from the same subject resamples; an interval that holds 0 shows no difference "
+                "Each method minus the MR maps, paired on the same test knees (difference "
+                "and 95 % interval of "
+                "the difference from the same subject resamples; an interval that holds 0 "
+                "shows no difference "
                 "this test split can resolve):",
                 "",
-                "| maps used | KLG accuracy | KLG balanced accuracy | progression AP | progression ROC AUC |",
+                "| maps used | KLG accuracy | KLG balanced accuracy | progression AP | "
+                "progression ROC AUC |",
                 "|---|---|---|---|---|",
             ]
             for method, tasks in paired.items():

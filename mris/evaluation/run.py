@@ -138,7 +138,8 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise BadParameter(
-            f"--methods takes a comma-separated list of {', '.join(METHODS)}; got {', '.join(unknown) or 'nothing'}"
+            f"--methods takes a comma-separated list of {', '.join(METHODS)}; got "
+            f"{', '.join(unknown) or 'nothing'}"
         )
     return [m for m in METHODS if m in names]  # the table order
 
