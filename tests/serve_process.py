@@ -121,7 +121,8 @@ class ServeProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"mris serve exited with {self.process.returncode} while starting:\n{self.log_tail()}"
+                    f"mris serve exited with {self.process.returncode} while "
+                    f"starting:\n{self.log_tail()}"
                 )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:

@@ -66,7 +66,8 @@ def test_api_fuzz(case, fuzz_server):
 def test_server_survived_the_fuzzing(fuzz_server):
     assert fuzz_server.alive(), fuzz_server.log_tail()
     print(
-        f"{STATS.cases} cases, {STATS.requests} requests; statuses {sorted(STATS.route_statuses.items())}"
+        f"{STATS.cases} cases, {STATS.requests} requests; statuses "
+        f"{sorted(STATS.route_statuses.items())}"
     )
     if STATS.cases:  # the fuzzing ran in this session: it reached past the DICOM reader
         for route in ("/synthesize", "/retrieve"):

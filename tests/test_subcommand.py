@@ -80,7 +80,8 @@ def _wait_until(
             return value
         if process.poll() is not None:
             pytest.fail(
-                f"{what}: the command ended first (exit {process.returncode}):\n{log.read_text()[-4000:]}"
+                f"{what}: the command ended first (exit "
+                f"{process.returncode}):\n{log.read_text()[-4000:]}"
             )
         time.sleep(0.05)
     pytest.fail(f"{what}: not within {timeout_s:g} s:\n{log.read_text()[-4000:]}")

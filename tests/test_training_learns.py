@@ -213,7 +213,8 @@ def report(label: str, outcome: Outcome) -> str:
     return (
         f"{label}: R@5 {outcome.recall['R@5']:.3f} = {outcome.ratio_at_5:.2f}x chance "
         f"({outcome.chance_at_5:.3f}, gallery {outcome.gallery}); recall {outcome.recall}; "
-        f"loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-5:]):.1f}; {outcome.seconds:.0f} s"
+        f"loss {outcome.losses[0]:.1f} -> {np.mean(outcome.losses[-5:]):.1f}; "
+        f"{outcome.seconds:.0f} s"
     )
 
 

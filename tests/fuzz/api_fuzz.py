@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats.peak_rss_mib:.0f} MB; every 1,000 cases: {', '.join(f'{v:.0f}' for v in series)}"
     )
     print(
-        f"{stats.cases} cases, 5xx={stats.server_errors}, crashes={stats.crashes}, slow={stats.slow}, "
+        f"{stats.cases} cases, 5xx={stats.server_errors}, crashes={stats.crashes}, "
+        f"slow={stats.slow}, "
         f"max RSS {stats.peak_rss_mib:.0f} MB (decode workers {stats.peak_children_mib:.0f} MB), "
         f"slowest {stats.slowest_s:.2f} s"
     )

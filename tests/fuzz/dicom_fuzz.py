@@ -71,7 +71,8 @@ class Tally:
         return (
             f"{self.cases} cases, 5xx={fivexx}, crashes={crashes}, slow={self.slow}, "
             f"max RSS {rss:.0f} MB (server; decode workers at most "
-            f"{max(self.workers_rss_mb, default=0.0):.0f} MB together), slowest {self.slowest_s:.2f} s"
+            f"{max(self.workers_rss_mb, default=0.0):.0f} MB together), slowest "
+            f"{self.slowest_s:.2f} s"
         )
 
 
