@@ -83,7 +83,8 @@ def _radiograph_rois(
         if missing:
             if locate is None:
                 raise ManifestError(
-                    f"{path}: no keypoint_x/keypoint_y for side(s) {', '.join(missing)} and no knee "
+                    f"{path}: no keypoint_x/keypoint_y for side(s) {', '.join(missing)} and "
+                    "no knee "
                     "localiser to find them (train one first or add keypoints to the manifest)"
                 )
             located = locate(radiograph, missing)

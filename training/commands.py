@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         ),
         profile: str = typer.Option(
             "quick",
-            help="quick (demo/CI, minutes on a CPU) | reference (docs/results: 96 px, 30 epochs) | paper (the paper's exact setting).",
+            help="quick (demo/CI, minutes on a CPU) | reference (docs/results: 96 px, 30 epochs) "
+            "| paper (the paper's exact setting).",
         ),
         epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs."),
         batch_size: int | None = typer.Option(
@@ -31,7 +32,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda."),
         init_weights: Path | None = typer.Option(
             None,
-            help="Local torchvision ResNet-18 state_dict (e.g. ImageNet) for both encoders; random init otherwise.",
+            help="Local torchvision ResNet-18 state_dict (e.g. ImageNet) for both encoders; "
+            "random init otherwise.",
         ),
         resume: bool = typer.Option(
             False, "--resume", help="Continue the run in OUT.training/ exactly where it stopped."
@@ -124,7 +126,8 @@ def register(app: typer.Typer) -> None:
         if "localiser" in summary:
             loc = summary["localiser"]
             console.print(
-                f"localiser ({loc['split']}, {loc['images']} images): median {loc['median_error_mm']:.2f} mm, "
+                f"localiser ({loc['split']}, {loc['images']} images): median "
+                f"{loc['median_error_mm']:.2f} mm, "
                 f"95th pct {loc['p95_error_mm']:.2f} mm, max {loc['max_error_mm']:.2f} mm, "
                 f"both knees found {100 * loc['all_knees_found_fraction']:.1f} %"
             )
@@ -139,11 +142,13 @@ def register(app: typer.Typer) -> None:
             ),
             out: Path = typer.Option(
                 ...,
-                help=f"Folder for {kind}.onnx and {kind}-card.json (training state goes to OUT.training/).",
+                help=f"Folder for {kind}.onnx and {kind}-card.json (training state goes to "
+                "OUT.training/).",
             ),
             profile: str = typer.Option(
                 "quick",
-                help="quick | reference | paper: the encoders' profiles (input size, epochs, batch, sampler, U-Net width).",
+                help="quick | reference | paper: the encoders' profiles (input size, epochs, "
+                "batch, sampler, U-Net width).",
             ),
             epochs: int | None = typer.Option(None, min=1, help="Override the profile's epochs."),
             batch_size: int | None = typer.Option(
@@ -169,7 +174,8 @@ def register(app: typer.Typer) -> None:
             width: int | None = typer.Option(
                 None,
                 min=2,
-                help="U-Net channels at the first level (doubling over 4 levels); default the profile's (paper 64, quick 16).",
+                help="U-Net channels at the first level (doubling over 4 levels); default the "
+                "profile's (paper 64, quick 16).",
             ),
         ) -> None:
             from mris.encoders import default_threads
@@ -198,20 +204,25 @@ def register(app: typer.Typer) -> None:
                     else ""
                 )
                 console.print(
-                    f"{kind} epoch {record['epoch']}: L1 {record['loss_mm']:.3f} mm{gan_losses}  validation MAE "
-                    f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc {record['val_mae_tc_mm']:.3f})"
+                    f"{kind} epoch {record['epoch']}: L1 {record['loss_mm']:.3f} "
+                    f"mm{gan_losses}  validation MAE "
+                    f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc "
+                    f"{record['val_mae_tc_mm']:.3f})"
                 )
 
             metrics = train_unet(request, log=console.print, on_epoch=epoch)
             console.print(
                 f"{title}: best epoch {metrics['best_epoch']}, validation MAE "
-                f"{metrics['validation']['val_mae_mm']:.3f} mm; {out / (kind + '.onnx')} ({metrics['seconds']:.0f} s)"
+                f"{metrics['validation']['val_mae_mm']:.3f} mm; {out / (kind + '.onnx')} "
+                f"({metrics['seconds']:.0f} s)"
             )
 
         command.__doc__ = (
-            "Train the pix2pix baseline (the U-Net generator with a PatchGAN discriminator; ROI -> fc and tc maps in mm) and export pix2pix.onnx."
+            "Train the pix2pix baseline (the U-Net generator with a PatchGAN discriminator; "
+            "ROI -> fc and tc maps in mm) and export pix2pix.onnx."
             if gan
-            else "Train the direct-synthesis U-Net baseline (radiograph ROI -> fc and tc maps in mm) and export unet.onnx."
+            else "Train the direct-synthesis U-Net baseline (radiograph ROI -> fc and tc maps in "
+            "mm) and export unet.onnx."
         )
         return command
 
@@ -241,5 +252,6 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"{figures['images']} images, {figures['knees']} knees on '{split}': median error "
             f"{figures['median_error_mm']:.2f} mm, 95th pct {figures['p95_error_mm']:.2f} mm, max "
-            f"{figures['max_error_mm']:.2f} mm; both knees found on {100 * figures['all_knees_found_fraction']:.1f} % of images"
+            f"{figures['max_error_mm']:.2f} mm; both knees found on "
+            f"{100 * figures['all_knees_found_fraction']:.1f} % of images"
         )

@@ -151,7 +151,8 @@ def check_encoder_parity(
     if max(diff_f, diff_g) > PARITY_TOLERANCE or mismatches:
         raise ExportParityError(
             f"ONNX export of {f_path.name}/{g_path.name} fails parity: max abs diff "
-            f"{max(diff_f, diff_g):.2e} (limit {PARITY_TOLERANCE:.0e}), top-{TOP_K} order differs on "
+            f"{max(diff_f, diff_g):.2e} (limit {PARITY_TOLERANCE:.0e}), top-{TOP_K} order "
+            "differs on "
             f"{mismatches} of {len(val_radiographs)} validation queries"
         )
     return parity

@@ -76,7 +76,8 @@ def load_backbone_weights(encoder: RetrievalEncoder, path: str | Path) -> list[s
     missing, unexpected = encoder.backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{path} is not a ResNet-18 state_dict: missing {missing[:3]}..., unexpected {unexpected[:3]}..."
+            f"{path} is not a ResNet-18 state_dict: missing {missing[:3]}..., unexpected "
+            f"{unexpected[:3]}..."
         )
     return ignored
 

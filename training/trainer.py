@@ -334,7 +334,8 @@ class RegionTrainer:
                     self.on_epoch(record)
         except KeyboardInterrupt:
             self.log(
-                f"{self.name}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume"
+                f"{self.name}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: "
+                "rerun with --resume"
             )
             raise
         return TrainResult(

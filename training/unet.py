@@ -381,7 +381,8 @@ class UnetTrainer:
                     self.on_epoch(record)
         except KeyboardInterrupt:
             self.log(
-                f"{self.kind}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: rerun with --resume"
+                f"{self.kind}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: "
+                "rerun with --resume"
             )
             raise
 
@@ -517,8 +518,10 @@ class Pix2PixTrainer(UnetTrainer):
                 "width": self.width,
                 "parameters": _parameters(self.discriminator),
             },
-            "loss": f"D: (BCE(real) + BCE(fake)) / 2; G: BCE + {LAMBDA_L1:g} x L1 (mm / 3, cartilage pixels)",
-            "optimiser": f"Adam lr {GAN_LR:g}, betas {GAN_BETAS}, constant for {(self.profile.epochs + 1) // 2} "
+            "loss": f"D: (BCE(real) + BCE(fake)) / 2; G: BCE + {LAMBDA_L1:g} x L1 (mm / 3, cartilage "
+            "pixels)",
+            "optimiser": f"Adam lr {GAN_LR:g}, betas {GAN_BETAS}, constant for "
+            f"{(self.profile.epochs + 1) // 2} "
             "epochs then linear to 0; no clip, no weight decay",
         }
 
@@ -633,7 +636,8 @@ def train_unet(
         raise BadParameter("--epochs must be >= 1 and --batch-size >= 2")
     if profile.encoder_px % 16:
         raise BadParameter(
-            f"the U-Net (4 down-samplings) needs an input side divisible by 16, the profile has {profile.encoder_px}"
+            "the U-Net (4 down-samplings) needs an input side divisible by 16, the profile "
+            f"has {profile.encoder_px}"
         )
     width = request.width or profile.unet_width
 
@@ -686,13 +690,16 @@ def train_unet(
         "per_epoch": trainer.steps_per_epoch,
         "epochs": profile.epochs,
         "total": trainer.steps_per_epoch * profile.epochs,
-        "counted_as": "epochs x batches of the encoders' sampler (one visit per training knee, batch_size, a "
+        "counted_as": "epochs x batches of the encoders' sampler (one visit per training knee, batch_size, "
+        "a "
         "last batch of 1 dropped): the optimiser steps of one encoder pair"
         + ("; one discriminator step per generator step" if request.gan else ""),
     }
     log(
-        f"{name}: device {device}, profile {profile.name}, width {width}, {len(set(train_knees))} training knees "
-        f"({len(train_pos)} pairs, one visit per knee per epoch), {len(val_pos)} validation pairs (held out by "
+        f"{name}: device {device}, profile {profile.name}, width {width}, "
+        f"{len(set(train_knees))} training knees "
+        f"({len(train_pos)} pairs, one visit per knee per epoch), {len(val_pos)} validation "
+        "pairs (held out by "
         f"subject); {steps['total']} optimiser steps ({steps['per_epoch']} per epoch)"
     )
     trainer.fit(resume=request.resume and trainer.last_path.is_file())
@@ -703,7 +710,8 @@ def train_unet(
     val_images = np.asarray(cache["radiograph"][np.sort(val_pos)[:64]], np.float32)[:, None]
     parity = check_unet_parity(model, onnx_path, val_images, request.threads)
     log(
-        f"{name}: best epoch {trainer.best_epoch}, validation MAE {trainer.best_metrics['val_mae_mm']:.3f} mm, "
+        f"{name}: best epoch {trainer.best_epoch}, validation MAE "
+        f"{trainer.best_metrics['val_mae_mm']:.3f} mm, "
         f"ONNX parity max abs diff {parity:.1e}"
     )
     _write_log(request.out, trainer.history)
@@ -723,7 +731,8 @@ def train_unet(
     architecture = trainer.architecture()
     generator = architecture.get("generator", architecture)
     width_note = (
-        f"U-Net width {width} at {s} px ({profile.name} profile, {generator['parameters'] / 1e6:.1f} M "
+        f"U-Net width {width} at {s} px ({profile.name} profile, "
+        f"{generator['parameters'] / 1e6:.1f} M "
         f"parameters); paper: {PAPER_UNET_WIDTH}"
     )
     card = {
@@ -737,7 +746,8 @@ def train_unet(
             "shape": ["N", 2, s, s],
             "channels": list(CARTILAGES),
             "units": "mm",
-            "note": "finite everywhere; mask outside cartilage; grid = the thickness map resized to S x S",
+            "note": "finite everywhere; mask outside cartilage; grid = the thickness map resized to "
+            "S x S",
         },
         "preprocess": config.to_dict(),
         "profile": profile.to_dict(),
@@ -751,10 +761,12 @@ def train_unet(
         "train_knees": len(set(train_knees)),
         "validation_subjects": sorted({database[p].subject_id for p in val_pos}),
         "method": (
-            "pix2pix: the U-Net generator with a PatchGAN discriminator conditioned on the ROI, L1 (x100) on "
+            "pix2pix: the U-Net generator with a PatchGAN discriminator conditioned on the "
+            "ROI, L1 (x100) on "
             "cartilage pixels + adversarial loss"
             if request.gan
-            else "direct synthesis U-Net, masked L1 in mm on cartilage pixels, the encoders' optimiser"
+            else "direct synthesis U-Net, masked L1 in mm on cartilage pixels, the encoders' "
+            "optimiser"
         )
         + "; the encoders' sampler (one visit per knee per epoch) and number of optimiser steps",
         "metrics": metrics,
