@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-EXPORT = r"""
+EXPORT = (
+    r"""
 import sys, torch
 from pathlib import Path
 from mris.constants import CARTILAGES
@@ -38,8 +39,10 @@ root, px = Path(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
 for name in CARTILAGES:
     for modality in ("radiograph", "thickness"):
-        export_onnx(build_model(ModelConfig(kind="encoder")), root / f"separate-{name}-{modality}.onnx", (px, px), ["embedding"])
+        export_onnx(build_model(ModelConfig(kind="encoder")),"""
+    r""" root / f"separate-{name}-{modality}.onnx", (px, px), ["embedding"])
 """
+)
 
 
 def resnet_bundle(root: Path, px: int) -> Path:

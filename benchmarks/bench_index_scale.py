@@ -115,7 +115,11 @@ def main() -> None:
     results = []
     print(
         f"threads {threads}; structure: "
-        f"{'grown from ' + args.seed_embeddings if seed_rows is not None else 'Gaussian mixture (32-d latent)'}"
+        f"""{
+            "grown from " + args.seed_embeddings
+            if seed_rows is not None
+            else "Gaussian mixture (32-d latent)"
+        }"""
     )
     for size in sorted(args.sizes):
         if size > args.max_rows:

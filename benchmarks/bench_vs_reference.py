@@ -59,7 +59,8 @@ def main() -> None:
     from mris.index.bundle import MapStore
     from mris.synthesis import similarity_weights, synthesize
 
-    # one FAISS thread: for single queries OpenMP start-up costs more than it saves on 2 shared cores
+    # one FAISS thread: for single queries OpenMP start-up costs more than it saves on 2 shared
+    # cores
     faiss.omp_set_num_threads(1)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="mris-bench-ref-"))
     work.mkdir(parents=True, exist_ok=True)
