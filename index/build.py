@@ -122,7 +122,8 @@ def build_faiss_index(
         nprobe=chosen,
         recall_at_20=float(recall),
         recall_queries=len(queries),
-        recall_method=f"{len(queries)} stored embeddings + noise (cosine ~0.8) vs exact IndexFlatIP",
+        recall_method=f"{len(queries)} stored embeddings + noise (cosine ~0.8) "
+        "vs exact IndexFlatIP",
         seconds=time.perf_counter() - start,
     )
 

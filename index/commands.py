@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     ) -> None:
-        """Embed the manifest's maps, build the FAISS index(es), verify, and (with --publish) publish."""
+        """Embed the manifest's maps, build the FAISS index(es), verify, and (with --publish)
+        publish."""
         from mris.index.build import build_index_bundle
         from mris.progress import console, progress_bar
 

@@ -145,7 +145,7 @@ def verify_bundle(path: str | Path, model_card=None, self_retrieval: bool = True
         raise BundleInvalid(f"index bundle {path}: rows.csv does not hold rows 0..{card.rows - 1}")
     if len({r.pair_id for r in rows}) != len(rows):
         raise BundleInvalid(f"index bundle {path}: duplicate pair_id in rows.csv")
-    for cartilage, maps in card.maps.items():
+    for _cartilage, maps in card.maps.items():
         array = np.load(path / maps.file, mmap_mode="r")
         if (
             array.shape != tuple(maps.shape)
