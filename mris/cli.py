@@ -69,7 +69,8 @@ _handler_pid = os.getpid()
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    """SIGINT / SIGTERM -> ``KeyboardInterrupt``; a SIGTERM after the first interruption is ignored."""
+    """SIGINT / SIGTERM -> ``KeyboardInterrupt``; a SIGTERM after the first interruption is
+    ignored."""
     global _interrupted_by
     if os.getpid() != _handler_pid:  # a forked worker: Python's default behaviour
         if signum == signal.SIGINT:

@@ -10,10 +10,10 @@ Two stages, KNEEL-like, each a small function with its resolution stated:
    knee 1 = LEFT; ``confidence`` ``[N, 2]`` in [0, 1], that the knee is present) gives a coarse
    centre per knee.
 2. ``refine_patch``: a ``refine_mm`` square (default 64 mm) around the coarse centre, cut by the
-   shared ROI code (``mris.roi.extract_roi``: padded, RIGHT flipped, minimum -> 0, 99th pct -> 0.99) at
-   ``refine_px`` (default 64 px, 1 mm/px). The refinement network (``localiser-refine.onnx``;
-   input ``image`` ``[N, 1, p, p]``; outputs ``offset`` ``[N, 2]`` = (dx, dy) from the patch
-   centre in patch px of the flipped patch, ``confidence`` ``[N]``) moves the centre; this runs
+   shared ROI code (``mris.roi.extract_roi``: padded, RIGHT flipped, minimum -> 0, 99th pct -> 0.99)
+   at ``refine_px`` (default 64 px, 1 mm/px). The refinement network (``localiser-refine.onnx``;
+   input ``image`` ``[N, 1, p, p]``; outputs ``offset`` ``[N, 2]`` = (dx, dy) from the patch centre
+   in patch px of the flipped patch, ``confidence`` ``[N]``) moves the centre; this runs
    ``refine_iterations`` times (default 2), each patch re-centred on the last estimate.
 
 A knee's confidence is the global confidence times the last refinement's. ``locate_knees``
@@ -104,7 +104,8 @@ def patch_scale(spacing_mm: float, config: LocaliserConfig) -> float:
 def offset_to_source(
     centre_xy, offset_px, side: str, spacing_mm: float, config: LocaliserConfig
 ) -> tuple[float, float]:
-    """A refinement offset (patch px, flipped frame for RIGHT) -> the new (col, row) source centre."""
+    """A refinement offset (patch px, flipped frame for RIGHT) -> the new (col, row) source
+    centre."""
     scale = patch_scale(spacing_mm, config)
     dx = float(offset_px[0]) * scale
     if side == "RIGHT" and config.refine_preprocess.flip_right:
@@ -187,7 +188,8 @@ class KneeLocaliser:
         return cls(bundle.path(card.file), bundle.path(refine), config, threads)
 
     def coarse(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global stage: ``[2, 2]`` (col, row) source centres in GLOBAL_ORDER and ``[2]`` confidences."""
+        """Global stage: ``[2, 2]`` (col, row) source centres in GLOBAL_ORDER and ``[2]``
+        confidences."""
         image = global_input(pixels, self.config)[None, None]
         centres, confidence = self.global_session.run(["centres", "confidence"], {"image": image})
         shape = pixels.shape

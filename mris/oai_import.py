@@ -153,7 +153,8 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def read_keypoints(
     sheets_root: Path,
 ) -> dict[tuple[str, int], dict[str, tuple[float, float] | None]]:
-    """(patient_id, month) -> {"RIGHT": (x, y) | None, "LEFT": ...} from every xray_keypoints.csv."""
+    """(patient_id, month) -> {"RIGHT": (x, y) | None, "LEFT": ...} from every
+    xray_keypoints.csv."""
     points: dict[tuple[str, int], dict[str, tuple[float, float] | None]] = {}
     for sheet in sorted(sheets_root.rglob("xray_keypoints.csv")):
         for record in _read_csv(sheet):

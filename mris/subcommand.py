@@ -20,9 +20,9 @@ SIGTERM too, so ``mris serve`` under ``mris demo --serve`` stops instead of relo
 A second signal to this process is not passed on again (the child is already stopping; the
 terminal's Ctrl-C reaches it directly).
 
-Nested runs (``mris demo`` -> ``mris evaluate`` -> ``mris train``): each child's grace is 5 s shorter
-than its parent's (``MRIS_STOP_GRACE_S`` in its environment, at least 1 s), so an inner run kills
-its own child before the outer one kills the inner run, and no grandchild is orphaned.
+Nested runs (``mris demo`` -> ``mris evaluate`` -> ``mris train``): each child's grace is 5 s
+shorter than its parent's (``MRIS_STOP_GRACE_S`` in its environment, at least 1 s), so an inner run
+kills its own child before the outer one kills the inner run, and no grandchild is orphaned.
 
 Signal handlers can only be set in the main thread; elsewhere the child is just waited for.
 """

@@ -88,7 +88,8 @@ def similarity_weights(similarities: np.ndarray) -> np.ndarray:
 
 
 def _neighbour_slots(similarities: np.ndarray) -> np.ndarray:
-    """bool [N, k]: slots holding a neighbour (FAISS "no result" slots are non-finite or -3.4e38)."""
+    """bool [N, k]: slots holding a neighbour (FAISS "no result" slots are non-finite or
+    -3.4e38)."""
     similarities = np.atleast_2d(np.asarray(similarities, dtype=np.float64))
     return np.isfinite(similarities) & (similarities > -1e30)
 

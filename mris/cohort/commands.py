@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(None, min=1, help="Worker processes (default: CPU count)."),
         force: bool = typer.Option(False, "--force", help="Write into a non-empty --out."),
     ) -> None:
-        """Write radiograph DICOMs, thickness maps, manifest.csv, cohort_stats.json and preview.png."""
+        """Write radiograph DICOMs, thickness maps, manifest.csv, cohort_stats.json and
+        preview.png."""
         from rich.console import Console
 
         from mris.cohort.generate import IMAGE_SIZES, PRESETS, CohortConfig, generate_cohort

@@ -89,7 +89,8 @@ def _normalised(envelope: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _medial_weight(u: np.ndarray) -> np.ndarray:
-    """1 on the medial side, 0 on the lateral, a smooth ramp (10-90 %) about 0.18 atlas units wide at u = 0."""
+    """1 on the medial side, 0 on the lateral, a smooth ramp (10-90 %) about 0.18 atlas units wide
+    at u = 0."""
     return 1.0 / (1.0 + np.exp(u / 0.04))
 
 

@@ -107,7 +107,8 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     ) -> None:
-        """Reproduce the paper's tables (retrieval, error by KL grade, downstream) as a report with figures."""
+        """Reproduce the paper's tables (retrieval, error by KL grade, downstream) as a report with
+        figures."""
         from rich.table import Table
 
         from mris.evaluation.report import METHOD_LABELS, findings

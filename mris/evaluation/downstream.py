@@ -10,10 +10,10 @@ the reference row ``mr``.
 - Metrics (scikit-learn): KLG accuracy, balanced accuracy, accuracy per class (the confusion
   matrix's diagonal over its row sums, as the reference prints it) and the confusion matrix;
   progression average precision and ROC AUC of the positive class's probability.
-- Intervals: 95 % percentile intervals from resampling test SUBJECTS (``metrics.subject_resamples``);
-  every method is scored on the same resamples, so ``paired_vs_mr`` gives, per method and metric,
-  the difference method - MR on the same test knees and its interval from the same draws (a
-  subject's knees and visits are not independent: no knee-visit-level test).
+- Intervals: 95 % percentile intervals from resampling test SUBJECTS
+  (``metrics.subject_resamples``); every method is scored on the same resamples, so ``paired_vs_mr``
+  gives, per method and metric, the difference method - MR on the same test knees and its interval
+  from the same draws (a subject's knees and visits are not independent: no knee-visit-level test).
 """
 
 from __future__ import annotations
@@ -223,7 +223,8 @@ def downstream_table(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Table 3. ``methods`` are trained and tested in order (``mr`` first for the paired
-    comparisons); ``classifiers`` from ``CLASSIFIERS``; ``profile``/``epochs``/``weights``/``device``
+    comparisons); ``classifiers`` from ``CLASSIFIERS``;
+    ``profile``/``epochs``/``weights``/``device``
     /``threads`` for the ResNet-18. ``methods`` at the top level is the first classifier's rows."""
     log = log or (lambda message: None)
     unknown = set(classifiers) - set(CLASSIFIERS)

@@ -463,7 +463,8 @@ def _paired_markdown(paired: dict[str, Any], statistic: str) -> list[str]:
             out.append(
                 f"| {_label(comparison['first'])} - {_label(comparison['second'])} | {name} "
                 f"| {p['n']} ({p['subjects']}) | "
-                f"{p['mean_difference_mm']:+.3f}{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} "
+                f"{p['mean_difference_mm']:+.3f}"
+                f"{_ci(p['mean_difference_ci95'], lambda v: f'{v:+.3f}')} "
                 "| "
                 f"{_pct(p['first_better_share'])} %{_ci(p['first_better_share_ci95'], _pct)} |"
             )

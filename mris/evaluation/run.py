@@ -107,8 +107,9 @@ class EvaluateRequest:
     device: str = "auto"
     examples: int = 6
     command: str = ""
-    # Table 3: the classifiers (resnet18: the paper's; logistic: the fast second row), the ResNet-18's
-    # epochs (None: the profile's) and an optional local state dict for it (nothing is fetched)
+    # Table 3: the classifiers (resnet18: the paper's; logistic: the fast second row), the
+    # ResNet-18's epochs (None: the profile's) and an optional local state dict for it (nothing
+    # is fetched)
     classifiers: Sequence[str] = CLASSIFIERS
     classifier_epochs: int | None = None
     classifier_weights: Path | None = None
