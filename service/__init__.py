@@ -1,1 +1,2 @@
-"""The MRIS HTTP service (FastAPI): thin routes over mris.pipeline; settings from MRIS_* variables."""
+"""The MRIS HTTP service (FastAPI): thin routes over mris.pipeline; settings from MRIS_*
+variables."""

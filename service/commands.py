@@ -48,5 +48,6 @@ def register(app: typer.Typer) -> None:
             port=settings.port,
             log_level=settings.log_level.lower(),
             access_log=False,  # the app logs one JSON line per request
-            timeout_graceful_shutdown=5,  # then in-flight requests are cancelled (SIGTERM -> exit in seconds)
+            # then in-flight requests are cancelled (SIGTERM -> exit in seconds)
+            timeout_graceful_shutdown=5,
         )
