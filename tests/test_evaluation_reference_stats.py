@@ -156,7 +156,8 @@ def test_table_equals_the_reference_statistic_by_hand():
 
 
 def test_paired_difference_resamples_subjects():
-    """Ten knee-visits of one subject are one subject's evidence: a single draw, a point interval."""
+    """Ten knee-visits of one subject are one subject's evidence: a single draw, a point
+    interval."""
     paired = paired_difference(
         np.linspace(0.1, 0.5, 10), np.full(10, 0.3), ["s"] * 10, resamples=50, seed=0
     )

@@ -267,18 +267,21 @@ def test_evaluation_with_trained_artefacts_imports_no_torch(evaluated, tmp_path)
 
     manifest, model, first, _ = evaluated
     work = first / "work"
-    script = f"""
+    script = (
+        f"""
 import sys
 from typer.testing import CliRunner
 from mris.cli import app
 r = CliRunner().invoke(app, ["evaluate", "--manifest", r"{manifest}", "--model", r"{model}",
     "--index", r"{work / "index-separate"}", "--combined-model", r"{work / "model-combined"}",
-    "--unet", r"{work / "unet"}", "--pix2pix", r"{work / "pix2pix"}", "--out", r"{tmp_path / "report"}", "--bootstrap", "10", "--quiet",
+    "--unet", r"{work / "unet"}", "--pix2pix", r"{work / "pix2pix"}","""
+        f""" "--out", r"{tmp_path / "report"}", "--bootstrap", "10", "--quiet",
     "--classifiers", "logistic"])  # Table 3's ResNet-18 is the one part that needs torch
 assert r.exit_code == 0, (r.output, r.exception)
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"
 print("OK")
 """
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr + out.stdout
     assert (tmp_path / "report" / "report.json").is_file()

@@ -1,4 +1,5 @@
-"""mris.synthesis: eq. 4 by hand, the NaN rules (majority, all), non-positive similarities, the std."""
+"""mris.synthesis: eq. 4 by hand, the NaN rules (majority, all), non-positive similarities, the
+std."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def test_paper_settings_match_design():
     quick = settings_for("klg", "quick", epochs=3)
     assert quick.epochs == 3 and quick.step_epochs == 2 and quick.map_px == (24, 24)
     assert settings_for("klg", "quick").epochs == 4
-    # The reference evaluation's profile trains its encoders at 96 px but keeps the quick classifier.
+    # The reference evaluation's profile trains its encoders at 96 px but keeps the quick
+    # classifier.
     assert settings_for("progression", "reference") == settings_for("progression", "quick")
     with pytest.raises(ValueError, match="paper, reference or quick"):
         settings_for("klg", "other")

@@ -234,7 +234,8 @@ def test_card_metrics_are_json(trained):
     assert card["metrics"]["regions"].keys() == summary["regions"].keys()
     assert "localiser" in card["metrics"]
     for region in card["metrics"]["regions"].values():
-        # first-visit recall of the held-out validation subjects against chance, with subject intervals
+        # first-visit recall of the held-out validation subjects against chance, with subject
+        # intervals
         held_out = region["validation_first_visit"]
         assert held_out["gallery"] == held_out["queries"] == card["training"]["validation_knees"]
         for k in ("R@1", "R@5", "R@10", "R@20"):

@@ -1,4 +1,5 @@
-"""Longitudinally-aware sampler: one visit per knee per epoch, never two visits of a knee in a batch."""
+"""Longitudinally-aware sampler: one visit per knee per epoch, never two visits of a knee in a
+batch."""
 
 from __future__ import annotations
 
