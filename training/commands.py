@@ -1,5 +1,5 @@
-"""CLI: ``mris train``, ``mris train-unet``, ``mris train-pix2pix`` and ``mris evaluate-localiser``. Torch is imported inside the commands,
-so ``mris --help`` stays fast."""
+"""CLI: ``mris train``, ``mris train-unet``, ``mris train-pix2pix`` and ``mris evaluate-localiser``.
+Torch is imported inside the commands, so ``mris --help`` stays fast."""
 
 from __future__ import annotations
 

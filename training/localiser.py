@@ -277,7 +277,8 @@ def train_localiser(
     tick: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> LocaliserResult:
-    """Train both stages and export ``localiser.onnx`` and ``localiser-refine.onnx`` into ``out_dir``."""
+    """Train both stages and export ``localiser.onnx`` and ``localiser-refine.onnx`` into
+    ``out_dir``."""
     from mris.training.export import export_onnx
 
     start = time.perf_counter()

@@ -94,7 +94,8 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 def _soft_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``[N, K, h, w]`` heatmap logits -> ``[N, K, 2]`` expected (x, y) in [0, 1] (pixel centres)."""
+    """``[N, K, h, w]`` heatmap logits -> ``[N, K, 2]`` expected (x, y) in [0, 1] (pixel
+    centres)."""
     n, k, h, w = logits.shape
     prob = torch.softmax(logits.reshape(n, k, h * w), dim=-1).reshape(n, k, h, w)
     xs = (torch.arange(w, dtype=logits.dtype, device=logits.device) + 0.5) / w

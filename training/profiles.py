@@ -5,13 +5,13 @@
   1e-4 (radiograph encoder) / 1e-5 (thickness encoder), weight decay 1e-3, grad-norm clip 1.0,
   StepLR every 150 epochs with gamma 0.2, margin 0.1, the reference's augmentation
   (``augmentation="paper"``: MONAI RandAffine / RandGaussianNoise / RandAdjustContrast).
-- ``quick``: the demo / CI setting. Same method and optimiser, smaller inputs and few epochs so
-  that the 300-subject demo cohort trains in a few minutes on 2 CPU cores. Its numbers were
-  chosen by measurement (docs/TRAINING.md gives the figures): 64 px inputs keep a ResNet-18
-  step about 16x cheaper than at 256 px, and higher learning rates with a short StepLR reach a
-  useful recall within the epoch budget. The baselines' U-Net is the published network at
-  width 16 instead of 64 (16-32-64-128-256 channels, 1.9 M parameters instead of 31.1 M) so that
-  the U-Net and pix2pix train together in about 8 minutes on 2 cores. Its augmentation is the paper's too: the ``light``
+- ``quick``: the demo / CI setting. Same method and optimiser, smaller inputs and few epochs so that
+  the 300-subject demo cohort trains in a few minutes on 2 CPU cores. Its numbers were chosen by
+  measurement (docs/TRAINING.md gives the figures): 64 px inputs keep a ResNet-18 step about 16x
+  cheaper than at 256 px, and higher learning rates with a short StepLR reach a useful recall within
+  the epoch budget. The baselines' U-Net is the published network at width 16 instead of 64
+  (16-32-64-128-256 channels, 1.9 M parameters instead of 31.1 M) so that the U-Net and pix2pix
+  train together in about 8 minutes on 2 cores. Its augmentation is the paper's too: the ``light``
   set (same transforms, gentler ranges) overfits within the quick budget and retrieves held-out
   knees worse (docs/TRAINING.md, Profiles, gives the measurement).
 

@@ -18,7 +18,8 @@ when the interruption lands while a checkpoint is being written).
 
 ``RegionTrainer.loss_fn`` is the loss the steps minimise, ``(f embeddings [N, 512], g embeddings
 [N, 512], margin) -> scalar``; it defaults to ``losses.triplet_loss`` (eq. 3) and exists so that
-``tests/test_training_learns.py`` can prove a sign error in the loss is caught. Runs never change it.
+``tests/test_training_learns.py`` can prove a sign error in the loss is caught. Runs never
+change it.
 
 Determinism: seeds for python/numpy/torch, ``torch.use_deterministic_algorithms`` (warn only),
 cuDNN benchmark off; the sampler's and the augmentation's random draws are pure functions of

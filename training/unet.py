@@ -334,7 +334,8 @@ class UnetTrainer:
         )
 
     def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> None:
-        """Train to ``profile.epochs``; ``stop_after_epoch`` (tests) stops early as a Ctrl-C would."""
+        """Train to ``profile.epochs``; ``stop_after_epoch`` (tests) stops early as a Ctrl-C
+        would."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             if not self.last_path.is_file():
@@ -396,8 +397,9 @@ class UnetTrainer:
         from mris.training.models import UNET_LEVELS, unet_features
 
         return {
-            "network": "U-Net (Ronneberger et al. 2015), monai.networks.nets.BasicUNet: two 3x3 conv + "
-            "batch norm + ReLU per level, 2x2 max pool, 2x2 transposed conv, skip concatenation",
+            "network": "U-Net (Ronneberger et al. 2015), monai.networks.nets.BasicUNet: "
+            "two 3x3 conv + batch norm + ReLU per level, 2x2 max pool, 2x2 transposed conv, "
+            "skip concatenation",
             "levels": UNET_LEVELS,
             "features": list(unet_features(self.width)),
             "width": self.width,
@@ -518,8 +520,8 @@ class Pix2PixTrainer(UnetTrainer):
                 "width": self.width,
                 "parameters": _parameters(self.discriminator),
             },
-            "loss": f"D: (BCE(real) + BCE(fake)) / 2; G: BCE + {LAMBDA_L1:g} x L1 (mm / 3, cartilage "
-            "pixels)",
+            "loss": f"D: (BCE(real) + BCE(fake)) / 2; G: BCE + {LAMBDA_L1:g} x L1 "
+            "(mm / 3, cartilage pixels)",
             "optimiser": f"Adam lr {GAN_LR:g}, betas {GAN_BETAS}, constant for "
             f"{(self.profile.epochs + 1) // 2} "
             "epochs then linear to 0; no clip, no weight decay",
@@ -690,8 +692,8 @@ def train_unet(
         "per_epoch": trainer.steps_per_epoch,
         "epochs": profile.epochs,
         "total": trainer.steps_per_epoch * profile.epochs,
-        "counted_as": "epochs x batches of the encoders' sampler (one visit per training knee, batch_size, "
-        "a "
+        "counted_as": "epochs x batches of the encoders' sampler (one visit per training knee, "
+        "batch_size, a "
         "last batch of 1 dropped): the optimiser steps of one encoder pair"
         + ("; one discriminator step per generator step" if request.gan else ""),
     }
@@ -746,8 +748,8 @@ def train_unet(
             "shape": ["N", 2, s, s],
             "channels": list(CARTILAGES),
             "units": "mm",
-            "note": "finite everywhere; mask outside cartilage; grid = the thickness map resized to "
-            "S x S",
+            "note": "finite everywhere; mask outside cartilage; grid = the thickness map "
+            "resized to S x S",
         },
         "preprocess": config.to_dict(),
         "profile": profile.to_dict(),
