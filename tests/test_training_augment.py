@@ -13,9 +13,10 @@ from conftest import require
 torch = require("torch")
 require("monai")
 
-from monai.transforms import RandAdjustContrast, RandAffine, RandGaussianNoise
+# after require(): without torch and monai the module is skipped (fails in CI)
+from monai.transforms import RandAdjustContrast, RandAffine, RandGaussianNoise  # noqa: E402
 
-from mris.training.augment import (
+from mris.training.augment import (  # noqa: E402
     AUGMENTATIONS,
     AugmentConfig,
     augment_image,
@@ -23,8 +24,8 @@ from mris.training.augment import (
     build_transforms,
     image_seeds,
 )
-from mris.training.profiles import PROFILES, TrainProfile
-from mris.training.trainer import batch_generator
+from mris.training.profiles import PROFILES, TrainProfile  # noqa: E402
+from mris.training.trainer import batch_generator  # noqa: E402
 
 PAPER = AUGMENTATIONS["paper"]
 DRAWS = 1500

@@ -51,7 +51,8 @@ FAILURES = HERE / "failures" / "api"  # failures/dicom beside it is the DICOM fu
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from serve_process import ServeProcess, tiny_bundle
+# after the sys.path insertion above (tests/ holds serve_process)
+from serve_process import ServeProcess, tiny_bundle  # noqa: E402
 
 TOKEN = "fuzz-token-0123456789"
 PHANTOM_KEYPOINTS = (

@@ -41,8 +41,9 @@ for path in (HERE, TESTS):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from mutations import KEYPOINTS, PLANTED, cases, hostile_files, seed_files
-from serve_process import ServeProcess, tiny_bundle
+# after the sys.path insertion above (tests/fuzz and tests/ hold these)
+from mutations import KEYPOINTS, PLANTED, cases, hostile_files, seed_files  # noqa: E402
+from serve_process import ServeProcess, tiny_bundle  # noqa: E402
 
 FAILURES = HERE / "failures" / "dicom"
 TOKEN = "fuzz-token"
