@@ -105,3 +105,12 @@ def test_deterministic_from_the_seed():
     first, second = (fit_predict(x, y, x, 4, settings, seed=5) for _ in range(2))
     assert first.shape == (8, 4) and np.allclose(first.sum(axis=1), 1.0)
     assert np.array_equal(first, second)
+
+
+def test_every_training_profile_names_its_classifier_setting_in_one_place() -> None:
+    from mris.evaluation.downstream import CLASSIFIER_SETTINGS, classifier_map_px
+    from mris.training.profiles import PROFILES
+
+    assert set(CLASSIFIER_SETTINGS) == set(PROFILES)
+    for name in PROFILES:
+        assert classifier_map_px(name) == settings_for("klg", name).map_px

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mris.evaluation.downstream import QUICK_MAP_PX
+from mris.evaluation.downstream import QUICK_MAP_PX, classifier_setting
 
 TASKS = ("klg", "progression")
 FROZEN_WHEN_PRETRAINED = ("conv1", "bn1", "layer1")
@@ -73,14 +73,12 @@ def settings_for(
     ``QUICK_STEP_EPOCHS``). ``epochs`` overrides (the decay keeps its share of the epochs)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if profile == "paper":
+    if classifier_setting(profile) == "paper":
         settings = DownstreamSettings(epochs=30, lr=PAPER_LR[task], step_epochs=10)
-    elif profile in ("quick", "reference"):
+    else:
         settings = DownstreamSettings(
             epochs=QUICK_EPOCHS, lr=QUICK_LR, step_epochs=QUICK_STEP_EPOCHS, map_px=QUICK_MAP_PX
         )
-    else:
-        raise ValueError(f"profile must be paper, reference or quick, got {profile!r}")
     if epochs is not None:
         settings = replace(
             settings,

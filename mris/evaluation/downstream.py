@@ -203,9 +203,25 @@ def _resnet_settings(task: str, profile: str, epochs: int | None):
     return settings_for(task, profile, epochs)
 
 
+CLASSIFIER_SETTINGS = {"paper": "paper", "quick": "quick", "reference": "quick"}
+"""Which Table 3 ResNet-18 setting each training profile uses: DESIGN.md's (``paper``) or the
+demo's (``quick``: 24 x 24 cell means, ``mris.training.downstream``'s QUICK_* figures). The one
+place this is decided; ``classifier_map_px`` and ``mris.training.downstream.settings_for`` read
+it."""
+
+
+def classifier_setting(profile: str) -> str:
+    """``paper`` or ``quick``: the ResNet-18 setting of training profile ``profile``."""
+    if profile not in CLASSIFIER_SETTINGS:
+        raise ValueError(
+            f"profile must be one of {', '.join(CLASSIFIER_SETTINGS)}, got {profile!r}"
+        )
+    return CLASSIFIER_SETTINGS[profile]
+
+
 def classifier_map_px(profile: str) -> tuple[int, int] | None:
     """The per-map input size the ResNet-18 of ``profile`` wants (None = the map grid)."""
-    return None if profile == "paper" else QUICK_MAP_PX
+    return None if classifier_setting(profile) == "paper" else QUICK_MAP_PX
 
 
 def downstream_table(
