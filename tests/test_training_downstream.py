@@ -47,7 +47,7 @@ def test_paper_settings_match_design():
     # The reference evaluation's profile trains its encoders at 96 px but keeps the quick
     # classifier.
     assert settings_for("progression", "reference") == settings_for("progression", "quick")
-    with pytest.raises(ValueError, match="paper, reference or quick"):
+    with pytest.raises(ValueError, match="profile must be one of paper, quick, reference"):
         settings_for("klg", "other")
 
 
