@@ -12,8 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from mris.sandbox import DecodeSandbox
-from mris.service.batching import MicroBatcher
-from mris.service.batching import search_by_state as _search_batch
+from mris.service.batching import MicroBatcher, search_by_state
 from mris.service.config import Settings
 from mris.service.logging_setup import configure_logging
 from mris.service.metrics import Metrics
@@ -42,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         compute = ThreadPoolExecutor(1, thread_name_prefix="mris-compute")
         app.state.batcher = MicroBatcher(
-            _search_batch,
+            search_by_state,
             compute,
             max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000.0,
