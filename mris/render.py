@@ -13,6 +13,8 @@ import numpy as np
 from mris.constants import CARTILAGES
 
 if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
     from mris.pipeline import KneeResult
 
 THICKNESS_MAX_MM = 4.5
@@ -25,6 +27,19 @@ def render_results_png(
     dpi: int = 90,
 ) -> bytes:
     """One row per knee: ROI | fc | tc | fc std | tc std (| true fc | true tc when ``truth_mm``)."""
+    figure = results_figure(results, truth_mm, dpi)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def results_figure(
+    results: Sequence[KneeResult],
+    truth_mm: Sequence[dict[str, np.ndarray]] | None = None,
+    dpi: int = 90,
+) -> Figure:
+    """The figure ``render_results_png`` saves (an Agg canvas attached), for a caller that adds
+    to it or rasterises it itself (``mris.dicom_out``'s Secondary Capture)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -88,6 +103,4 @@ def render_results_png(
                 bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02)
                 bar.set_label(unit, fontsize=7)
                 bar.ax.tick_params(labelsize=6)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
