@@ -1,0 +1,396 @@
+"""Synthesis results as DICOM: a Secondary Capture of the maps and a Structured Report of the
+numbers, built with highdicom constructors (pydicom underneath).
+
+One request (one radiograph, one or two knees) gives one of each:
+
+- Secondary Capture (``SCImage``, RGB, 8 bit): the figure of ``mris.render.results_figure``,
+  one row per knee (ROI as the encoder saw it, FC and TC synthesized thickness with a colour bar
+  in mm, their uncertainty), with the burned-in lines ``BURNED_IN_TEXT`` and the k, model and
+  index versions (``BurnedInAnnotation`` YES). No patient identifier is drawn.
+- Comprehensive SR (TID 1500 measurement report): per knee and cartilage one measurement group
+  (finding site: distal femur or tibia with the knee's laterality) holding the mean synthesized
+  thickness overall and per medial / lateral compartment, the mean uncertainty (eq. 4's
+  weighted standard deviation) and the neighbours' count, with the algorithm's identification
+  (name ``MRIS``, version: the model and index versions) and the source radiograph referenced.
+
+Medial / lateral: the maps are in atlas space, both sides alike (``mris.cohort.maps``,
+docs/PREPROCESSING.md "Flip": RIGHT knees are flipped so medial lies where it lies in a LEFT
+knee), columns running medial -> lateral. The MEDIAL compartment is columns ``[0, W // 2)``, the
+LATERAL compartment columns ``[W // 2, W)`` of a map ``W`` columns wide, for a RIGHT and a LEFT
+knee alike (the cohort's own split, atlas u < 0, is the same columns for even ``W``; an odd
+``W``'s middle column, u = 0, is lateral there and here). Means are over the cartilage cells
+(NaN outside cartilage ignored); a mean over no cartilage cell is left out of the report.
+
+Identity: both objects copy the source's patient and General Study attributes from
+``mris.dicom.SourceIdentity`` (never from the pixels' metadata, never logged), join the source's
+study and reference the source image (its SOP Class and Instance UIDs) when it is known. Each
+object is in a new series of its own (a series has one modality: OT for the SC, SR for the SR)
+with new SOP Instance UIDs. Without a source identity (pixels from no DICOM file), or without
+a StudyInstanceUID in it, both objects are put in a NEW study (one new StudyInstanceUID, study
+date and time now) and reference no source image; their patient attributes are then empty.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mris import __version__
+from mris.constants import CARTILAGES
+from mris.errors import BadParameter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import Dataset
+
+    from mris.dicom import SourceIdentity
+    from mris.pipeline import KneeResult
+
+log = logging.getLogger(__name__)
+
+BURNED_IN_TEXT = "Synthesized from radiograph - research use only"
+MANUFACTURER = "MRIS"
+ALGORITHM_NAME = "MRIS"
+SC_SERIES_NUMBER = 901
+SR_SERIES_NUMBER = 902
+SC_SERIES_DESCRIPTION = "MRIS synthesized cartilage thickness maps"
+SR_SERIES_DESCRIPTION = "MRIS synthesized cartilage thickness report"
+SC_DPI = 90
+
+# Concepts with no standard code: a private coding scheme ("99" prefix, PS3.16 8.2).
+CODING_SCHEME = "99MRIS"
+_THICKNESS = ("MRIS001", "Synthesized cartilage thickness")
+_UNCERTAINTY = ("MRIS002", "Synthesized cartilage thickness uncertainty (weighted SD)")
+_NEIGHBOURS = ("MRIS003", "Retrieved neighbours")
+_METHOD = ("MRIS004", "Retrieval-based synthesis from radiograph (eq. 4)")
+
+# Source identity -> the highdicom argument that copies it (both constructors).
+_PATIENT_STUDY_ARGUMENTS = {
+    "patient_id": "patient_id",
+    "patient_name": "patient_name",
+    "patient_birth_date": "patient_birth_date",
+    "patient_sex": "patient_sex",
+    "accession_number": "accession_number",
+    "study_id": "study_id",
+    "study_date": "study_date",
+    "study_time": "study_time",
+    "referring_physician_name": "referring_physician_name",
+}
+_PATIENT_SEX = ("M", "F", "O")  # highdicom refuses other values: those are left empty
+
+
+def compartment_columns(width: int) -> dict[str, slice]:
+    """The columns of each compartment of an atlas map ``width`` columns wide (both sides
+    alike): ``{"medial": [0, width // 2), "lateral": [width // 2, width)}``."""
+    return {"medial": slice(0, width // 2), "lateral": slice(width // 2, width)}
+
+
+def knee_numbers(result: KneeResult) -> dict[str, dict[str, float | int]]:
+    """The numbers the SR reports for one knee: cartilage -> ``mean_mm``, ``medial_mm``,
+    ``lateral_mm``, ``std_mean_mm`` (float mm, NaN where no cartilage cell) and ``neighbours``
+    (int). Raises ``BadParameter`` for a result made without maps."""
+    if not result.maps_mm:
+        raise BadParameter("a DICOM result needs the synthesized maps (with_maps)")
+    numbers: dict[str, dict[str, float | int]] = {}
+    for name in CARTILAGES:
+        if name not in result.maps_mm:
+            continue
+        thickness = np.asarray(result.maps_mm[name], dtype=np.float64)
+        columns = compartment_columns(thickness.shape[1])
+        numbers[name] = {
+            "mean_mm": _nanmean(thickness),
+            "medial_mm": _nanmean(thickness[:, columns["medial"]]),
+            "lateral_mm": _nanmean(thickness[:, columns["lateral"]]),
+            "std_mean_mm": _nanmean(np.asarray(result.std_mm[name], dtype=np.float64)),
+            "neighbours": _neighbour_count(result, name),
+        }
+    return numbers
+
+
+def results_to_dicom(
+    results: Sequence[KneeResult],
+    source: SourceIdentity | None,
+    *,
+    versions: Mapping[str, str],
+    k: int,
+) -> tuple[Dataset, Dataset]:
+    """One request's results as (Secondary Capture, Comprehensive SR), both highdicom datasets
+    ready for ``save_as`` / ``dcmwrite``.
+
+    ``results``: the knees of one request (``Pipeline.assemble`` / ``run`` with maps), one SC row
+    and one SR group per cartilage each. ``source``: ``Prepared.source`` / ``Radiograph.source``
+    (None: a new study, see the module docstring). ``versions``: what made the maps, e.g.
+    ``{"model": ..., "index": ...}``, burned into the SC and the SR's algorithm version. ``k``:
+    the neighbours asked. Raises ``BadParameter`` for no results or results without maps."""
+    import highdicom as hd
+
+    if not results:
+        raise BadParameter("a DICOM result needs at least one knee")
+    numbers = [knee_numbers(result) for result in results]
+    version_text = "; ".join(f"{key} {value}" for key, value in versions.items()) or "unknown"
+    identity = _identity_arguments(source)
+    referenced = _referenced_source(source, identity["study_instance_uid"])
+    sc = _secondary_capture(results, identity, referenced, version_text, k, hd)
+    sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k, hd)
+    log.info(
+        "results as DICOM: %d knee(s), k=%d, source %s",
+        len(results),
+        k,
+        "referenced" if referenced is not None else "unknown (new study)",
+    )
+    return sc, sr
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+def _identity_arguments(source: SourceIdentity | None) -> dict[str, str | None]:
+    """highdicom's patient and study arguments from the source; a new study without one."""
+    arguments: dict[str, str | None] = {name: None for name in _PATIENT_STUDY_ARGUMENTS.values()}
+    study_uid = source.study_instance_uid if source is not None else None
+    if source is not None:
+        for field_name, argument in _PATIENT_STUDY_ARGUMENTS.items():
+            arguments[argument] = getattr(source, field_name)
+        if arguments["patient_sex"] not in _PATIENT_SEX:
+            arguments["patient_sex"] = None
+    if study_uid is None:
+        import highdicom as hd
+
+        now = datetime.datetime.now()
+        study_uid = str(hd.UID())
+        arguments["study_date"] = now.strftime("%Y%m%d")
+        arguments["study_time"] = now.strftime("%H%M%S")
+        arguments["study_id"] = arguments["accession_number"] = None
+    arguments["study_instance_uid"] = study_uid
+    if source is not None and source.specific_character_set is not None:
+        arguments["specific_character_set"] = source.specific_character_set.split("\\")
+    return arguments
+
+
+def _referenced_source(source: SourceIdentity | None, study_uid: str | None) -> Dataset | None:
+    """The source image as SR evidence (what highdicom's SR reads from an evidence dataset):
+    None unless its SOP Class, SOP Instance, Series and Study UIDs are all known and the study
+    is the one the results join."""
+    from pydicom.dataset import Dataset
+
+    if source is None or study_uid != source.study_instance_uid:
+        return None
+    uids = (source.sop_class_uid, source.sop_instance_uid, source.series_instance_uid)
+    if any(uid is None for uid in uids):
+        return None
+    evidence = Dataset()
+    evidence.SOPClassUID, evidence.SOPInstanceUID, evidence.SeriesInstanceUID = uids
+    evidence.StudyInstanceUID = study_uid
+    return evidence
+
+
+def _study_arguments(identity: Mapping[str, object]) -> dict[str, object]:
+    return {key: value for key, value in identity.items() if value is not None}
+
+
+# ----------------------------------------------------------------------------- SC
+
+
+def _secondary_capture(
+    results: Sequence[KneeResult],
+    identity: Mapping[str, object],
+    referenced: Dataset | None,
+    version_text: str,
+    k: int,
+    hd,
+) -> Dataset:
+    from pydicom.dataset import Dataset
+
+    pixels = _figure_pixels(results, version_text, k)
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        # A montage of figure panels has no patient orientation; highdicom asks for one with
+        # coordinate system PATIENT, so it is emptied below (Type 2C, may be empty).
+        patient_orientation=("L", "F"),
+        series_instance_uid=hd.UID(),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        series_description=SC_SERIES_DESCRIPTION,
+        software_versions=f"mris {__version__}",
+        **_study_arguments(identity),
+    )
+    # What SCImage has no argument for (General Image module, PS3.3 C.7.6.1).
+    sc.PatientOrientation = None
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = f"{BURNED_IN_TEXT}; k {k}; {version_text}"[:1024]
+    if referenced is not None:
+        item = Dataset()
+        item.ReferencedSOPClassUID = referenced.SOPClassUID
+        item.ReferencedSOPInstanceUID = referenced.SOPInstanceUID
+        sc.SourceImageSequence = [item]
+    return sc
+
+
+def _figure_pixels(results: Sequence[KneeResult], version_text: str, k: int) -> np.ndarray:
+    """uint8 (rows, cols, 3): ``mris.render``'s figure with the burned-in lines on top."""
+    from mris.render import results_figure
+
+    figure = results_figure(results, dpi=SC_DPI)
+    figure.suptitle(f"{BURNED_IN_TEXT}\nk {k}; {version_text}", fontsize=9)
+    canvas = figure.canvas
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3], dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- SR
+
+
+def _structured_report(
+    results: Sequence[KneeResult],
+    numbers: Sequence[Mapping[str, Mapping[str, float | int]]],
+    identity: Mapping[str, object],
+    referenced: Dataset | None,
+    sc: Dataset,
+    version_text: str,
+    k: int,
+    hd,
+) -> Dataset:
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME, version=version_text, parameters=[f"k={k}"]
+    )
+    source_images = []
+    if referenced is not None:
+        source_images = [
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=referenced.SOPClassUID,
+                referenced_sop_instance_uid=referenced.SOPInstanceUID,
+            )
+        ]
+    groups = []
+    for result, knee in zip(results, numbers):
+        laterality = codes.SCT.Right if result.side == "RIGHT" else codes.SCT.Left
+        for name, values in knee.items():
+            groups.append(
+                _measurement_group(
+                    result.side, name, values, laterality, algorithm, source_images, hd
+                )
+            )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.DCM.RadiographicImaging,
+        imaging_measurements=groups,
+    )
+    # The SC carries the patient and study attributes (evidence[0] is what highdicom copies);
+    # the source radiograph, when known, is evidence the measurement groups reference.
+    evidence = [sc] + ([referenced] if referenced is not None else [])
+    kwargs = {}
+    if "specific_character_set" in identity:
+        kwargs["specific_character_set"] = identity["specific_character_set"]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        series_description=SR_SERIES_DESCRIPTION,
+        software_versions=f"mris {__version__}",
+        **kwargs,
+    )
+
+
+def _measurement_group(
+    side: str,
+    cartilage: str,
+    values: Mapping[str, float | int],
+    laterality,
+    algorithm,
+    source_images: list,
+    hd,
+):
+    from pydicom.sr.codedict import codes
+
+    def code(pair: tuple[str, str]):
+        return hd.sr.CodedConcept(value=pair[0], scheme_designator=CODING_SCHEME, meaning=pair[1])
+
+    bone = codes.SCT.DistalFemur if cartilage == "fc" else codes.SCT.Tibia
+    site = hd.sr.FindingSite(anatomic_location=bone, laterality=laterality)
+    mm = codes.UCUM.Millimeter
+    measurements = []
+
+    def add(name, value, unit, modifier=None, derivation=None) -> None:
+        if not np.isfinite(value):  # no cartilage cell there: nothing to report
+            return
+        sites = None
+        if modifier is not None:
+            sites = [
+                hd.sr.FindingSite(
+                    anatomic_location=bone, laterality=laterality, topographical_modifier=modifier
+                )
+            ]
+        measurements.append(
+            hd.sr.Measurement(
+                name=code(name),
+                value=float(value),
+                unit=unit,
+                derivation=derivation,
+                finding_sites=sites,
+                algorithm_id=algorithm,
+            )
+        )
+
+    add(_THICKNESS, values["mean_mm"], mm, derivation=codes.SCT.Mean)
+    add(_THICKNESS, values["medial_mm"], mm, codes.SCT.Medial, codes.SCT.Mean)
+    add(_THICKNESS, values["lateral_mm"], mm, codes.SCT.Lateral, codes.SCT.Mean)
+    add(_UNCERTAINTY, values["std_mean_mm"], mm, derivation=codes.SCT.Mean)
+    add(_NEIGHBOURS, values["neighbours"], codes.UCUM.NoUnits)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"{side} knee {cartilage.upper()}"
+        ),
+        finding_type=codes.SCT.Cartilage,
+        finding_sites=[site],
+        method=code(_METHOD),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        source_images=source_images or None,
+    )
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _neighbour_count(result: KneeResult, cartilage: str) -> int:
+    """The neighbours that made a cartilage's map: its own region's (variant ``separate``), or
+    the one region's (variant ``combined``, both maps from the same neighbours)."""
+    if cartilage in result.neighbours:
+        return len(result.neighbours[cartilage])
+    if len(result.neighbours) == 1:
+        return len(next(iter(result.neighbours.values())))
+    raise BadParameter(f"no neighbours recorded for the {cartilage} map")
+
+
+__all__ = [
+    "BURNED_IN_TEXT",
+    "compartment_columns",
+    "knee_numbers",
+    "results_to_dicom",
+]

@@ -1,0 +1,239 @@
+"""Results as DICOM (``mris.dicom_out``): the Secondary Capture and the Comprehensive SR of a
+real request (the tiny real bundle, a DICOM with a planted identity), written to bytes and read
+back with pydicom."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import PLANTED_IDENTITY, PLANTED_SECRETS, identity_dicom_bytes
+from pydicom import uid
+
+from mris.dicom import read_radiograph
+from mris.dicom_out import BURNED_IN_TEXT, compartment_columns, knee_numbers, results_to_dicom
+from mris.errors import BadParameter
+
+K = 5
+VERSIONS = {"model": "model-test-1", "index": "index-test-2"}
+COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+@pytest.fixture(scope="module")
+def request_results(tmp_path_factory):
+    """(results, source identity) of one two-knee request through ``Pipeline.run``."""
+    from serve_process import tiny_bundle
+    from test_service import KEYPOINTS
+
+    from mris.pipeline import Pipeline, RequestOptions
+    from mris.roi import parse_keypoints
+
+    model, index = tiny_bundle(tmp_path_factory.mktemp("bundle"))
+    pipeline = Pipeline.load(model, index, device="cpu", intra_op_threads=1)
+    options = RequestOptions(keypoints=parse_keypoints(json.dumps(KEYPOINTS)), k=K)
+    dicom = identity_dicom_bytes()
+    results = pipeline.run(dicom, options)
+    return results, read_radiograph(dicom).source
+
+
+def _round_trip(ds) -> pydicom.Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def _num_items(sequence, found=None):
+    """Every NUM content item below ``sequence`` (depth first), with its parent's items."""
+    found = [] if found is None else found
+    for item in sequence:
+        if item.get("ValueType") == "NUM":
+            found.append(item)
+        if "ContentSequence" in item:
+            _num_items(item.ContentSequence, found)
+    return found
+
+
+def _groups(sr):
+    """(tracking identifier text, group item) of each measurement group."""
+    groups = []
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeMeaning != "Imaging Measurements":
+            continue
+        for group in item.ContentSequence:
+            texts = [
+                child.TextValue
+                for child in group.ContentSequence
+                if child.ValueType == "TEXT"
+                and child.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+            ]
+            groups.append((texts[0], group))
+    return groups
+
+
+def _site_modifier(item) -> str | None:
+    for child in item.get("ContentSequence", []):
+        if child.ConceptNameCodeSequence[0].CodeMeaning == "Finding Site":
+            for grandchild in child.get("ContentSequence", []):
+                if grandchild.ConceptNameCodeSequence[0].CodeMeaning == "Topographical modifier":
+                    return grandchild.ConceptCodeSequence[0].CodeMeaning
+    return None
+
+
+def test_both_objects_copy_the_identity_in_new_series(request_results):
+    results, source = request_results
+    sc, sr = (_round_trip(ds) for ds in results_to_dicom(results, source, versions=VERSIONS, k=K))
+    assert sc.SOPClassUID == uid.SecondaryCaptureImageStorage
+    assert sr.SOPClassUID == uid.Comprehensive3DSRStorage
+    for ds in (sc, sr):
+        for keyword in COPIED:
+            assert str(ds[keyword].value) == PLANTED_IDENTITY[keyword], keyword
+        assert ds.SeriesInstanceUID != PLANTED_IDENTITY["SeriesInstanceUID"]
+        assert ds.SOPInstanceUID != PLANTED_IDENTITY["SOPInstanceUID"]
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            assert uid.UID(ds[keyword].value).is_valid, keyword
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert sc.SeriesInstanceUID != sr.SeriesInstanceUID  # one modality per series
+    assert sc.SOPInstanceUID != sr.SOPInstanceUID
+    # The source image is referenced by both.
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.sop_instance_uid
+    assert sc.SourceImageSequence[0].ReferencedSOPClassUID == source.sop_class_uid
+    evidence = [
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    ]
+    assert source.sop_instance_uid in evidence and sc.SOPInstanceUID in evidence
+
+
+def test_secondary_capture_is_an_rgb_picture_with_burned_in_text(request_results):
+    results, source = request_results
+    sc, _ = results_to_dicom(results, source, versions=VERSIONS, k=K)
+    sc = _round_trip(sc)
+    pixels = sc.pixel_array
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
+    assert (sc.Rows, sc.Columns) == pixels.shape[:2] and sc.SamplesPerPixel == 3
+    assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
+    assert BURNED_IN_TEXT in sc.DerivationDescription
+    assert "model-test-1" in sc.DerivationDescription and "index-test-2" in sc.DerivationDescription
+    assert pixels.std() > 10  # a picture, not a blank page
+    # One row per knee: two knees are taller than one.
+    one, _ = results_to_dicom(results[:1], source, versions=VERSIONS, k=K)
+    assert one.Rows < sc.Rows
+
+
+def test_report_numbers_equal_the_maps(request_results):
+    results, source = request_results
+    _, sr = results_to_dicom(results, source, versions=VERSIONS, k=K)
+    sr = _round_trip(sr)
+    groups = dict(_groups(sr))
+    assert set(groups) == {f"{r.side} knee {name.upper()}" for r in results for name in r.maps_mm}
+    for result in results:
+        for name, thickness in result.maps_mm.items():
+            group = groups[f"{result.side} knee {name.upper()}"]
+            half = compartment_columns(thickness.shape[1])
+            expected = {
+                (_THICK, None): np.nanmean(thickness),
+                (_THICK, "Medial"): np.nanmean(thickness[:, half["medial"]]),
+                (_THICK, "Lateral"): np.nanmean(thickness[:, half["lateral"]]),
+                (_SD, None): np.nanmean(result.std_mm[name]),
+                (_COUNT, None): len(result.neighbours[name]),
+            }
+            found = {}
+            for item in _num_items(group.ContentSequence):
+                meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+                value = item.MeasuredValueSequence[0]
+                unit = value.MeasurementUnitsCodeSequence[0]
+                found[(meaning, _site_modifier(item))] = float(value.NumericValue)
+                if meaning == _COUNT:
+                    assert unit.CodeValue == "1"
+                else:
+                    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mm", "UCUM")
+            assert set(found) == set(expected)
+            for key, value in expected.items():
+                assert found[key] == pytest.approx(float(value), abs=1e-3), key
+            assert found[(_COUNT, None)] == K
+    # The algorithm is identified in each group, with the model and index versions.
+    for _, group in groups.items():
+        texts = _texts(group.ContentSequence)
+        assert texts["Algorithm Name"] == {"MRIS"}
+        assert texts["Algorithm Version"] == {"model model-test-1; index index-test-2"}
+
+
+def _texts(sequence, found=None) -> dict[str, set[str]]:
+    """Concept name -> the TEXT values below ``sequence``."""
+    found = {} if found is None else found
+    for item in sequence:
+        if item.get("ValueType") == "TEXT":
+            name = item.ConceptNameCodeSequence[0].CodeMeaning
+            found.setdefault(name, set()).add(item.TextValue)
+        if "ContentSequence" in item:
+            _texts(item.ContentSequence, found)
+    return found
+
+
+_THICK = "Synthesized cartilage thickness"
+_SD = "Synthesized cartilage thickness uncertainty (weighted SD)"
+_COUNT = "Retrieved neighbours"
+
+
+def test_medial_is_the_left_half_of_the_atlas_grid_for_both_knees(request_results):
+    results, _ = request_results
+    for result in results:
+        thickness = result.maps_mm["fc"].copy()
+        width = thickness.shape[1]
+        cartilage = np.isfinite(thickness)
+        thickness[cartilage] = 1.0
+        thickness[:, : width // 2][cartilage[:, : width // 2]] = 3.0  # medial thicker
+        result_copy = type(result)(**{**result.__dict__, "maps_mm": {"fc": thickness}})
+        numbers = knee_numbers(result_copy)["fc"]
+        assert numbers["medial_mm"] == pytest.approx(3.0)
+        assert numbers["lateral_mm"] == pytest.approx(1.0)
+    assert compartment_columns(32) == {"medial": slice(0, 16), "lateral": slice(16, 32)}
+    assert compartment_columns(5) == {"medial": slice(0, 2), "lateral": slice(2, 5)}
+
+
+def test_without_a_source_identity_a_new_study(request_results):
+    results, _ = request_results
+    sc, sr = (_round_trip(ds) for ds in results_to_dicom(results, None, versions=VERSIONS, k=K))
+    assert sc.StudyInstanceUID == sr.StudyInstanceUID
+    assert sc.StudyInstanceUID != PLANTED_IDENTITY["StudyInstanceUID"]
+    assert uid.UID(sc.StudyInstanceUID).is_valid
+    assert "SourceImageSequence" not in sc
+    assert sc.PatientID == "" and sr.PatientID == ""
+    assert len(sc.StudyDate) == 8
+
+
+def test_results_without_maps_are_refused(request_results):
+    results, source = request_results
+    bare = [type(r)(**{**r.__dict__, "maps_mm": {}, "std_mm": {}}) for r in results]
+    with pytest.raises(BadParameter):
+        results_to_dicom(bare, source, versions=VERSIONS, k=K)
+    with pytest.raises(BadParameter):
+        results_to_dicom([], source, versions=VERSIONS, k=K)
+
+
+def test_no_identity_value_in_the_log(request_results, caplog):
+    results, source = request_results
+    with caplog.at_level(logging.DEBUG):
+        results_to_dicom(results, source, versions=VERSIONS, k=K)
+    ours = [record for record in caplog.records if record.name == "mris.dicom_out"]
+    assert ours  # the module does log what it made
+    logged = "\n".join(record.getMessage() for record in ours)
+    for secret in PLANTED_SECRETS:
+        assert secret not in logged
