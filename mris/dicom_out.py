@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,7 @@ _PATIENT_STUDY_ARGUMENTS = {
     "referring_physician_name": "referring_physician_name",
 }
 _PATIENT_SEX = ("M", "F", "O")  # highdicom refuses other values: those are left empty
+_DATE_TIME_VR = {"patient_birth_date": "DA", "study_date": "DA", "study_time": "TM"}
 
 
 def compartment_columns(width: int) -> dict[str, slice]:
@@ -133,8 +135,12 @@ def results_to_dicom(
     version_text = "; ".join(f"{key} {value}" for key, value in versions.items()) or "unknown"
     identity = _identity_arguments(source)
     referenced = _referenced_source(source, identity["study_instance_uid"])
-    sc = _secondary_capture(results, identity, referenced, version_text, k, hd)
-    sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k, hd)
+    with warnings.catch_warnings():
+        # highdicom's and pydicom's warnings quote the value they warn about (a patient's
+        # name that is not in DICOM's form, a text too long for its VR): never shown.
+        warnings.simplefilter("ignore")
+        sc = _secondary_capture(results, identity, referenced, version_text, k, hd)
+        sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k, hd)
     log.info(
         "results as DICOM: %d knee(s), k=%d, source %s",
         len(results),
@@ -154,8 +160,11 @@ def _identity_arguments(source: SourceIdentity | None) -> dict[str, str | None]:
     if source is not None:
         for field_name, argument in _PATIENT_STUDY_ARGUMENTS.items():
             arguments[argument] = getattr(source, field_name)
+        # Values highdicom or pydicom would refuse (and name in the error) are left empty.
         if arguments["patient_sex"] not in _PATIENT_SEX:
             arguments["patient_sex"] = None
+        for argument, vr in _DATE_TIME_VR.items():
+            arguments[argument] = _conforming(arguments[argument], vr)
     if study_uid is None:
         import highdicom as hd
 
@@ -168,6 +177,21 @@ def _identity_arguments(source: SourceIdentity | None) -> dict[str, str | None]:
     if source is not None and source.specific_character_set is not None:
         arguments["specific_character_set"] = source.specific_character_set.split("\\")
     return arguments
+
+
+def _conforming(value: str | None, vr: str) -> str | None:
+    """``value`` when pydicom reads it as a ``vr`` (DA, TM), else None (never an error)."""
+    from pydicom.valuerep import DA, TM
+
+    if value is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = (DA if vr == "DA" else TM)(value)
+    except Exception:  # noqa: BLE001 - a malformed source date leaves the attribute empty
+        return None
+    return value if parsed is not None else None
 
 
 def _referenced_source(source: SourceIdentity | None, study_uid: str | None) -> Dataset | None:

@@ -4,6 +4,7 @@ back with pydicom."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -200,7 +201,7 @@ def test_medial_is_the_left_half_of_the_atlas_grid_for_both_knees(request_result
         cartilage = np.isfinite(thickness)
         thickness[cartilage] = 1.0
         thickness[:, : width // 2][cartilage[:, : width // 2]] = 3.0  # medial thicker
-        result_copy = type(result)(**{**result.__dict__, "maps_mm": {"fc": thickness}})
+        result_copy = dataclasses.replace(result, maps_mm={"fc": thickness})
         numbers = knee_numbers(result_copy)["fc"]
         assert numbers["medial_mm"] == pytest.approx(3.0)
         assert numbers["lateral_mm"] == pytest.approx(1.0)
@@ -221,19 +222,43 @@ def test_without_a_source_identity_a_new_study(request_results):
 
 def test_results_without_maps_are_refused(request_results):
     results, source = request_results
-    bare = [type(r)(**{**r.__dict__, "maps_mm": {}, "std_mm": {}}) for r in results]
+    bare = [dataclasses.replace(r, maps_mm={}, std_mm={}) for r in results]
     with pytest.raises(BadParameter):
         results_to_dicom(bare, source, versions=VERSIONS, k=K)
     with pytest.raises(BadParameter):
         results_to_dicom([], source, versions=VERSIONS, k=K)
 
 
-def test_no_identity_value_in_the_log(request_results, caplog):
+def test_no_identity_value_in_the_log(request_results, caplog, recwarn):
     results, source = request_results
+    # A name not in DICOM's form and a too-long ID: highdicom and pydicom warn quoting them.
+    odd = dataclasses.replace(source, patient_name="Oddname" * 12, study_id="STUDY-KNOWN-7" * 3)
     with caplog.at_level(logging.DEBUG):
         results_to_dicom(results, source, versions=VERSIONS, k=K)
+        results_to_dicom(results, odd, versions=VERSIONS, k=K)
     ours = [record for record in caplog.records if record.name == "mris.dicom_out"]
-    assert ours  # the module does log what it made
-    logged = "\n".join(record.getMessage() for record in ours)
-    for secret in PLANTED_SECRETS:
+    assert len(ours) == 2  # the module does log what it made
+    logged = "\n".join(record.getMessage() for record in caplog.records)  # every logger
+    logged += "\n".join(str(warning.message) for warning in recwarn)
+    for secret in (*PLANTED_SECRETS, "Oddname"):
         assert secret not in logged
+
+
+def test_malformed_source_dates_are_left_empty(request_results):
+    results, source = request_results
+    odd = dataclasses.replace(
+        source, study_date="2024-01-15", study_time="10:11:12", patient_birth_date="1961/02/03"
+    )
+    for ds in results_to_dicom(results, odd, versions=VERSIONS, k=K):
+        ds = _round_trip(ds)
+        assert ds.StudyDate == "" and ds.StudyTime == "" and ds.PatientBirthDate == ""
+        assert ds.PatientID == PLANTED_IDENTITY["PatientID"]
+
+
+def test_combined_variant_counts_the_one_region(request_results):
+    results, source = request_results
+    combined = [
+        dataclasses.replace(r, neighbours={"combined": r.neighbours["fc"][:3]}) for r in results
+    ]
+    for knee in (knee_numbers(r) for r in combined):
+        assert knee["fc"]["neighbours"] == knee["tc"]["neighbours"] == 3
