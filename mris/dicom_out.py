@@ -127,8 +127,6 @@ def results_to_dicom(
     (None: a new study, see the module docstring). ``versions``: what made the maps, e.g.
     ``{"model": ..., "index": ...}``, burned into the SC and the SR's algorithm version. ``k``:
     the neighbours asked. Raises ``BadParameter`` for no results or results without maps."""
-    import highdicom as hd
-
     if not results:
         raise BadParameter("a DICOM result needs at least one knee")
     numbers = [knee_numbers(result) for result in results]
@@ -139,8 +137,8 @@ def results_to_dicom(
         # highdicom's and pydicom's warnings quote the value they warn about (a patient's
         # name that is not in DICOM's form, a text too long for its VR): never shown.
         warnings.simplefilter("ignore")
-        sc = _secondary_capture(results, identity, referenced, version_text, k, hd)
-        sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k, hd)
+        sc = _secondary_capture(results, identity, referenced, version_text, k)
+        sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k)
     log.info(
         "results as DICOM: %d knee(s), k=%d, source %s",
         len(results),
@@ -224,8 +222,8 @@ def _secondary_capture(
     referenced: Dataset | None,
     version_text: str,
     k: int,
-    hd,
 ) -> Dataset:
+    import highdicom as hd
     from pydicom.dataset import Dataset
 
     pixels = _figure_pixels(results, version_text, k)
@@ -281,8 +279,8 @@ def _structured_report(
     sc: Dataset,
     version_text: str,
     k: int,
-    hd,
 ) -> Dataset:
+    import highdicom as hd
     from pydicom.sr.codedict import codes
 
     algorithm = hd.sr.AlgorithmIdentification(
@@ -301,9 +299,7 @@ def _structured_report(
         laterality = codes.SCT.Right if result.side == "RIGHT" else codes.SCT.Left
         for name, values in knee.items():
             groups.append(
-                _measurement_group(
-                    result.side, name, values, laterality, algorithm, source_images, hd
-                )
+                _measurement_group(result.side, name, values, laterality, algorithm, source_images)
             )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -343,8 +339,8 @@ def _measurement_group(
     laterality,
     algorithm,
     source_images: list,
-    hd,
 ):
+    import highdicom as hd
     from pydicom.sr.codedict import codes
 
     def code(pair: tuple[str, str]):
