@@ -36,7 +36,7 @@ import datetime
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -151,9 +151,9 @@ def results_to_dicom(
 # ----------------------------------------------------------------------------- identity
 
 
-def _identity_arguments(source: SourceIdentity | None) -> dict[str, str | None]:
+def _identity_arguments(source: SourceIdentity | None) -> dict[str, Any]:
     """highdicom's patient and study arguments from the source; a new study without one."""
-    arguments: dict[str, str | None] = {name: None for name in _PATIENT_STUDY_ARGUMENTS.values()}
+    arguments: dict[str, Any] = {name: None for name in _PATIENT_STUDY_ARGUMENTS.values()}
     study_uid = source.study_instance_uid if source is not None else None
     if source is not None:
         for field_name, argument in _PATIENT_STUDY_ARGUMENTS.items():
