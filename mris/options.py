@@ -32,7 +32,7 @@ from mris.synthesis import DEFAULT_NAN_RULE, NAN_RULES, NanRule
 
 KNEE_CHOICES = {"both": ("RIGHT", "LEFT"), "right": ("RIGHT",), "left": ("LEFT",)}
 KNEES = tuple(KNEE_CHOICES)
-FORMATS = ("json", "npz", "png")
+FORMATS = ("json", "npz", "png", "dicom")
 MAX_K = 100
 DEFAULT_K = 20
 OPTION_MAX_CHARS = 32
@@ -107,7 +107,9 @@ class SynthesisOptions(BaseModel):
         "neighbours with cartilage carry at least half the weight).",
     )
     format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
-        "json", description="Answer of /synthesize: json, npz or png."
+        "json",
+        description="Answer of /synthesize: json, npz, png or dicom (a zip of a Secondary "
+        "Capture and a TID 1500 Structured Report in the source's study).",
     )
 
     @field_validator("k", mode="before")

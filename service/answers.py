@@ -1,17 +1,24 @@
-"""Turn pipeline results into HTTP answers: JSON (base64 float32 maps), NPZ or PNG."""
+"""Turn pipeline results into HTTP answers: JSON (base64 float32 maps), NPZ, PNG or DICOM (a zip
+of the Secondary Capture and the Structured Report of ``mris.dicom_out``)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 from fastapi.responses import Response
 
+from mris.dicom import SourceIdentity
 from mris.pipeline import KneeResult
 
 NPZ_MEDIA_TYPE = "application/x-npz"
+ZIP_MEDIA_TYPE = "application/zip"
+DICOM_ZIP_NAMES = ("synthesized-maps-sc.dcm", "synthesized-maps-sr.dcm")
+"""The two members of ``format=dicom``'s zip: the Secondary Capture, then the SR."""
 
 
 def _b64_float32(array: np.ndarray) -> str:
@@ -97,3 +104,31 @@ def json_response(payload: dict) -> Response:
     """Serialised once, in a worker thread (maps travel as base64, so the body stays compact)."""
     body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
     return Response(body, media_type="application/json")
+
+
+def dicom_zip_response(
+    results: list[KneeResult],
+    source: SourceIdentity | None,
+    versions: Mapping[str, str],
+    k: int,
+) -> Response:
+    """``format=dicom``: a zip (``DICOM_ZIP_NAMES``) of the Secondary Capture and the TID 1500
+    SR of ``mris.dicom_out.results_to_dicom``, in the source's study. A zip rather than
+    multipart/related: ``curl -o`` and every language's standard library open it; the DICOMweb
+    router stores the same two objects with STOW-RS."""
+    from pydicom.filewriter import dcmwrite
+
+    from mris.dicom_out import results_to_dicom
+
+    objects = results_to_dicom(results, source, versions=versions, k=k)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, dataset in zip(DICOM_ZIP_NAMES, objects):
+            member = io.BytesIO()
+            dcmwrite(member, dataset, enforce_file_format=True)
+            archive.writestr(name, member.getvalue())
+    return Response(
+        buffer.getvalue(),
+        media_type=ZIP_MEDIA_TYPE,
+        headers={"Content-Disposition": 'attachment; filename="synthesized-maps-dicom.zip"'},
+    )

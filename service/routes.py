@@ -7,10 +7,13 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from mris.dicom import SourceIdentity
 from mris.pipeline import KneeResult
 from mris.render import render_results_png
 from mris.service.answers import (
     NPZ_MEDIA_TYPE,
+    ZIP_MEDIA_TYPE,
+    dicom_zip_response,
     json_response,
     npz_response,
     retrieval_payload,
@@ -114,12 +117,13 @@ async def reload(holder: HolderDep, workers: WorkersDep) -> dict:
 
 async def _run(
     workers: Workers, timeout_s: float, state: ServingState, upload: Upload, with_maps: bool
-) -> list[KneeResult]:
+) -> tuple[list[KneeResult], SourceIdentity | None]:
+    """The request's results and its source's identity (for a DICOM answer; never logged)."""
     options = upload.params.request_options()  # checked by read_upload
     loop = asyncio.get_running_loop()
     pipeline = state.pipeline
 
-    async def work() -> list[KneeResult]:
+    async def work() -> tuple[list[KneeResult], SourceIdentity | None]:
         # Decoding runs in the memory- and time-bounded worker processes (mris.sandbox).
         radiograph = await workers.decoder.read_async(
             upload.data, options.spacing_mm, pipeline.limits
@@ -138,7 +142,7 @@ async def _run(
                 f"the service is busy ({exc}); retry shortly",
                 {"Retry-After": "1"},
             ) from None
-        return await loop.run_in_executor(
+        results = await loop.run_in_executor(
             workers.executor,
             pipeline.assemble,
             prepared,
@@ -147,6 +151,7 @@ async def _run(
             with_maps,
             options.nan_rule,
         )
+        return results, prepared.source
 
     try:
         return await asyncio.wait_for(work(), timeout_s)
@@ -170,6 +175,7 @@ async def _run(
             "content": {
                 NPZ_MEDIA_TYPE: {"schema": BINARY_SCHEMA},
                 "image/png": {"schema": BINARY_SCHEMA},
+                ZIP_MEDIA_TYPE: {"schema": BINARY_SCHEMA},
             }
         },
     },
@@ -181,8 +187,9 @@ async def synthesize(
     """Synthesize the femoral (fc) and tibial (tc) thickness maps of each knee (eq. 4: the
     similarity-weighted average of the k nearest database maps) with a per-pixel weighted
     standard deviation. `nan_rule`: which pixels are cartilage (all or majority).
-    `format`: json (base64 float32), npz, or png."""
-    results = await _run(workers, settings.request_timeout_s, state, upload, with_maps=True)
+    `format`: json (base64 float32), npz, png, or dicom (a zip of a Secondary Capture and a
+    TID 1500 SR in the source's study)."""
+    results, source = await _run(workers, settings.request_timeout_s, state, upload, with_maps=True)
     params = upload.params
 
     def render() -> Response:
@@ -194,6 +201,13 @@ async def synthesize(
             return npz_response(results, payload)
         if params.format == "png":
             return Response(render_results_png(results), media_type="image/png")
+        if params.format == "dicom":
+            card = state.pipeline.model.card
+            versions = {
+                "model": f"{state.pipeline.variant} {card.created}",
+                "index": state.index_version,
+            }
+            return dicom_zip_response(results, source, versions, params.k)
         return json_response(payload)
 
     return await asyncio.get_running_loop().run_in_executor(workers.executor, render)
@@ -211,7 +225,7 @@ async def retrieve(
     upload: UploadDep, state: ServedStateDep, workers: WorkersDep, settings: SettingsDep
 ) -> JSONResponse:
     """The k nearest database knee-visits of each knee: ids, similarities and metadata, no maps."""
-    results = await _run(workers, settings.request_timeout_s, state, upload, with_maps=False)
+    results, _ = await _run(workers, settings.request_timeout_s, state, upload, with_maps=False)
     payload = retrieval_payload(
         results, state.index_version, state.pipeline.variant, upload.params.k
     )

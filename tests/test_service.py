@@ -7,6 +7,7 @@ the radiographs are DICOMs written by pydicom with a planted PatientName.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -629,3 +630,46 @@ def test_every_reload_path_updates_the_served_bundle_metric(bundles, tmp_path):
         client.portal.call(_reload_on_signal, app)
         assert _reloads(metrics_text(), "failed") == 1
         assert _bundle_info(metrics_text()) == [third]
+
+
+def test_synthesize_as_dicom_gives_a_secondary_capture_and_an_sr_in_the_source_study(server):
+    import zipfile
+
+    import pydicom
+    from conftest import PLANTED_IDENTITY, identity_dicom_bytes
+
+    from mris.service.answers import DICOM_ZIP_NAMES
+
+    dicom_bytes = identity_dicom_bytes()
+
+    params = {"keypoints": json.dumps(KEYPOINTS), "k": "3", "format": "dicom"}
+    answer = _post(server, "/synthesize", dicom_bytes, params)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/zip"
+    source = pydicom.dcmread(io.BytesIO(dicom_bytes))
+    with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
+        assert archive.namelist() == list(DICOM_ZIP_NAMES)
+        sc, sr = (pydicom.dcmread(io.BytesIO(archive.read(name))) for name in DICOM_ZIP_NAMES)
+    assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    for obj in (sc, sr):
+        assert obj.StudyInstanceUID == source.StudyInstanceUID
+        assert obj.PatientID == PLANTED_IDENTITY["PatientID"]
+        assert obj.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+    # the SR's overall femoral mean equals the JSON answer's map mean
+    body = _post(server, "/synthesize", dicom_bytes, {**params, "format": "json"}).json()
+    knee = body["knees"][0]
+    fc = np.frombuffer(base64.b64decode(knee["maps"]["fc"]["data"]), "<f4")
+    values = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _sr_items(sr)
+        if item.get("ValueType") == "NUM" and item.get("MeasuredValueSequence")
+    ]
+    assert any(abs(value - float(np.nanmean(fc))) < 1e-3 for value in values)
+
+
+def _sr_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _sr_items(item)

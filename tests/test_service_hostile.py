@@ -445,6 +445,7 @@ def test_openapi_states_the_enforced_limits(server):
         "application/json",
         "application/x-npz",
         "image/png",
+        "application/zip",
     }
     assert set(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {
         "text/plain"
