@@ -48,6 +48,7 @@ def _root() -> None:
 COMMAND_MODULES = [
     "mris.commands",
     "mris.ingest_commands",
+    "mris.synthesize_commands",
     "mris.cohort.commands",
     "mris.index.commands",
     "mris.training.commands",

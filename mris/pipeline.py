@@ -270,6 +270,12 @@ class Pipeline:
     def index_version(self) -> str:
         return self.index.card.version
 
+    @property
+    def versions(self) -> dict[str, str]:
+        """What made the maps, as a DICOM result names it (``mris.dicom_out``): the model (the
+        variant and its card's creation time) and the index bundle's version."""
+        return {"model": f"{self.variant} {self.model.card.created}", "index": self.index_version}
+
     def info(self) -> dict[str, Any]:
         return {
             "variant": self.variant,

@@ -202,12 +202,7 @@ async def synthesize(
         if params.format == "png":
             return Response(render_results_png(results), media_type="image/png")
         if params.format == "dicom":
-            card = state.pipeline.model.card
-            versions = {
-                "model": f"{state.pipeline.variant} {card.created}",
-                "index": state.index_version,
-            }
-            return dicom_zip_response(results, source, versions, params.k)
+            return dicom_zip_response(results, source, state.pipeline.versions, params.k)
         return json_response(payload)
 
     return await asyncio.get_running_loop().run_in_executor(workers.executor, render)
