@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
         from pydicom.filewriter import dcmwrite
 
-        from mris.dicom_out import results_to_dicom
+        from mris.dicom_out import knee_numbers, results_to_dicom
         from mris.options import SynthesisOptions
         from mris.pipeline import Pipeline
         from mris.render import render_results_png
@@ -57,10 +57,9 @@ def register(app: typer.Typer) -> None:
         prepared = pipeline.prepare(dicom, options)
         hits = pipeline.search(prepared.rois, options.k)
         results = pipeline.assemble(prepared, hits, options.k, True, options.nan_rule)
-        for result in results:
-            means = ", ".join(
-                f"{name} {float(_nanmean(result.maps_mm[name])):.3f} mm" for name in result.maps_mm
-            )
+        for result in results:  # the SR's numbers (mris.dicom_out.knee_numbers), printed
+            numbers = knee_numbers(result)
+            means = ", ".join(f"{name} {numbers[name]['mean_mm']:.3f} mm" for name in numbers)
             typer.echo(f"{result.side} knee: {means}")
         if json_out:
             payload = synthesis_payload(
@@ -79,10 +78,3 @@ def register(app: typer.Typer) -> None:
             for name, dataset in zip(DICOM_ZIP_NAMES, objects):
                 dcmwrite(dicom_out / name, dataset, enforce_file_format=True)
                 typer.echo(f"DICOM: {dicom_out / name}")
-
-
-def _nanmean(array):
-    import numpy as np
-
-    finite = np.isfinite(array)
-    return float(array[finite].mean()) if finite.any() else float("nan")
