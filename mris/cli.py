@@ -54,6 +54,7 @@ COMMAND_MODULES = [
     "mris.training.commands",
     "mris.service.commands",
     "mris.evaluation.commands",
+    "mris.pacs.commands",
 ]
 
 

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -112,12 +114,57 @@ def knee_numbers(result: KneeResult) -> dict[str, dict[str, float | int]]:
     return numbers
 
 
+@dataclass(frozen=True, repr=False)
+class ResultUids:
+    """The series and SOP instance UIDs of one request's SC and SR.
+
+    ``new()``: fresh UIDs (the service, ``mris synthesize``). ``derived(source_uid, versions)``:
+    the same UIDs every time for the same source image and the same model and index versions
+    (a name-based UUID of those, as a ``2.25.`` UID, PS3.5 B.2), so a result that
+    was already stored is recognised by its UID and a second store is a duplicate the PACS keeps
+    once (``mris.pacs``: idempotent routing). Derived UIDs reveal nothing of the source UID."""
+
+    sc_series: str
+    sc_instance: str
+    sr_series: str
+    sr_instance: str
+
+    @classmethod
+    def new(cls) -> ResultUids:
+        from pydicom.uid import generate_uid
+
+        return cls(*(generate_uid(prefix=None) for _ in range(4)))
+
+    @classmethod
+    def derived(cls, source_sop_instance_uid: str, versions: Mapping[str, str]) -> ResultUids:
+        made_by = "\n".join(f"{key}={value}" for key, value in sorted(versions.items()))
+        return cls(
+            *(
+                _name_based_uid(f"{source_sop_instance_uid}\n{made_by}\n{role}")
+                for role in ("sc-series", "sc-instance", "sr-series", "sr-instance")
+            )
+        )
+
+    def __repr__(self) -> str:
+        return "ResultUids(<4 UIDs>)"
+
+
+# A fixed namespace for ``uuid.uuid5``: the same name gives the same UID on every machine.
+_UID_NAMESPACE = uuid.UUID("6d2f7c1e-3b0a-5b8e-9c4d-2f6a1e0b7c93")
+
+
+def _name_based_uid(name: str) -> str:
+    """``2.25.<the UUID as a decimal integer>`` of a name-based (SHA-1) UUID (PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
 def results_to_dicom(
     results: Sequence[KneeResult],
     source: SourceIdentity | None,
     *,
     versions: Mapping[str, str],
     k: int,
+    uids: ResultUids | None = None,
 ) -> tuple[Dataset, Dataset]:
     """One request's results as (Secondary Capture, Comprehensive SR), both highdicom datasets
     ready for ``save_as`` / ``dcmwrite``.
@@ -126,19 +173,21 @@ def results_to_dicom(
     and one SR group per cartilage each. ``source``: ``Prepared.source`` / ``Radiograph.source``
     (None: a new study, see the module docstring). ``versions``: what made the maps, e.g.
     ``{"model": ..., "index": ...}``, burned into the SC and the SR's algorithm version. ``k``:
-    the neighbours asked. Raises ``BadParameter`` for no results or results without maps."""
+    the neighbours asked. ``uids``: the objects' series and instance UIDs (default
+    ``ResultUids.new()``). Raises ``BadParameter`` for no results or results without maps."""
     if not results:
         raise BadParameter("a DICOM result needs at least one knee")
     numbers = [knee_numbers(result) for result in results]
     version_text = "; ".join(f"{key} {value}" for key, value in versions.items()) or "unknown"
     identity = _identity_arguments(source)
     referenced = _referenced_source(source, identity["study_instance_uid"])
+    uids = uids or ResultUids.new()
     with warnings.catch_warnings():
         # highdicom's and pydicom's warnings quote the value they warn about (a patient's
         # name that is not in DICOM's form, a text too long for its VR): never shown.
         warnings.simplefilter("ignore")
-        sc = _secondary_capture(results, identity, referenced, version_text, k)
-        sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k)
+        sc = _secondary_capture(results, identity, referenced, version_text, k, uids)
+        sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k, uids)
     log.info(
         "results as DICOM: %d knee(s), k=%d, source %s",
         len(results),
@@ -222,6 +271,7 @@ def _secondary_capture(
     referenced: Dataset | None,
     version_text: str,
     k: int,
+    uids: ResultUids,
 ) -> Dataset:
     import highdicom as hd
     from pydicom.dataset import Dataset
@@ -235,9 +285,9 @@ def _secondary_capture(
         # A montage of figure panels has no patient orientation; highdicom asks for one with
         # coordinate system PATIENT, so it is emptied below (Type 2C, may be empty).
         patient_orientation=("L", "F"),
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.sc_series,
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.sc_instance,
         instance_number=1,
         manufacturer=MANUFACTURER,
         series_description=SC_SERIES_DESCRIPTION,
@@ -279,6 +329,7 @@ def _structured_report(
     sc: Dataset,
     version_text: str,
     k: int,
+    uids: ResultUids,
 ) -> Dataset:
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -321,9 +372,9 @@ def _structured_report(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uids.sr_series,
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uids.sr_instance,
         instance_number=1,
         manufacturer=MANUFACTURER,
         series_description=SR_SERIES_DESCRIPTION,

@@ -305,3 +305,20 @@ def write_tiny_cohort(out: Path, subjects: int, seed: int = 5, grid: int = 32) -
     config = CohortConfig(out=out, subjects=subjects, seed=seed, grid=grid, workers=1)
     rows = [row for result in iter_subjects(config) for row in result.rows]
     return write_manifest(out / "manifest.csv", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """A 12-subject synthetic cohort (small images, 32 x 32 maps); its manifest path."""
+    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), subjects=12)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_cohort, tmp_path_factory) -> tuple[Path, dict]:
+    """One tiny model bundle (both variants and a localiser) trained on ``tiny_cohort`` once per
+    session (tests/tiny_training.py): (bundle directory, training summary)."""
+    require("torch")
+    from tiny_training import train_tiny
+
+    out = tmp_path_factory.mktemp("model") / "bundle"
+    return out, train_tiny(tiny_cohort, out)

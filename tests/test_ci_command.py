@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.splitlines() if line.startswith("python3 ")]
+    return [line for block in blocks for line in block.splitlines() if "python3 -m venv" in line]
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -19,6 +19,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     install, test = _readme_commands()[:2]
     assert ci == test
     assert "mris demo" in install
+
+
+def test_the_test_command_installs_the_pacs_the_tests_need() -> None:
+    test = _readme_commands()[1]
+    assert test.startswith("dpkg -s orthanc orthanc-dicomweb")
+    assert "apt-get install -y -qq orthanc orthanc-dicomweb" in test
 
 
 def test_the_test_command_lints_and_checks_formatting_before_the_tests() -> None:

@@ -16,7 +16,13 @@ from conftest import PLANTED_IDENTITY, PLANTED_SECRETS, identity_dicom_bytes
 from pydicom import uid
 
 from mris.dicom import read_radiograph
-from mris.dicom_out import BURNED_IN_TEXT, compartment_columns, knee_numbers, results_to_dicom
+from mris.dicom_out import (
+    BURNED_IN_TEXT,
+    ResultUids,
+    compartment_columns,
+    knee_numbers,
+    results_to_dicom,
+)
 from mris.errors import BadParameter
 
 K = 5
@@ -95,6 +101,27 @@ def _site_modifier(item) -> str | None:
     return None
 
 
+def sr_numbers(sr) -> dict[tuple[str, str], dict[str, float]]:
+    """The SR's numbers as ``mris.dicom_out.knee_numbers`` names them:
+    (side, cartilage) -> {"mean_mm", "medial_mm", "lateral_mm", "std_mean_mm", "neighbours"}."""
+    keys = {
+        (_THICK, None): "mean_mm",
+        (_THICK, "Medial"): "medial_mm",
+        (_THICK, "Lateral"): "lateral_mm",
+        (_SD, None): "std_mean_mm",
+        (_COUNT, None): "neighbours",
+    }
+    numbers = {}
+    for tracking, group in _groups(sr):
+        side, _, cartilage = tracking.split(" ")
+        values = {}
+        for item in _num_items(group.ContentSequence):
+            key = keys[(item.ConceptNameCodeSequence[0].CodeMeaning, _site_modifier(item))]
+            values[key] = float(item.MeasuredValueSequence[0].NumericValue)
+        numbers[(side, cartilage.lower())] = values
+    return numbers
+
+
 def test_both_objects_copy_the_identity_in_new_series(request_results):
     results, source = request_results
     sc, sr = (_round_trip(ds) for ds in results_to_dicom(results, source, versions=VERSIONS, k=K))
@@ -120,6 +147,22 @@ def test_both_objects_copy_the_identity_in_new_series(request_results):
         for ref in series.ReferencedSOPSequence
     ]
     assert source.sop_instance_uid in evidence and sc.SOPInstanceUID in evidence
+
+
+def test_derived_uids_are_the_same_for_the_same_source_and_versions(request_results):
+    results, source = request_results
+    uids = ResultUids.derived(source.sop_instance_uid, VERSIONS)
+    assert uids == ResultUids.derived(source.sop_instance_uid, dict(reversed(VERSIONS.items())))
+    assert uids != ResultUids.derived(source.sop_instance_uid, {**VERSIONS, "index": "other"})
+    assert uids != ResultUids.derived("1.2.3", VERSIONS)
+    values = dataclasses.astuple(uids)
+    assert len(set(values)) == 4 and all(uid.UID(value).is_valid for value in values)
+    assert source.sop_instance_uid not in repr(uids) and values[0] not in repr(uids)
+    sc, sr = results_to_dicom(results, source, versions=VERSIONS, k=K, uids=uids)
+    assert (sc.SeriesInstanceUID, sc.SOPInstanceUID) == (uids.sc_series, uids.sc_instance)
+    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (uids.sr_series, uids.sr_instance)
+    fresh = results_to_dicom(results, source, versions=VERSIONS, k=K)
+    assert fresh[0].SOPInstanceUID != sc.SOPInstanceUID  # new UIDs unless asked for
 
 
 def test_secondary_capture_is_an_rgb_picture_with_burned_in_text(request_results):

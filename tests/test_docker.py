@@ -73,6 +73,16 @@ def test_compose_wiring():
     assert services["api-gpu"]["deploy"]["resources"]["reservations"]["devices"][0][
         "capabilities"
     ] == ["gpu"]
+    # The PACS profile: Orthanc with DICOMweb, and the router watching it (tests/test_pacs.py
+    # runs the router's entrypoint against a real Orthanc).
+    orthanc, router = services["orthanc"], services["router"]
+    assert orthanc["profiles"] == router["profiles"] == ["pacs"]
+    assert orthanc["image"].startswith("orthancteam/orthanc:")
+    assert orthanc["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert router["entrypoint"] == ["/app/docker/router.sh"]
+    assert router["environment"]["MRIS_PACS_DICOMWEB_URL"] == "http://orthanc:8042/dicom-web"
+    assert "orthanc" in router["depends_on"] and "init" in router["depends_on"]
+    assert any(volume.endswith(":/state") for volume in router["volumes"])
 
 
 def test_init_entrypoint_prepares_the_demo_then_does_nothing(tmp_path):

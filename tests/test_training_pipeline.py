@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,57 +12,18 @@ from conftest import require
 
 torch = require("torch")
 
+from tiny_training import TINY, any_confidence_copy  # noqa: E402
+
 from mris.constants import PREPROCESSING_VERSION, PreprocessConfig  # noqa: E402
 from mris.errors import KneeNotFound, ManifestError  # noqa: E402
 from mris.manifest import read_manifest, write_manifest  # noqa: E402
 from mris.model_bundle import load_model_bundle  # noqa: E402
 from mris.training import profiles  # noqa: E402
-from mris.training.profiles import LocaliserProfile  # noqa: E402
-
-TINY = dataclasses.replace(
-    profiles.PROFILES["quick"],
-    name="tiny",
-    encoder_px=32,
-    epochs=2,
-    batch_size=8,
-    val_fraction=0.3,
-    localiser=LocaliserProfile(
-        global_input_px=(32, 40),
-        refine_px=32,
-        refine_mm=64.0,
-        offsets_per_knee=2,
-        max_images=40,
-        global_epochs=6,
-        refine_epochs=4,
-        batch_size=16,
-        negatives_fraction=0.3,
-    ),
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_cohort(tmp_path_factory) -> Path:
-    from conftest import write_tiny_cohort
-
-    return write_tiny_cohort(tmp_path_factory.mktemp("cohort"), subjects=12)
 
 
 @pytest.fixture(autouse=True)
 def _small_cohort_spacing(monkeypatch):
     monkeypatch.setitem(profiles.PROFILES, "tiny", TINY)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_cohort, tmp_path_factory):
-    from mris.training.run import TrainRequest, train
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(profiles.PROFILES, "tiny", TINY)
-        out = tmp_path_factory.mktemp("model") / "bundle"
-        summary = train(
-            TrainRequest(manifest=tiny_cohort, out=out, variant="both", profile="tiny", threads=2)
-        )
-    return out, summary
 
 
 def test_tiny_training_writes_a_verified_bundle_with_parity(trained):
@@ -255,24 +215,13 @@ def test_card_metrics_are_json(trained):
 
 
 def test_roi_command_finds_knees_with_the_trained_localiser(trained, tiny_cohort, tmp_path):
-    import shutil
 
     from typer.testing import CliRunner
 
     from mris.cli import app
     from mris.manifest import read_manifest
-    from mris.model_bundle import load_model_bundle, write_model_card
 
-    # The tiny localiser trains for seconds and is not confident; accept any confidence in a copy
-    # of the bundle so the test checks the wiring (card -> localiser -> ROIs), not its accuracy.
-    out = tmp_path / "bundle"
-    shutil.copytree(trained[0], out)
-    card = load_model_bundle(out).card
-    card.localiser.details["config"] = {
-        **card.localiser.details.get("config", {}),
-        "confidence_threshold": 0.0,
-    }
-    write_model_card(out, card)
+    out = any_confidence_copy(trained[0], tmp_path / "bundle")
     manifest = read_manifest(tiny_cohort)
     row = manifest.rows[0]
     png = tmp_path / "roi.png"
