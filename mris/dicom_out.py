@@ -6,7 +6,9 @@ One request (one radiograph, one or two knees) gives one of each:
 - Secondary Capture (``SCImage``, RGB, 8 bit): the figure of ``mris.render.results_figure``,
   one row per knee (ROI as the encoder saw it, FC and TC synthesized thickness with a colour bar
   in mm, their uncertainty), with the burned-in lines ``BURNED_IN_TEXT`` and the k, model and
-  index versions (``BurnedInAnnotation`` YES). No patient identifier is drawn.
+  index versions (``BurnedInAnnotation`` YES). No patient identifier is drawn. Body Part
+  Examined KNEE; Laterality R or L when it shows one knee, empty for both (Type 2C, its values
+  are R and L only).
 - Comprehensive SR (TID 1500 measurement report): per knee and cartilage one measurement group
   (finding site: distal femur or tibia with the knee's laterality) holding the mean synthesized
   thickness overall and per medial / lateral compartment, the mean uncertainty (eq. 4's
@@ -296,6 +298,11 @@ def _secondary_capture(
     )
     # What SCImage has no argument for (General Image module, PS3.3 C.7.6.1).
     sc.PatientOrientation = None
+    # General Series: the knees shown. Laterality is Type 2C (a paired body part): R or L for
+    # one knee, empty for both (its values are R and L only).
+    sc.BodyPartExamined = "KNEE"
+    sides = {result.side for result in results}
+    sc.Laterality = {"RIGHT": "R", "LEFT": "L"}[sides.pop()] if len(sides) == 1 else None
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = f"{BURNED_IN_TEXT}; k {k}; {version_text}"[:1024]
     if referenced is not None:

@@ -77,6 +77,20 @@ def require(module: str) -> Any:
     return pytest.importorskip(module)
 
 
+def require_binary(name: str, package: str) -> str:
+    """The path of the program ``name`` for a test. Outside CI a missing one skips the test; in
+    CI (``CI=true``) it fails (the README's test command installs Debian's ``package``)."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is missing (apt-get install {package})"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI needs it: {message}")
+    pytest.skip(message)
+
+
 def _base_dataset(ts: str) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = uid.DigitalXRayImageStorageForPresentation

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pydicom
 import pytest
-from conftest import PLANTED_IDENTITY, PLANTED_SECRETS, identity_dicom_bytes
+from conftest import PLANTED_IDENTITY, PLANTED_SECRETS, identity_dicom_bytes, require_binary
 from pydicom import uid
 
 from mris.dicom import read_radiograph
@@ -163,6 +163,38 @@ def test_derived_uids_are_the_same_for_the_same_source_and_versions(request_resu
     assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (uids.sr_series, uids.sr_instance)
     fresh = results_to_dicom(results, source, versions=VERSIONS, k=K)
     assert fresh[0].SOPInstanceUID != sc.SOPInstanceUID  # new UIDs unless asked for
+
+
+# What dciodvfy may still warn about: our private coding scheme's designator (PS3.16 8.2 allows
+# "99" schemes; dciodvfy knows only the standard ones) and the empty Laterality of an SC that
+# shows both knees (Laterality's values are R and L only; empty is what Type 2 allows).
+DCIODVFY_ALLOWED_WARNINGS = ("Unrecognized defined term <99MRIS>", "attribute <Laterality>")
+
+
+@pytest.mark.parametrize("knees", [2, 1])
+def test_dciodvfy_finds_no_error_in_either_object(request_results, tmp_path, knees):
+    """David Clunie's DICOM validator (Debian's dicom3tools) checks both objects against the
+    standard's IODs and modules."""
+    import subprocess
+
+    dciodvfy = require_binary("dciodvfy", "dicom3tools")
+    results, source = request_results
+    for name, ds in zip(
+        ("sc", "sr"), results_to_dicom(results[:knees], source, versions=VERSIONS, k=K)
+    ):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+        lines = (report.stdout + report.stderr).splitlines()
+        assert lines and lines[0] in ("SCImage", "Comprehensive3DSR"), lines[:3]
+        problems = [
+            line
+            for line in lines[1:]
+            if line.startswith(("Error", "Warning"))
+            and not any(allowed in line for allowed in DCIODVFY_ALLOWED_WARNINGS)
+        ]
+        assert not [line for line in lines if line.startswith("Error")], (name, lines)
+        assert not problems, (name, problems)
 
 
 def test_secondary_capture_is_an_rgb_picture_with_burned_in_text(request_results):
