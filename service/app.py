@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from mris.sandbox import DecodeSandbox
 from mris.service.batching import MicroBatcher, search_by_state
@@ -72,7 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         compute.shutdown(wait=False)
         app.state.executor.shutdown(wait=False)
 
-    app = FastAPI(
+    # /docs and /redoc with their scripts and styles served from the package (fastapi-offline),
+    # not a CDN: hospitals and our own machines are offline.
+    app = FastAPIOffline(
         title="MRIS",
         version="0.1.0",
         summary="MR cartilage thickness maps synthesized from knee radiographs by retrieval.",

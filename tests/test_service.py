@@ -673,3 +673,25 @@ def _sr_items(dataset):
     for item in dataset.get("ContentSequence", []):
         yield item
         yield from _sr_items(item)
+
+
+def test_api_docs_load_everything_from_the_service():
+    """/docs and /redoc name no other host: their scripts, styles and icon are the package's
+    (fastapi-offline), so the pages work on an offline machine."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from mris.service.app import create_app
+    from mris.service.config import Settings
+
+    client = TestClient(create_app(Settings()))
+    for path in ("/docs", "/redoc"):
+        page = client.get(path)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "http://" not in page.text and "https://" not in page.text, path
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', page.text)
+        assert any(asset.endswith(".js") for asset in assets), path
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+    assert client.get("/openapi.json").json()["info"]["title"] == "MRIS"
