@@ -149,3 +149,15 @@ def test_dockerfiles_install_the_project_not_a_list_of_folders():
             if match:
                 sources = match.group(1).split()[:-1]
                 assert not folders & {s.strip("./") for s in sources}, (dockerfile.name, line)
+
+
+def test_mris_version_is_the_installed_distribution():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from mris.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"mris {version('mris')}"
