@@ -24,10 +24,10 @@ import signal
 import sys
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from mris.errors import MrisError
+from mris.progress import make_console
 
 app = typer.Typer(
     name="mris",
@@ -36,7 +36,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 
 
 def _print_version(value: bool) -> None:

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from mris.constants import CARTILAGES
+from mris.progress import make_console
 from mris.subcommand import run_mris
 
-console = Console()
+console = make_console()
 
 
 def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) -> dict[str, Path]:

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from mris.encoders import default_threads
-        from mris.progress import console, progress_bar
+        from mris.progress import EpochClock, console, progress_bar
         from mris.training.run import Reporter, TrainRequest
         from mris.training.run import train as run_train
 
@@ -85,9 +85,11 @@ def register(app: typer.Typer) -> None:
                 if completed >= bars.tasks[[t.id for t in bars.tasks].index(task)].total:
                     bars.remove_task(task)
 
+            clock = EpochClock()
+
             def epoch(record: dict) -> None:
                 bars.console.print(
-                    f"{record['region']} epoch {record['epoch']}: loss {record['loss']:.3f}  "
+                    f"{clock.describe(record['region'], record)}: loss {record['loss']:.3f}  "
                     + "  ".join(f"R@{k} {100 * record[f'R@{k}']:.1f}%" for k in (1, 5, 10, 20))
                 )
 
@@ -179,7 +181,7 @@ def register(app: typer.Typer) -> None:
             ),
         ) -> None:
             from mris.encoders import default_threads
-            from mris.progress import console
+            from mris.progress import EpochClock, console
             from mris.training.unet import UnetRequest, train_unet
 
             request = UnetRequest(
@@ -197,6 +199,8 @@ def register(app: typer.Typer) -> None:
                 gan=gan,
             )
 
+            clock = EpochClock()
+
             def epoch(record: dict) -> None:
                 gan_losses = (
                     f" (adversarial {record['loss_gan']:.3f}, D {record['loss_d']:.3f})"
@@ -204,7 +208,7 @@ def register(app: typer.Typer) -> None:
                     else ""
                 )
                 console.print(
-                    f"{kind} epoch {record['epoch']}: L1 {record['loss_mm']:.3f} "
+                    f"{clock.describe(kind, record)}: L1 {record['loss_mm']:.3f} "
                     f"mm{gan_losses}  validation MAE "
                     f"{record['val_mae_mm']:.3f} mm (fc {record['val_mae_fc_mm']:.3f}, tc "
                     f"{record['val_mae_tc_mm']:.3f})"

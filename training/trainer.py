@@ -332,7 +332,8 @@ class RegionTrainer:
                 self.save(self.last_path, self.state_dict())
                 write_logs(self.work_dir, self.history)
                 if self.on_epoch is not None:
-                    self.on_epoch(record)
+                    # the callback also gets the run's length (epoch n/N, ETA); the log does not
+                    self.on_epoch({**record, "epochs": self.profile.epochs})
         except KeyboardInterrupt:
             self.log(
                 f"{self.name}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: "

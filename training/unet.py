@@ -379,7 +379,8 @@ class UnetTrainer:
                 self.save(self.last_path, self.state_dict())
                 _write_log(self.work_dir, self.history)
                 if self.on_epoch is not None:
-                    self.on_epoch(record)
+                    # the callback also gets the run's length (epoch n/N, ETA); the log does not
+                    self.on_epoch({**record, "epochs": self.profile.epochs})
         except KeyboardInterrupt:
             self.log(
                 f"{self.kind}: interrupted; {self.last_path} holds epoch {self.saved_epoch}: "

@@ -37,10 +37,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write radiograph DICOMs, thickness maps, manifest.csv, cohort_stats.json and
         preview.png."""
-        from rich.console import Console
-
         from mris.cohort.generate import IMAGE_SIZES, PRESETS, CohortConfig, generate_cohort
-        from mris.progress import progress_bar
+        from mris.progress import make_console, progress_bar
 
         if preset not in PRESETS:
             raise typer.BadParameter(f"must be one of {', '.join(PRESETS)}", param_hint="--preset")
@@ -58,7 +56,7 @@ def register(app: typer.Typer) -> None:
             summary = generate_cohort(
                 config, force=force, on_subject=lambda done: progress.update(task, completed=done)
             )
-        print_summary(Console(), summary)
+        print_summary(make_console(), summary)
 
 
 def print_summary(console, summary) -> None:
