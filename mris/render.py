@@ -17,8 +17,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from mris.pipeline import KneeResult
 
-THICKNESS_MAX_MM = 4.5
+# One thickness scale for every picture the project makes (this module's figures, the Secondary
+# Capture, the viewer through /viewer/config): 0-6 mm covers the cohorts' maps (their largest
+# values are about 6.1 mm); a larger value is drawn in the top colour and the colour bar ends in
+# a triangle (``extend="max"``) saying so.
+THICKNESS_MAX_MM = 6.0
 STD_MAX_MM = 1.0
+THICKNESS_CMAP = "viridis"  # perceptually uniform
+UNCERTAINTY_CMAP = "magma"
 
 
 def render_results_png(
@@ -56,7 +62,7 @@ def results_figure(
                     (
                         f"{name.upper()} synthesized",
                         result.maps_mm[name],
-                        "viridis",
+                        THICKNESS_CMAP,
                         0.0,
                         THICKNESS_MAX_MM,
                         "mm",
@@ -68,7 +74,7 @@ def results_figure(
                     (
                         f"{name.upper()} uncertainty (SD)",
                         result.std_mm[name],
-                        "magma",
+                        UNCERTAINTY_CMAP,
                         0.0,
                         STD_MAX_MM,
                         "mm",
@@ -81,7 +87,7 @@ def results_figure(
                         (
                             f"{name.upper()} true (MR)",
                             truth_mm[row][name],
-                            "viridis",
+                            THICKNESS_CMAP,
                             0.0,
                             THICKNESS_MAX_MM,
                             "mm",
@@ -100,7 +106,7 @@ def results_figure(
             label = f"{result.side} knee\n{title}" if column == 0 else title
             ax.set_title(label, fontsize=8)
             if unit:
-                bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02)
+                bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02, extend="max")
                 bar.set_label(unit, fontsize=7)
                 bar.ax.tick_params(labelsize=6)
     return figure

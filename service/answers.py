@@ -41,7 +41,7 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
     """One knee's answer: /synthesize gives weights and maps, /retrieve the row metadata."""
 
     def neighbour(n) -> dict:
-        extra = {"weight": n.weight} if with_maps else n.metadata
+        extra = {"weight": n.weight, **n.metadata} if with_maps else n.metadata
         return {"id": n.pair_id, "similarity": n.similarity, **extra}
 
     knee = {

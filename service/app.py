@@ -20,8 +20,18 @@ from mris.service.metrics import Metrics
 from mris.service.problems import install_problem_handlers
 from mris.service.routes import router
 from mris.service.state import StateHolder
+from mris.viewer.routes import router as viewer_router
+from mris.viewer.routes import static_files as viewer_static_files
 
 log = logging.getLogger("mris.service")
+
+# Same origin only; inline scripts and styles for Swagger UI's start-up script and Redoc's
+# styles, blob: workers for Redoc, data: images for the viewer's radiograph preview.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; worker-src 'self' blob:; connect-src 'self'; "
+    "font-src 'self' data:; frame-ancestors 'self'"
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -87,6 +97,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
 
     @app.middleware("http")
+    async def same_origin_only(request: Request, call_next):
+        """Pages served here (the viewer, /docs, /redoc) may load nothing from another host
+        (Content-Security-Policy): they work offline, and a hospital's browser sends nothing
+        elsewhere (Redoc's own logo, say, is not fetched from its CDN)."""
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        return response
+
+    @app.middleware("http")
     async def observe(request: Request, call_next):
         started = time.perf_counter()
         status = 500
@@ -111,6 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
 
     app.include_router(router)
+    # The viewer (mris.viewer): its page, static files and configuration carry no data and need
+    # no token; its /preview and /neighbours routes are guarded like every data route.
+    app.include_router(viewer_router)
+    app.mount("/viewer/static", viewer_static_files(), name="viewer-static")
     return app
 
 

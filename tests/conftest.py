@@ -336,3 +336,20 @@ def trained(tiny_cohort, tmp_path_factory) -> tuple[Path, dict]:
 
     out = tmp_path_factory.mktemp("model") / "bundle"
     return out, train_tiny(tiny_cohort, out)
+
+
+@pytest.fixture(scope="session")
+def localised_bundles(trained, tiny_cohort, tmp_path_factory) -> dict[str, Path]:
+    """For the tests that find knees as a user's request does (the PACS router, the viewer):
+    ``model``, a copy of the session's tiny trained bundle whose localiser accepts any
+    confidence (the tiny localiser is not confident: tests/tiny_training.py); ``strict_model``,
+    the bundle itself (it finds no knee in noise); ``index``, an index of the tiny cohort."""
+    from tiny_training import any_confidence_copy
+
+    from mris.index.build import build_index_bundle
+
+    root = tmp_path_factory.mktemp("localised-bundles")
+    model = any_confidence_copy(trained[0], root / "model")
+    index = root / "index"
+    build_index_bundle(model, tiny_cohort, index, variant="separate", publish=True, threads=1)
+    return {"model": model, "strict_model": trained[0], "index": index}

@@ -34,18 +34,8 @@ IDENTITY = {key: value for key, value in PLANTED_IDENTITY.items() if not key.end
 
 
 @pytest.fixture(scope="module")
-def bundles(trained, tiny_cohort, tmp_path_factory) -> dict[str, Path]:
-    """The session's tiny trained bundle, a copy whose localiser accepts any confidence (the tiny
-    localiser is not confident: tests/tiny_training.py), and an index on the tiny cohort."""
-    from tiny_training import any_confidence_copy
-
-    from mris.index.build import build_index_bundle
-
-    root = tmp_path_factory.mktemp("pacs-bundles")
-    model = any_confidence_copy(trained[0], root / "model")
-    index = root / "index"
-    build_index_bundle(model, tiny_cohort, index, variant="separate", publish=True, threads=1)
-    return {"model": model, "strict_model": trained[0], "index": index}
+def bundles(localised_bundles) -> dict[str, Path]:
+    return localised_bundles
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from mris.render import THICKNESS_CMAP, THICKNESS_MAX_MM
+
     by_image: dict[str, list[ManifestRow]] = {}
     for row in rows:
         if row.visit_month == 0:
@@ -69,10 +71,10 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
             for j, region in enumerate(CARTILAGES):
                 thickness = np.load(out / getattr(row, f"{region}_path"))
                 axm = axes[line, 1 + 2 * k + j]
-                im = axm.imshow(thickness, cmap="viridis", vmin=0, vmax=4)
+                im = axm.imshow(thickness, cmap=THICKNESS_CMAP, vmin=0, vmax=THICKNESS_MAX_MM)
                 axm.set_title(f"{row.side} {region.upper()} KL{row.klg} (medial left)", fontsize=9)
     fig.colorbar(
-        im, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="thickness (mm)"
+        im, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="thickness (mm)", extend="max"
     ) if chosen else None
     path = out / "preview.png"
     tmp = out / ".tmp-preview.png"

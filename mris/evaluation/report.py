@@ -25,6 +25,7 @@ import numpy as np
 from mris.constants import CARTILAGES
 from mris.evaluation.tables import KL_GRADES
 from mris.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mris.render import THICKNESS_CMAP, THICKNESS_MAX_MM
 
 # The paper's figures (Chen & Niethammer, MICCAI 2023), as transcribed into this file when the
 # evaluation was written (commit 1db4987); only these cells are transcribed, no other cell of the
@@ -49,7 +50,6 @@ METHOD_LABELS = {
     "oracle": "oracle neighbour",
 }
 CLOSE_DOWNSTREAM = 0.05  # |synthesized - MR| at most this counts as "close" on accuracy / AUC
-THICKNESS_MAX_MM = 4.5
 ERROR_MAX_MM = 1.5
 
 
@@ -578,11 +578,11 @@ def examples_figure(examples) -> bytes:
         column = 1
         for name in CARTILAGES:
             truth = maps["mr"][name]
-            panels = [(f"{name.upper()} MR", truth, "viridis", THICKNESS_MAX_MM)]
+            panels = [(f"{name.upper()} MR", truth, THICKNESS_CMAP, THICKNESS_MAX_MM)]
             for method in ("mris-s", "unet"):
                 m = maps.get(method, {}).get(name)
                 panels.append(
-                    (f"{name.upper()} {METHOD_LABELS[method]}", m, "viridis", THICKNESS_MAX_MM)
+                    (f"{name.upper()} {METHOD_LABELS[method]}", m, THICKNESS_CMAP, THICKNESS_MAX_MM)
                 )
             for method in ("mris-s", "unet"):
                 m = maps.get(method, {}).get(name)
@@ -617,7 +617,7 @@ def examples_figure(examples) -> bytes:
                 )
                 ax.set_title(title, fontsize=7)
                 if r == 0:
-                    bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02)
+                    bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02, extend="max")
                     bar.ax.tick_params(labelsize=5)
     return _png(figure)
 
