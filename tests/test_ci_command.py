@@ -21,10 +21,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "mris demo" in install
 
 
-def test_the_test_command_installs_the_pacs_the_tests_need() -> None:
+def test_the_test_command_installs_the_pacs_validator_and_browser_the_tests_need() -> None:
     test = _readme_commands()[1]
-    assert test.startswith("dpkg -s orthanc orthanc-dicomweb dicom3tools")
-    assert "apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools" in test
+    assert test.startswith("dpkg -s orthanc orthanc-dicomweb dicom3tools chromium")
+    assert "apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools chromium" in test
 
 
 def test_the_test_command_lints_and_checks_formatting_before_the_tests() -> None:
