@@ -31,6 +31,7 @@ from mris.index.faiss_io import GpuCloner, gpu_available, load_search_index, sea
 from mris.index.maps import MAPS_DTYPES, MapStore, MapsWriter
 from mris.index.rows import ROW_COLUMNS, ROWS_NAME, RowMeta, RowsTable, read_rows, write_rows
 from mris.model_bundle import ModelCard
+from mris.npyio import load_npy
 
 
 class IndexBundle:
@@ -105,7 +106,7 @@ class IndexBundle:
         return self.rows.metadata(row_ids)
 
     def embeddings(self, region: str, mmap: bool = True) -> np.ndarray:
-        return np.load(
+        return load_npy(
             self.root / self.card.regions[region].embeddings_file,
             mmap_mode="r" if mmap else None,
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mris.errors import BadParameter, BundleInvalid
+from mris.npyio import load_npy, read_npy_header
 
 MAPS_DTYPES = ("float32", "float16")
 COPY_ROWS = 1024  # rows per chunk when maps are compacted or concatenated
@@ -84,8 +85,8 @@ class MapsWriter:
 def prepend_maps(base_file: Path, new_file: Path) -> tuple[int, int, int]:
     """Rewrite ``new_file`` as ``base_file``'s rows followed by its own rows (chunked copy, for
     an appended build). Returns the new shape."""
-    base = np.load(base_file, mmap_mode="r")
-    new = np.load(new_file, mmap_mode="r")
+    base = load_npy(base_file, mmap_mode="r")
+    new = load_npy(new_file, mmap_mode="r")
     tmp = new_file.with_name(new_file.name + ".append.npy")
     out = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=base.dtype, shape=(len(base) + len(new), *base.shape[1:])
@@ -108,11 +109,7 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     it is not one."""
     try:
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            shape, fortran, dtype = read_npy_header(handle)
             return shape, fortran, dtype, handle.tell()
     except ValueError as exc:
         raise BundleInvalid(f"{path.name} is not a readable .npy array: {exc}") from exc
@@ -151,7 +148,7 @@ class MapStore:
         self.row_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
         if path.stat().st_size < self.offset + self.shape[0] * self.row_bytes:
             raise BundleInvalid(f"{path.name} is truncated: shorter than its {self.shape} header")
-        self.array = np.load(path, mmap_mode="r")
+        self.array = load_npy(path, mmap_mode="r")
         self.resident: np.ndarray | None = np.array(self.array) if resident else None
         self._fd = os.open(path, os.O_RDONLY)
         self._lock = threading.Lock()

@@ -33,6 +33,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# numpy.ma imported now, in this thread: a worker thread's first np.unique would import it and
+# build ASTs beside another thread's (mris.npyio says why that fails on CPython 3.11).
+import mris.npyio  # noqa: E402, F401
 from mris.constants import PreprocessConfig
 from mris.dicom import DecodeLimits, Radiograph, SourceIdentity, read_radiograph
 from mris.encoders import OnnxEncoder

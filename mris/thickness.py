@@ -15,6 +15,7 @@ import numpy as np
 from mris.constants import PreprocessConfig
 from mris.errors import InvalidThicknessMap
 from mris.imageops import resize
+from mris.npyio import load_npy
 
 
 def validate_thickness_map(array: np.ndarray, name: str = "thickness map") -> np.ndarray:
@@ -40,7 +41,7 @@ def load_thickness_map(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        array = np.load(path, allow_pickle=False)
+        array = load_npy(path, allow_pickle=False)
     except FileNotFoundError as exc:
         raise InvalidThicknessMap(f"thickness map {path} does not exist") from exc
     except (OSError, ValueError, EOFError) as exc:

@@ -28,6 +28,7 @@ from mris.constants import PREPROCESSING_VERSION, PreprocessConfig
 from mris.errors import ManifestError
 from mris.fsutil import atomic_save_npy, atomic_write_json
 from mris.manifest import Manifest, ManifestRow
+from mris.npyio import load_npy
 
 CACHE_FORMAT = "mris-train-cache/1"
 ARRAYS = ("radiograph", "fc", "tc", "combined")
@@ -169,7 +170,7 @@ def build_cache(
             else:
                 array = _thickness_inputs(manifest, rows, config, name, step)
             atomic_save_npy(path, array)
-        arrays[name] = np.load(path, mmap_mode="r")
+        arrays[name] = load_npy(path, mmap_mode="r")
     return EncoderCache(root=root, rows=rows, arrays=arrays)
 
 

@@ -65,6 +65,7 @@ from mris.fsutil import (
     ensure_empty_output_dir,
     sha256_file,
 )
+from mris.npyio import load_npy
 from mris.training.checkpoint import (
     as_stored,
     autocast_for,
@@ -134,7 +135,7 @@ def build_targets(
             if tick is not None:
                 tick(p + 1, len(rows))
         atomic_save_npy(path, out)
-    return np.load(path, mmap_mode="r")
+    return load_npy(path, mmap_mode="r")
 
 
 @dataclass
