@@ -96,6 +96,32 @@ def _mae(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(np.abs(pred[both] - truth[both]))) if both.any() else float("nan")
 
 
+def _examples(radiographs: list[dict[str, object]], count: int) -> list[dict[str, object]]:
+    """Which test radiographs the demo shows: different subjects, the first the healthiest
+    (lowest worst KL grade of its two knees), the next the most osteoarthritic, then the rest in
+    file order."""
+
+    def worst_klg(rows: dict[str, object]) -> int:
+        return max(-1 if row.klg is None else int(row.klg) for row in rows.values())
+
+    ranked = sorted(radiographs, key=worst_klg)
+    picks: list[dict[str, object]] = []
+    subjects: set[str] = set()
+    for candidates in (ranked, ranked[::-1], radiographs):
+        for rows in candidates:
+            subject = next(iter(rows.values())).subject_id
+            if len(picks) < count and subject not in subjects:
+                picks.append(rows)
+                subjects.add(subject)
+                break
+    for rows in radiographs:  # more than two asked for: fill in file order
+        subject = next(iter(rows.values())).subject_id
+        if len(picks) < count and subject not in subjects:
+            picks.append(rows)
+            subjects.add(subject)
+    return picks
+
+
 def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2) -> None:
     """Stage 4: synthesize held-out test radiographs exactly as the service does."""
     from mris.manifest import read_manifest
@@ -109,7 +135,7 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
     by_radiograph: dict[str, dict[str, object]] = {}
     for row in manifest.select(["test"]):
         by_radiograph.setdefault(row.radiograph_path, {})[row.side] = row
-    chosen = [rows for rows in by_radiograph.values() if len(rows) == 2][:examples]
+    chosen = _examples([rows for rows in by_radiograph.values() if len(rows) == 2], examples)
     maes = {"fc": [], "tc": []}
     for number, rows in enumerate(chosen, start=1):
         any_row = next(iter(rows.values()))
@@ -155,7 +181,17 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
             )
         console.print(table)
         png = workdir / f"demo-synthesis-{number}.png"
-        png.write_bytes(render_results_png(results, truth_mm=truths))
+        title = (
+            f"{any_row.subject_id}, month {any_row.visit_month}: "
+            + "; ".join(
+                f"{result.side} KL {rows[result.side].klg}, MAE fc "
+                f"{_mae(result.maps_mm['fc'], truth['fc']):.2f} / tc "
+                f"{_mae(result.maps_mm['tc'], truth['tc']):.2f} mm"
+                for result, truth in zip(results, truths)
+            )
+            + "; k = 20"
+        )
+        png.write_bytes(render_results_png(results, truth_mm=truths, title=title))
         console.print(f"wrote {png}")
     if maes["fc"]:
         console.print(

@@ -31,9 +31,11 @@ def render_results_png(
     results: Sequence[KneeResult],
     truth_mm: Sequence[dict[str, np.ndarray]] | None = None,
     dpi: int = 90,
+    title: str | None = None,
 ) -> bytes:
-    """One row per knee: ROI | fc | tc | fc std | tc std (| true fc | true tc when ``truth_mm``)."""
-    figure = results_figure(results, truth_mm, dpi)
+    """One row per knee: ROI | fc | tc | fc std | tc std (| true fc | true tc when ``truth_mm``),
+    under ``title`` (what the picture shows: which radiograph, which k...)."""
+    figure = results_figure(results, truth_mm, dpi, title)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -43,9 +45,12 @@ def results_figure(
     results: Sequence[KneeResult],
     truth_mm: Sequence[dict[str, np.ndarray]] | None = None,
     dpi: int = 90,
+    title: str | None = None,
 ) -> Figure:
     """The figure ``render_results_png`` saves (an Agg canvas attached), for a caller that adds
-    to it or rasterises it itself (``mris.dicom_out``'s Secondary Capture)."""
+    to it or rasterises it itself (``mris.dicom_out``'s Secondary Capture). Each row names its
+    knee and says when the pictures are mirrored (a RIGHT knee's ROI and maps are flipped into
+    the atlas orientation); each map is marked medial / lateral along its columns."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -53,6 +58,8 @@ def results_figure(
     rows = max(1, len(results))
     figure = Figure(figsize=(2.6 * columns, 2.6 * rows), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
+    if title:
+        figure.suptitle(title, fontsize=9)
     axes = np.atleast_2d(figure.subplots(rows, columns))
     for row, result in enumerate(results):
         panels = [("ROI (encoder input)", result.roi.image, "gray", 0.0, 1.0, None)]
@@ -103,8 +110,11 @@ def results_figure(
             title, image, cmap, vmin, vmax, unit = panels[column]
             shown = np.ma.masked_invalid(np.asarray(image, dtype=np.float32))
             handle = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            label = f"{result.side} knee\n{title}" if column == 0 else title
+            mirrored = " (mirrored)" if result.side == "RIGHT" else ""
+            label = f"{result.side} knee{mirrored}\n{title}" if column == 0 else title
             ax.set_title(label, fontsize=8)
+            if column > 0:  # an atlas-space map: columns run medial -> lateral for both knees
+                ax.set_xlabel("medial \u2190   \u2192 lateral", fontsize=7)
             if unit:
                 bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02, extend="max")
                 bar.set_label(unit, fontsize=7)

@@ -200,7 +200,11 @@ async def synthesize(
         if params.format == "npz":
             return npz_response(results, payload)
         if params.format == "png":
-            return Response(render_results_png(results), media_type="image/png")
+            title = (
+                f"Synthesized from the radiograph (research use): k = {params.k}, "
+                f"{state.pipeline.variant}, index {state.index_version}"
+            )
+            return Response(render_results_png(results, title=title), media_type="image/png")
         if params.format == "dicom":
             return dicom_zip_response(results, source, state.pipeline.versions, params.k)
         return json_response(payload)

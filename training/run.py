@@ -528,7 +528,7 @@ def write_bundle(
             shutil.copyfile(source, request.out / name)
     history = [record for part in regions for record in part.history]
     if history:
-        write_logs(request.out, history)
+        write_logs(request.out, history, len(data.val_first))
         (request.out / "log.json").unlink(missing_ok=True)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     database, knee_ids = run.database, data.knee_ids

@@ -330,7 +330,7 @@ class RegionTrainer:
                         },
                     )
                 self.save(self.last_path, self.state_dict())
-                write_logs(self.work_dir, self.history)
+                write_logs(self.work_dir, self.history, len(self.data.val_rows))
                 if self.on_epoch is not None:
                     # the callback also gets the run's length (epoch n/N, ETA); the log does not
                     self.on_epoch({**record, "epochs": self.profile.epochs})
@@ -357,40 +357,74 @@ class RegionTrainer:
         self.g.eval()
 
 
-def write_logs(folder: Path, history: list[dict[str, Any]]) -> None:
-    """``log.csv``, ``log.json`` and ``curves.png`` (loss and recall@k per epoch) in ``folder``."""
+def write_logs(folder: Path, history: list[dict[str, Any]], gallery: int | None = None) -> None:
+    """``log.csv``, ``log.json`` and ``curves.png`` (loss and recall@k per epoch) in ``folder``;
+    ``gallery``: the validation gallery's size, for the chance lines (recall@k of a random
+    ranking is k / gallery)."""
     if not history:
         return
     columns = list(history[0])
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    # extrasaction="ignore": a run resumed from an older version's history keeps its columns
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(folder / "log.csv", buffer.getvalue())
     atomic_write_json(folder / "log.json", history)
-    plot_curves(folder / "curves.png", history)
+    plot_curves(folder / "curves.png", history, gallery)
 
 
-def plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
+def plot_curves(path: Path, history: list[dict[str, Any]], gallery: int | None = None) -> None:
+    """Per region: the training loss, and the validation recall@k with the epoch kept (the best
+    sum of recalls, as ``RegionTrainer`` keeps it) marked and, with ``gallery``, each k's chance
+    level dashed. Legends sit beside the axes, never on the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     regions = list(dict.fromkeys(record["region"] for record in history))
-    fig, axes = plt.subplots(len(regions), 2, figsize=(10, 3.2 * len(regions)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(regions), 2, figsize=(11, 3.2 * len(regions)), squeeze=False, layout="constrained"
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, region in enumerate(regions):
         records = [r for r in history if r["region"] == region]
         epochs = [r["epoch"] for r in records]
-        axes[row, 0].plot(epochs, [r["loss"] for r in records], marker=".")
-        axes[row, 0].set_title(f"{region}: training loss (eq. 3, batch sum)")
-        axes[row, 0].set_xlabel("epoch")
-        for k in RECALL_AT:
-            axes[row, 1].plot(epochs, [r[f"R@{k}"] for r in records], marker=".", label=f"R@{k}")
-        axes[row, 1].set_title(f"{region}: validation recall")
-        axes[row, 1].set_xlabel("epoch")
-        axes[row, 1].set_ylim(0, 1)
-        axes[row, 1].legend(loc="lower right")
-    fig.tight_layout()
+        best = max(records, key=lambda r: sum(r[f"R@{k}"] for k in RECALL_AT))
+        loss_ax, recall_ax = axes[row]
+        loss_ax.plot(epochs, [r["loss"] for r in records], marker=".")
+        loss_ax.set_title(f"{region}: training loss")
+        loss_ax.set_xlabel("epoch")
+        loss_ax.set_ylabel("triplet loss (eq. 3, batch sum)")
+        for colour, k in zip(colours, RECALL_AT):
+            recall_ax.plot(
+                epochs,
+                [100 * r[f"R@{k}"] for r in records],
+                marker=".",
+                color=colour,
+                label=f"R@{k}",
+            )
+            if gallery:
+                recall_ax.axhline(
+                    100 * min(1.0, k / gallery), color=colour, ls="--", lw=0.8, alpha=0.7
+                )
+        recall_ax.axvline(best["epoch"], color="grey", ls=":", lw=1.2)
+        late = best["epoch"] > (epochs[0] + epochs[-1]) / 2  # label on the side with room
+        recall_ax.annotate(
+            f"kept: epoch {best['epoch']}",
+            (best["epoch"], 100),
+            xytext=(-3 if late else 3, -12),
+            textcoords="offset points",
+            ha="right" if late else "left",
+            fontsize=8,
+            color="grey",
+        )
+        chance = f", chance dashed (gallery {gallery})" if gallery else ""
+        recall_ax.set_title(f"{region}: validation recall{chance}", fontsize=10)
+        recall_ax.set_xlabel("epoch")
+        recall_ax.set_ylabel("recall (%)")
+        recall_ax.set_ylim(0, 100)
+        recall_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
