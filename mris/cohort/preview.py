@@ -41,12 +41,22 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
     fig, axes = plt.subplots(
         max(len(chosen), 1),
         5,
-        figsize=(17, 3.6 * max(len(chosen), 1)),
-        gridspec_kw={"width_ratios": [2.4, 1, 1, 1, 1]},
+        figsize=(13, 2.7 * max(len(chosen), 1) + 0.5),
+        gridspec_kw={"width_ratios": [1.25, 1, 1, 1, 1]},
         squeeze=False,
+        layout="constrained",
+    )
+    fig.suptitle(
+        "Synthetic cohort: baseline radiographs with the true 140 mm knee ROIs (+ joint centre) "
+        "and the knees' true thickness maps\n(atlas space, medial on the left; RIGHT knees "
+        "mirrored into it)",
+        fontsize=10,
     )
     for ax in axes.ravel():
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
     for line, (image_path, knees) in enumerate(chosen):
         pixels, spacing = _read_display(out / image_path)
         ax = axes[line, 0]
@@ -65,14 +75,15 @@ def write_preview(out: Path, rows: list[ManifestRow], n_visits: int = 3) -> Path
                 )
             )
             ax.plot(row.keypoint_x, row.keypoint_y, "+", color="red", ms=6)
-        ax.set_title(f"{knees[0].subject_id} month 0  (patient RIGHT on image left)", fontsize=9)
+        ax.set_title(f"{knees[0].subject_id} month 0 (patient RIGHT on image left)", fontsize=8)
         knees = sorted(knees, key=lambda r: r.side != "RIGHT")
         for k, row in enumerate(knees):
             for j, region in enumerate(CARTILAGES):
                 thickness = np.load(out / getattr(row, f"{region}_path"))
                 axm = axes[line, 1 + 2 * k + j]
                 im = axm.imshow(thickness, cmap=THICKNESS_CMAP, vmin=0, vmax=THICKNESS_MAX_MM)
-                axm.set_title(f"{row.side} {region.upper()} KL{row.klg} (medial left)", fontsize=9)
+                axm.set_title(f"{row.side} {region.upper()}, KL {row.klg}", fontsize=8)
+                axm.set_xlabel("medial \u2190   \u2192 lateral", fontsize=7)
     fig.colorbar(
         im, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="thickness (mm)", extend="max"
     ) if chosen else None
