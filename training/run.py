@@ -182,8 +182,12 @@ class _CacheBars:
         self.bars.setdefault(name, _StageBar(self.rep, f"cache {name}"))(done, total)
 
 
-def _log_localiser_epoch(rep: Reporter, stage: int, epoch: int, loss: float) -> None:
-    rep.log(f"localiser {'global' if stage == 1 else 'refine'} epoch {epoch}: loss {loss:.3f}")
+def _log_localiser_epoch(
+    rep: Reporter, epochs: tuple[int, int], stage: int, epoch: int, loss: float
+) -> None:
+    """``epochs``: the global and the refinement stage's number of epochs."""
+    name, total = ("global", epochs[0]) if stage == 1 else ("refine", epochs[1])
+    rep.log(f"localiser {name} epoch {epoch}/{total}: loss {loss:.3f}")
 
 
 def load_run(request: TrainRequest) -> TrainRun:
@@ -314,7 +318,11 @@ def localiser_stage(
             run.device,
             request.seed,
             tick=_StageBar(rep, "localiser data"),
-            on_epoch=partial(_log_localiser_epoch, rep),
+            on_epoch=partial(
+                _log_localiser_epoch,
+                rep,
+                (run.profile.localiser.global_epochs, run.profile.localiser.refine_epochs),
+            ),
         )
         atomic_write_json(
             done_file,
