@@ -242,7 +242,9 @@ def run_demo(
             "11 minutes more on 2 idle cores)"
         )
     if serve:
-        console.print(f"serving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
+        console.print(
+            f"serving on http://127.0.0.1:{port}/ (the viewer; API docs at /docs); Ctrl-C stops"
+        )
         run_mris(
             "serve",
             "--model",
