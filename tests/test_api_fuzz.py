@@ -27,6 +27,7 @@ require("schemathesis")
 from fuzz.api_fuzz import (  # noqa: E402
     FAILURES,
     TOKEN,
+    UNGUARDED,
     Stats,
     check_replayed,
     load_schema,
@@ -51,6 +52,15 @@ STATS = Stats()
 def fuzz_server(tmp_path_factory):
     with start_fuzz_server(tmp_path_factory.mktemp("api-fuzz")) as server:
         yield server
+
+
+def test_the_fuzzers_public_routes_are_the_documents_routes_without_security():
+    public = {
+        path
+        for path, operations in DOCUMENT["paths"].items()
+        if not any(operation.get("security") for operation in operations.values())
+    }
+    assert public == UNGUARDED
 
 
 def test_served_schema_is_the_tested_one(fuzz_server):

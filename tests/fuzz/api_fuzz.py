@@ -60,7 +60,8 @@ PHANTOM_KEYPOINTS = (
 )
 MAX_UPLOAD_MB = 1.0
 REQUEST_TIMEOUT_S = 30.0
-UNGUARDED = {"/healthz", "/readyz"}
+# Routes without a token: health, and the viewer's configuration (colour maps, no data).
+UNGUARDED = {"/healthz", "/readyz", "/viewer/config"}
 # Sent as latin-1 bytes by requests: "\xe9" is one byte 0xE9, the UTF-8 one two bytes C3 A9.
 BAD_AUTH: dict[str, str | None] = {
     "none": None,
