@@ -19,6 +19,8 @@ NPZ_MEDIA_TYPE = "application/x-npz"
 ZIP_MEDIA_TYPE = "application/zip"
 DICOM_ZIP_NAMES = ("synthesized-maps-sc.dcm", "synthesized-maps-sr.dcm")
 """The two members of ``format=dicom``'s zip: the Secondary Capture, then the SR."""
+SYNTHESIS_NEIGHBOUR_FIELDS = ("visit_month", "klg")
+"""The database metadata a /synthesize neighbour carries beside its id, similarity and weight."""
 
 
 def _b64_float32(array: np.ndarray) -> str:
@@ -41,8 +43,12 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
     """One knee's answer: /synthesize gives weights and maps, /retrieve the row metadata."""
 
     def neighbour(n) -> dict:
-        extra = {"weight": n.weight, **n.metadata} if with_maps else n.metadata
-        return {"id": n.pair_id, "similarity": n.similarity, **extra}
+        if not with_maps:
+            return {"id": n.pair_id, "similarity": n.similarity, **n.metadata}
+        # /synthesize: the weight, and the visit and KL grade the viewer shows (the subject id
+        # stays with /retrieve and /neighbours, which are asked for it).
+        visit = {key: n.metadata[key] for key in SYNTHESIS_NEIGHBOUR_FIELDS if key in n.metadata}
+        return {"id": n.pair_id, "similarity": n.similarity, "weight": n.weight, **visit}
 
     knee = {
         "side": result.side,

@@ -95,9 +95,7 @@ class NeighbourOut(BaseModel):
     id: str = Field(description="pair_id of the database knee-visit.")
     similarity: float = Field(description="Cosine similarity of the radiograph and map embeddings.")
     weight: float = Field(description="Weight in the synthesis (eq. 4); absent from /retrieve.")
-    subject_id: str | None = None
-    side: str | None = None
-    visit_month: int | None = None
+    visit_month: int | None = Field(None, description="The database knee-visit's visit month.")
     klg: int | None = Field(None, description="Kellgren-Lawrence grade, when the index has it.")
 
 
