@@ -313,7 +313,7 @@ def test_a_failing_study_is_a_dead_letter_and_retry_routes_it(
     assert _study_objects(orthanc, study) == {"DX": 2, "OT": 2, "SR": 2}
 
 
-def test_an_unreachable_pacs_is_waited_for_not_dead_lettered(bundles, tmp_path):
+def test_an_unreachable_pacs_is_waited_for_not_dead_lettered(tmp_path):
     from mris.pacs.metrics import RouterMetrics
     from mris.pacs.router import StudyRouter
     from mris.pacs.watch import Watcher, WatchState

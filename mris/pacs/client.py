@@ -33,6 +33,8 @@ _TAGS = {
 }
 INSTANCE_FIELDS = ("Modality", "BodyPartExamined", "SOPClassUID")
 _RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+RETRY_ATTEMPTS = 3  # DICOMweb calls: attempts on a failure or a 408/429/503/504 answer...
+RETRY_WAIT_MS = 500  # ...waiting 1 s, then 2 s (exponential, this multiplier)
 
 
 class PacsError(MrisError):
@@ -120,6 +122,11 @@ class PacsClient:
             self.session.auth = settings.credentials
         self.dicomweb = DICOMwebClient(
             settings.dicomweb_url.rstrip("/"), session=self.session, timeout=settings.timeout_s
+        )
+        # dicomweb-client retries every failure 5 times with exponential waits (about 30 s for
+        # a PACS that is down); a short retry here, the watcher's own backoff above it.
+        self.dicomweb.set_http_retry_params(
+            retry=True, max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS
         )
 
     def close(self) -> None:
