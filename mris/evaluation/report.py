@@ -567,6 +567,11 @@ def examples_figure(examples) -> bytes:
     columns = 1 + 2 * 6
     figure = _figure(1.6 * columns, 1.8 * max(1, len(ids)))
     axes = np.atleast_2d(figure.subplots(max(1, len(ids)), columns))
+    figure.suptitle(
+        "Test knees: the ROI, then per cartilage the MR map, MRIS-S and U-Net, their absolute "
+        "errors and MRIS-S's SD (atlas space: medial left; RIGHT knees mirrored)",
+        fontsize=9,
+    )
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -574,7 +579,10 @@ def examples_figure(examples) -> bytes:
         row = examples.rows[pair]
         maps = examples.maps[pair]
         axes[r, 0].imshow(examples.roi[pair], cmap="gray", vmin=0, vmax=1)
-        axes[r, 0].set_title(f"{pair}\nKL{'?' if row.klg is None else row.klg} ROI", fontsize=7)
+        mirrored = " (mirrored)" if row.side == "RIGHT" else ""
+        axes[r, 0].set_title(
+            f"{pair}\nKL{'?' if row.klg is None else row.klg} ROI{mirrored}", fontsize=7
+        )
         column = 1
         for name in CARTILAGES:
             truth = maps["mr"][name]
@@ -616,6 +624,8 @@ def examples_figure(examples) -> bytes:
                     interpolation="nearest",
                 )
                 ax.set_title(title, fontsize=7)
+                if r == len(ids) - 1:  # the bottom row: columns run medial -> lateral
+                    ax.set_xlabel("med. \u2190 \u2192 lat.", fontsize=6)
                 if r == 0:
                     bar = figure.colorbar(handle, ax=ax, fraction=0.046, pad=0.02, extend="max")
                     bar.ax.tick_params(labelsize=5)
