@@ -23,7 +23,7 @@ SYNTHESIS_NEIGHBOUR_FIELDS = ("visit_month", "klg")
 """The database metadata a /synthesize neighbour carries beside its id, similarity and weight."""
 
 
-def _b64_float32(array: np.ndarray) -> str:
+def b64_float32(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
 
 
@@ -63,8 +63,8 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
                 "shape": list(thickness.shape),
                 "unit": "mm",
                 "dtype": "float32-le",
-                "data": _b64_float32(thickness),
-                "std": _b64_float32(result.std_mm[name]),
+                "data": b64_float32(thickness),
+                "std": b64_float32(result.std_mm[name]),
             }
             for name, thickness in result.maps_mm.items()
         }

@@ -18,7 +18,7 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pydicom
@@ -85,7 +85,12 @@ def require_binary(name: str, package: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    message = f"{name} is missing (apt-get install {package})"
+    missing_dependency(f"{name} is missing (apt-get install {package})")
+
+
+def missing_dependency(message: str) -> NoReturn:
+    """A test's system dependency is missing: skip it on a laptop, fail it in CI (``CI=true``),
+    where the README's test command installs every one."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI needs it: {message}")
     pytest.skip(message)

@@ -16,8 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import requests
+from conftest import missing_dependency
 from serve_process import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -37,11 +37,8 @@ def orthanc_missing() -> str | None:
 def require_orthanc() -> None:
     """Skip without Orthanc on a laptop; in CI (CI=true) a missing Orthanc fails the run."""
     missing = orthanc_missing()
-    if missing is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI needs a real PACS: {missing}")
-    pytest.skip(missing)
+    if missing is not None:
+        missing_dependency(f"a real PACS: {missing}")
 
 
 class OrthancServer:

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from mris.constants import CARTILAGES
 from mris.dicom import Radiograph
+from mris.service.answers import b64_float32
 from mris.service.deps import Authorized, ServedStateDep, SettingsDep, UploadDep, WorkersDep
 from mris.service.problems import ServiceProblem
 from mris.service.schemas import problem_responses, upload_openapi
@@ -151,12 +152,12 @@ async def neighbour(pair_id: str, state: ServedStateDep) -> dict:
     maps = {}
     for name in CARTILAGES:
         if name in index.maps:
-            thickness = np.asarray(index.neighbour_maps(name, np.array([row]))[0], dtype="<f4")
+            thickness = index.neighbour_maps(name, np.array([row]))[0]
             maps[name] = {
                 "shape": list(thickness.shape),
                 "unit": "mm",
                 "dtype": "float32-le",
-                "data": base64.b64encode(thickness.tobytes()).decode("ascii"),
+                "data": b64_float32(thickness),
             }
     public = {key: meta[key] for key in ("subject_id", "side", "visit_month", "klg")}
     return {"id": pair_id, **public, "maps": maps}
