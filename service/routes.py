@@ -43,7 +43,7 @@ from mris.service.state import ServingState
 
 router = APIRouter()
 
-_ERRORS = problem_responses(
+ERRORS = problem_responses(
     {
         400: "Unreadable or unusable DICOM, or a malformed request",
         401: "Missing or wrong bearer token",
@@ -54,7 +54,7 @@ _ERRORS = problem_responses(
     }
 )
 _UPLOAD_BODY = upload_openapi()  # options and body, from mris.options.SynthesisOptions
-_GUARDED = {401: _ERRORS[401]}
+_GUARDED = {401: ERRORS[401]}
 
 
 @router.get("/healthz", tags=["operations"])
@@ -63,7 +63,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["operations"], responses={503: _ERRORS[503]})
+@router.get("/readyz", tags=["operations"], responses={503: ERRORS[503]})
 async def readyz(holder: HolderDep) -> JSONResponse:
     """Models and index loaded."""
     if holder.current is None:
@@ -78,7 +78,7 @@ async def readyz(holder: HolderDep) -> JSONResponse:
     "/info",
     tags=["operations"],
     dependencies=[Authorized],
-    responses={**_GUARDED, 503: _ERRORS[503]},
+    responses={**_GUARDED, 503: ERRORS[503]},
 )
 async def info(state: ServedStateDep) -> dict:
     """The model card and the index card of the bundle being served."""
@@ -101,7 +101,7 @@ async def metrics(registry: MetricsDep) -> Response:
     "/admin/reload",
     tags=["operations"],
     dependencies=[Authorized],
-    responses={**_GUARDED, 503: _ERRORS[503]},
+    responses={**_GUARDED, 503: ERRORS[503]},
 )
 async def reload(holder: HolderDep, workers: WorkersDep) -> dict:
     """Load the bundle `current` points to, check it against the encoders, swap atomically."""
@@ -170,7 +170,7 @@ async def _run(
     dependencies=[Authorized],
     response_model=SynthesisResponse,
     responses={
-        **_ERRORS,
+        **ERRORS,
         200: {
             "content": {
                 NPZ_MEDIA_TYPE: {"schema": BINARY_SCHEMA},
@@ -217,7 +217,7 @@ async def synthesize(
     tags=["synthesis"],
     dependencies=[Authorized],
     response_model=RetrievalResponse,
-    responses=_ERRORS,
+    responses=ERRORS,
     openapi_extra=_UPLOAD_BODY,
 )
 async def retrieve(

@@ -18,6 +18,7 @@ from mris.dicom import Radiograph
 from mris.service.answers import b64_float32
 from mris.service.deps import Authorized, ServedStateDep, SettingsDep, UploadDep, WorkersDep
 from mris.service.problems import ServiceProblem
+from mris.service.routes import ERRORS
 from mris.service.schemas import problem_responses, upload_openapi
 
 STATIC = Path(__file__).parent / "static"
@@ -25,17 +26,12 @@ PREVIEW_MAX_PX = 1024
 """Longest side of the radiograph preview (the page scales the ROI boxes by ``scale``)."""
 
 router = APIRouter()
-_ERRORS = problem_responses(
-    {
-        400: "Unreadable or unusable DICOM, or a malformed request",
-        401: "Missing or wrong bearer token",
-        404: "No such knee-visit in the served index",
-        413: "Too large",
-        415: "Wrong media type",
-        422: "Bad parameters",
-        503: "Not ready, overloaded or timed out",
-    }
-)
+_PREVIEW_ERRORS = {code: ERRORS[code] for code in (400, 401, 413, 415, 422, 503)}
+_NEIGHBOUR_ERRORS = {
+    **problem_responses({404: "No such knee-visit in the served index"}),
+    401: ERRORS[401],
+    503: ERRORS[503],
+}
 
 
 def static_files() -> StaticFiles:
@@ -102,7 +98,7 @@ def preview_png(radiograph: Radiograph, max_px: int = PREVIEW_MAX_PX) -> tuple[b
     "/preview",
     tags=["viewer"],
     dependencies=[Authorized],
-    responses=_ERRORS,
+    responses=_PREVIEW_ERRORS,
     openapi_extra=upload_openapi(),
 )
 async def preview(
@@ -137,7 +133,9 @@ async def preview(
         ) from None
 
 
-@router.get("/neighbours/{pair_id}", tags=["viewer"], dependencies=[Authorized], responses=_ERRORS)
+@router.get(
+    "/neighbours/{pair_id}", tags=["viewer"], dependencies=[Authorized], responses=_NEIGHBOUR_ERRORS
+)
 async def neighbour(pair_id: str, state: ServedStateDep) -> dict:
     """A knee-visit of the served index: its metadata (subject, side, visit, KL grade) and its
     femoral and tibial thickness maps (float32 little-endian base64, NaN outside cartilage)."""
