@@ -156,6 +156,18 @@ class BaseBundle:
     rows: list[RowMeta]
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where stage 3 runs: ``local`` (this process) or ``ray`` (``mris.index.ray_embed``: a Ray
+    cluster at ``ray_address``, or a local one, with ``actors`` encoder actors)."""
+
+    kind: str = "local"
+    ray_address: str | None = None
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
 @dataclass
 class BuildInputs:
     """What ``load_inputs`` decided: the model, the manifest rows to embed, what was skipped."""
@@ -321,9 +333,11 @@ def embed_new_rows(
     skip_bad: bool,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    engine: EngineOptions | None = None,
 ) -> NewRows:
     """Stage 3: embed ``inputs.rows`` with the thickness encoders while writing their maps into
-    ``building``; unusable maps are skipped (``skip_bad``) into ``inputs.skipped``."""
+    ``building``; unusable maps are skipped (``skip_bad``) into ``inputs.skipped``. With an
+    ``engine`` of kind ``ray`` the rows are embedded by Ray actors (``ray_embed``)."""
     encoders = {
         region: OnnxEncoder(
             inputs.model.encoder_path(inputs.variant, region, "thickness"),
@@ -342,17 +356,36 @@ def embed_new_rows(
 
     if on_start is not None:
         on_start(n_new)
-    streamed: EmbeddedRows = embed_rows(
-        inputs.manifest,
-        inputs.rows,
-        encoders,
-        inputs.variant,
-        inputs.model.card.preprocess_config,
-        on_maps=on_maps,
-        skip_bad=skip_bad,
-        batch_size=batch_size,
-        on_progress=on_progress,
-    )
+    if engine is not None and engine.kind == "ray":
+        from mris.index.ray_embed import embed_rows_ray
+
+        streamed: EmbeddedRows = embed_rows_ray(
+            str(inputs.manifest_path),
+            inputs.rows,
+            str(inputs.model_dir),
+            inputs.variant,
+            {region: encoder.embedding_dim or 512 for region, encoder in encoders.items()},
+            on_maps=on_maps,
+            skip_bad=skip_bad,
+            batch_size=batch_size,
+            on_progress=on_progress,
+            ray_address=engine.ray_address,
+            actors=engine.actors,
+            cpus_per_actor=engine.cpus_per_actor,
+            gpus_per_actor=engine.gpus_per_actor,
+        )
+    else:
+        streamed = embed_rows(
+            inputs.manifest,
+            inputs.rows,
+            encoders,
+            inputs.variant,
+            inputs.model.card.preprocess_config,
+            on_maps=on_maps,
+            skip_bad=skip_bad,
+            batch_size=batch_size,
+            on_progress=on_progress,
+        )
     for reason, pairs in streamed.skipped.items():
         inputs.skipped.setdefault(reason, []).extend(pairs)
     keep = streamed.keep
@@ -514,8 +547,10 @@ def build_index_bundle(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    engine: EngineOptions | None = None,
 ) -> BuildResult:
-    """Build (and optionally publish) a new index bundle version under ``root``."""
+    """Build (and optionally publish) a new index bundle version under ``root``; ``engine``
+    says where the maps are embedded (default: this process)."""
     started = time.perf_counter()
     root = Path(root)
     inputs = load_inputs(
@@ -541,6 +576,7 @@ def build_index_bundle(
             skip_bad=skip_missing,
             on_start=on_start,
             on_progress=on_progress,
+            engine=engine,
         )
         table = join_base(inputs, new, building)
         region_cards = write_indexes(
@@ -575,6 +611,7 @@ __all__ = [
     "BuildResult",
     "BuiltIndex",
     "BundleRows",
+    "EngineOptions",
     "MrisError",
     "NewRows",
     "build_faiss_index",

@@ -55,12 +55,35 @@ def register(app: typer.Typer) -> None:
             0, "--threads", min=0, help="CPU threads for ONNX and FAISS (0: all usable)."
         ),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+        engine: str = typer.Option(
+            "local", "--engine", help="local (this process) or ray (Ray actors embed the maps)."
+        ),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="HOST:PORT of a Ray cluster (default: a local one)."
+        ),
+        actors: int = typer.Option(2, "--actors", min=1, help="--engine ray: encoder actors."),
+        cpus_per_actor: float = typer.Option(
+            1.0, "--cpus-per-actor", min=0.1, help="--engine ray: CPUs per actor."
+        ),
+        gpus_per_actor: float = typer.Option(
+            0.0, "--gpus-per-actor", min=0.0, help="--engine ray: GPUs per actor."
+        ),
     ) -> None:
         """Embed the manifest's maps, build the FAISS index(es), verify, and (with --publish)
         publish."""
-        from mris.index.build import build_index_bundle
+        from mris.errors import BadParameter
+        from mris.index.build import EngineOptions, build_index_bundle
         from mris.progress import console, progress_bar
 
+        if engine not in ("local", "ray"):
+            raise BadParameter(f"--engine must be local or ray, not {engine!r}")
+        engine_options = EngineOptions(
+            kind=engine,
+            ray_address=ray_address,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
+        )
         with progress_bar(enabled=not quiet) as bar:
             task = {}
 
@@ -86,6 +109,7 @@ def register(app: typer.Typer) -> None:
                 threads=threads or None,
                 on_start=on_start,
                 on_progress=on_progress,
+                engine=engine_options,
             )
         card = result.card
         kinds = ", ".join(

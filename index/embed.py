@@ -95,6 +95,35 @@ def _load_row(
     return _Loaded(index, fc=fc, tc=tc, inputs=region_inputs(variant, fc, tc, config))
 
 
+def admit(
+    item: _Loaded,
+    rows: Sequence[ManifestRow],
+    map_shape: tuple[int, int] | None,
+    skip_bad: bool,
+    keep: np.ndarray,
+    skipped: dict[str, list[str]],
+) -> tuple[int, int] | None:
+    """Decide one loaded row, in row order: the first usable map sets the shape every other map
+    must have; an unusable row stops the stream (``MrisError``) or, with ``skip_bad``, is marked
+    in ``keep`` and counted in ``skipped`` (``item.error`` set). Returns the shape so far."""
+    if item.error is None and map_shape is None:
+        map_shape = item.fc.shape
+    if item.error is None and (item.fc.shape != map_shape or item.tc.shape != map_shape):
+        item.error = (
+            f"{rows[item.index].pair_id}: maps are {item.fc.shape} / {item.tc.shape}, "
+            f"the others {map_shape}"
+        )
+        item.reason = "wrong_shape"
+    if item.error is not None:
+        if not skip_bad:
+            raise MrisError(
+                f"unusable thickness map: {item.error} (or pass --skip-missing to skip it)"
+            )
+        keep[item.index] = False
+        skipped.setdefault(item.reason or "unreadable", []).append(rows[item.index].pair_id)
+    return map_shape
+
+
 def embed_rows(
     manifest: Manifest,
     rows: Sequence[ManifestRow],
@@ -146,27 +175,8 @@ def embed_rows(
                     next_start += 1
                 good: list[_Loaded] = []
                 for item in loaded:
-                    if item.error is None and map_shape is None:
-                        map_shape = item.fc.shape
-                    if item.error is None and (
-                        item.fc.shape != map_shape or item.tc.shape != map_shape
-                    ):
-                        item.error = (
-                            f"{rows[item.index].pair_id}: maps are {item.fc.shape} / "
-                            f"{item.tc.shape}, "
-                            f"the others {map_shape}"
-                        )
-                        item.reason = "wrong_shape"
+                    map_shape = admit(item, rows, map_shape, skip_bad, keep, skipped)
                     if item.error is not None:
-                        if not skip_bad:
-                            raise MrisError(
-                                f"unusable thickness map: {item.error} (or pass "
-                                "--skip-missing to skip it)"
-                            )
-                        keep[item.index] = False
-                        skipped.setdefault(item.reason or "unreadable", []).append(
-                            rows[item.index].pair_id
-                        )
                         continue
                     good.append(item)
                     if on_maps is not None:

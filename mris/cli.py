@@ -65,6 +65,7 @@ COMMAND_MODULES = [
     "mris.commands",
     "mris.ingest_commands",
     "mris.synthesize_commands",
+    "mris.batch.commands",
     "mris.cohort.commands",
     "mris.index.commands",
     "mris.training.commands",

@@ -94,6 +94,18 @@ def compartment_columns(width: int) -> dict[str, slice]:
     return {"medial": slice(0, width // 2), "lateral": slice(width // 2, width)}
 
 
+def compartment_means(atlas_map: np.ndarray) -> dict[str, float]:
+    """``{"mean", "medial", "lateral"}``: the mean of an atlas map's finite cells overall and per
+    compartment (``compartment_columns``), NaN where a part has none."""
+    values = np.asarray(atlas_map, dtype=np.float64)
+    columns = compartment_columns(values.shape[1])
+    return {
+        "mean": _nanmean(values),
+        "medial": _nanmean(values[:, columns["medial"]]),
+        "lateral": _nanmean(values[:, columns["lateral"]]),
+    }
+
+
 def knee_numbers(result: KneeResult) -> dict[str, dict[str, float | int]]:
     """The numbers the SR reports for one knee: cartilage -> ``mean_mm``, ``medial_mm``,
     ``lateral_mm``, ``std_mean_mm`` (float mm, NaN where no cartilage cell) and ``neighbours``
@@ -104,12 +116,11 @@ def knee_numbers(result: KneeResult) -> dict[str, dict[str, float | int]]:
     for name in CARTILAGES:
         if name not in result.maps_mm:
             continue
-        thickness = np.asarray(result.maps_mm[name], dtype=np.float64)
-        columns = compartment_columns(thickness.shape[1])
+        thickness = compartment_means(result.maps_mm[name])
         numbers[name] = {
-            "mean_mm": _nanmean(thickness),
-            "medial_mm": _nanmean(thickness[:, columns["medial"]]),
-            "lateral_mm": _nanmean(thickness[:, columns["lateral"]]),
+            "mean_mm": thickness["mean"],
+            "medial_mm": thickness["medial"],
+            "lateral_mm": thickness["lateral"],
             "std_mean_mm": _nanmean(np.asarray(result.std_mm[name], dtype=np.float64)),
             "neighbours": _neighbour_count(result, name),
         }
@@ -469,6 +480,7 @@ def _neighbour_count(result: KneeResult, cartilage: str) -> int:
 __all__ = [
     "BURNED_IN_TEXT",
     "compartment_columns",
+    "compartment_means",
     "knee_numbers",
     "results_to_dicom",
 ]
