@@ -38,6 +38,31 @@ Rules (the paper is silent on both; these are ours):
 
 Shapes: similarities ``[N, k]``; neighbour maps ``[N, k, H, W]`` (float16 or float32, mm, NaN
 outside cartilage); outputs float32 ``[N, H, W]``.
+
+Two entry points, one computation:
+
+- ``synthesize(neighbour_maps, similarities)``: the maps already gathered, ``[N, k, H, W]``.
+- ``synthesize_rows(maps, row_ids, similarities)``: the k rows picked by id from a whole maps
+  array ``[rows, H, W]`` (a bundle's resident maps) and read in place, without a gathered copy;
+  row -1 is a neighbour without a map (NaN everywhere). ``MapStore.synthesize`` and
+  ``IndexBundle.synthesize_neighbours`` serve the pipeline with it.
+
+Both run one compiled kernel (numba, ``nogil``, one thread). Per block of 512 pixels it reads
+each neighbour's row once from memory and accumulates the cartilage weight share, the weighted
+sum (and for ``all`` the count of neighbours with cartilage), then takes the deviations from
+the block's mean in a second pass over the same block, now in the L1/L2 cache: the two-pass
+spread of the reference semantics, without float32 cancellation, at one read of the maps.
+float16 maps are read as such and widened to float32 in registers; sums are float32, so the
+results equal a float32 numpy formulation to float32 rounding (``tests/test_synthesis.py``
+keeps one as the oracle). At k = 20 and 310 x 310 this is about 0.8 ms per cartilage on one
+core here, bound by reading 7.7 MB of float32 rows (``benchmarks/bench_vs_reference.py``).
+
+Compilation: importing this module imports numba (about 0.2 s); the kernel is compiled on its
+first call for each maps dtype (about 1-2 s) and cached on disk (``cache=True``: numba's
+``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this file, else ``~/.cache/numba``), so later
+processes load it in milliseconds. Where none of those is writable the kernel is compiled
+without a cache, once per process. ``warm_up(dtype)`` compiles or loads it ahead of use:
+``MapStore`` calls it when it loads resident maps, so a service's first request does not pay it.
 """
 
 from __future__ import annotations
@@ -45,13 +70,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 NanRule = Literal["majority", "all"]
 NAN_RULES: tuple[str, ...] = get_args(NanRule)
 PAPER_NAN_RULE: NanRule = "all"
 DEFAULT_NAN_RULE: NanRule = "majority"
 DEFAULT_MIN_CARTILAGE_SHARE = 0.5
+# Pixels per block of the kernel: k = 20 rows of a block (40 KB float32) stay in L1/L2 for the
+# second pass. Measured at 310 x 310: 256-512 best, 4096 about 1.5x slower.
+BLOCK_PX = 512
 
 
 @dataclass
@@ -104,58 +136,229 @@ def synthesize(
     [N, k] (or [k]) -> ``Synthesis`` with [N, H, W] maps (N = 1 for the unbatched form).
 
     ``nan_rule`` is ``majority`` or ``all`` (module docstring); ``min_cartilage_share`` is the
-    majority rule's threshold and is not used by ``all``."""
+    majority rule's threshold and is not used by ``all``. The maps as rows of one array, each
+    query's own k rows: ``synthesize_rows`` on them."""
     maps = np.asarray(neighbour_maps)
     if maps.ndim == 3:
         maps = maps[None]
     if maps.ndim != 4:
         raise ValueError(f"neighbour maps must be [N, k, H, W], got shape {maps.shape}")
-    weights = similarity_weights(similarities)
-    if weights.shape != maps.shape[:2]:
+    n, k, h, w = maps.shape
+    similarities = np.atleast_2d(np.asarray(similarities))
+    if similarities.shape != (n, k):
         raise ValueError(
-            f"similarities {weights.shape} do not match neighbour maps {maps.shape[:2]}"
+            f"similarities {similarities.shape} do not match neighbour maps {maps.shape[:2]}"
         )
+    row_ids = np.arange(n * k, dtype=np.int64).reshape(n, k)
+    return synthesize_rows(
+        maps.reshape(n * k, h, w), row_ids, similarities, min_cartilage_share, nan_rule
+    )
+
+
+def synthesize_rows(
+    maps: np.ndarray,
+    row_ids: np.ndarray,
+    similarities: np.ndarray,
+    min_cartilage_share: float = DEFAULT_MIN_CARTILAGE_SHARE,
+    nan_rule: NanRule = DEFAULT_NAN_RULE,
+) -> Synthesis:
+    """Eq. 4 over rows of a maps array, read in place: maps [rows, H, W] (float16 or float32 mm,
+    NaN outside cartilage; other dtypes are converted to float32, a copy), row_ids int [N, k]
+    (or [k]) with -1 for a neighbour without a map, similarities [N, k] (or [k]) ->
+    ``Synthesis`` with [N, H, W] maps. The same answer as ``synthesize(maps[row_ids], ...)``
+    (a row -1 as an all-NaN map), without the gathered copy. ``IndexError`` for a row id past
+    the array."""
+    maps = np.asarray(maps)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [rows, H, W], got shape {maps.shape}")
+    # A fresh writable C-ordered copy (tiny): one compiled variant serves every caller's ids.
+    row_ids = np.array(row_ids, dtype=np.int64, ndmin=2)
+    weights = similarity_weights(similarities)
+    if weights.shape != row_ids.shape:
+        raise ValueError(f"similarities {weights.shape} do not match row ids {row_ids.shape}")
     if nan_rule not in NAN_RULES:
         raise ValueError(f"nan_rule must be one of {', '.join(NAN_RULES)}, got {nan_rule!r}")
     if not 0.0 < min_cartilage_share <= 1.0:
         raise ValueError(f"min_cartilage_share must be in (0, 1], got {min_cartilage_share}")
-
-    n, k, h, w = maps.shape
-    # [N, k, P] and batched matrix products ([N, 1, k] @ [N, k, P]): one BLAS pass per sum,
-    # instead of einsum temporaries (310 x 310 maps, k = 20: ~8 ms instead of ~19 ms here).
-    values = maps.reshape(n, k, h * w)
-    # Few large temporaries, reused in place: fresh multi-MB arrays cost page faults per call.
-    filled = values.astype(np.float32, copy=True)
-    missing = np.isnan(filled)
-    np.copyto(filled, np.float32(0), where=missing)
-    mask = np.logical_not(missing, out=missing).astype(np.float32)
-    row_weights = weights[:, None, :]
-    share = np.matmul(row_weights, mask)[:, 0]
-    weighted_sum = np.matmul(row_weights, filled)[:, 0]
-
-    if nan_rule == "all":
-        # Counts, not weights: a zero-weight neighbour without cartilage still makes the pixel NaN.
-        slots = _neighbour_slots(similarities).astype(np.float32)[:, None, :]
-        with_cartilage = np.matmul(slots, mask)[:, 0]
-        needed = slots.sum(axis=2)
-        cartilage = (with_cartilage >= needed - np.float32(0.5)) & (needed > 0)
-    else:
-        cartilage = share >= np.float32(min_cartilage_share) - np.float32(1e-6)
-    safe_share = np.where(share > 0, share, np.float32(1))
-    mean = weighted_sum / safe_share
-    # Two passes (not E[y^2] - E[y]^2) so a near-zero spread is not float32 cancellation noise.
-    deviation = np.subtract(filled, mean[:, None, :], out=filled)
-    deviation *= mask
-    deviation *= deviation
-    variance = np.matmul(row_weights, deviation)[:, 0] / safe_share
-    nan = np.float32(np.nan)
-    thickness = np.where(cartilage, mean, nan).astype(np.float32).reshape(n, h, w)
-    std = np.where(cartilage, np.sqrt(variance), nan).astype(np.float32).reshape(n, h, w)
-    share = share.reshape(n, h, w)
+    rows, h, w = maps.shape
+    if row_ids.size and row_ids.max() >= rows:
+        raise IndexError(f"row {row_ids.max()} out of range ({rows} rows)")
+    n = row_ids.shape[0]
+    thickness = np.empty((n, h * w), np.float32)
+    std = np.empty((n, h * w), np.float32)
+    share = np.empty((n, h * w), np.float32)
+    slots = _neighbour_slots(similarities).astype(np.float32)
+    # The kernel's threshold, in float32 as the comparison is made.
+    min_share = np.float32(min_cartilage_share) - np.float32(1e-6)
+    _kernel(
+        _kernel_rows(maps),
+        row_ids,
+        weights,
+        slots,
+        nan_rule == "all",
+        min_share,
+        thickness,
+        std,
+        share,
+    )
     return Synthesis(
-        thickness_mm=thickness,
-        std_mm=std,
+        thickness_mm=thickness.reshape(n, h, w),
+        std_mm=std.reshape(n, h, w),
         weights=weights,
-        cartilage_share=share.astype(np.float32, copy=False),
+        cartilage_share=share.reshape(n, h, w),
         nan_rule=nan_rule,
     )
+
+
+def warm_up(dtype: str | np.dtype = "float32") -> None:
+    """Compile the kernel for maps of ``dtype`` now, or load it from numba's on-disk cache, so
+    that the first ``synthesize_rows`` on such maps does not pay it (1-2 s uncached)."""
+    synthesize_rows(np.zeros((1, 1, 1), dtype), np.zeros((1, 1), np.int64), np.ones((1, 1)))
+
+
+def _kernel_rows(maps: np.ndarray) -> np.ndarray:
+    """maps [rows, H, W] -> the kernel's C-ordered [rows, H * W] view: float32, or float16 as
+    its uint16 bits (numba has no float16 type on the CPU; the kernel widens them)."""
+    maps = np.ascontiguousarray(maps)
+    if maps.dtype == np.float16:
+        maps = maps.view(np.uint16)
+    elif maps.dtype != np.float32:
+        maps = maps.astype(np.float32)
+    return maps.reshape(maps.shape[0], -1)
+
+
+@intrinsic
+def _as_float32(typingctx, value):
+    """float32 -> itself; uint16 holding float16 bits -> the float32 value (LLVM's ``fpext``
+    of a half: one ``vcvtph2ps`` per vector on x86 with F16C)."""
+    if isinstance(value, types.Float) and value.bitwidth == 32:
+
+        def codegen(context, builder, signature, args):
+            return args[0]
+
+    elif isinstance(value, types.Integer) and value.bitwidth == 16 and not value.signed:
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    else:
+        return None
+    return types.float32(value), codegen
+
+
+def _jit(function):
+    """numba's ``njit`` with an on-disk cache, or without one where numba finds no writable
+    cache directory (it raises RuntimeError then: a read-only ``NUMBA_CACHE_DIR`` with a
+    read-only install and home)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:
+        return numba.njit(nogil=True)(function)
+
+
+@_jit
+def _kernel(maps, row_ids, weights, slots, every, min_share, thickness, std, share):
+    """The module docstring's computation for N queries.
+
+    maps float32 or uint16 (float16 bits) [rows, P]; row_ids int64 [N, k] (< 0: no map);
+    weights float32 [N, k] (``similarity_weights``); slots float32 [N, k] (1 for a neighbour, 0
+    for a "no result" slot); every: the ``all`` rule, else ``majority`` with float32 threshold
+    min_share; thickness, std, share: float32 [N, P] outputs.
+
+    Rows are taken in pairs (an odd one is paired with itself at weight 0, which adds exact
+    zeros), so each accumulator is loaded and stored once per two rows. Indices are unsigned:
+    numba then emits no negative-index wrap-around and the pixel loops vectorize.
+    """
+    n, k = row_ids.shape
+    pixels = maps.shape[1]
+    flat = maps.reshape(maps.size)
+    thickness_flat = thickness.reshape(thickness.size)
+    std_flat = std.reshape(std.size)
+    share_flat = share.reshape(share.size)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    nan = np.float32(np.nan)
+    acc_share = np.empty(BLOCK_PX, np.float32)
+    acc_sum = np.empty(BLOCK_PX, np.float32)
+    acc_count = np.empty(BLOCK_PX, np.float32)
+    acc_var = np.empty(BLOCK_PX, np.float32)
+    mean = np.empty(BLOCK_PX, np.float32)
+    pair_start = np.empty((k // 2 + 1, 2), np.uint64)
+    pair_weight = np.zeros((k // 2 + 1, 2), np.float32)
+    pair_count = np.zeros((k // 2 + 1, 2), np.float32)
+    for q in range(n):
+        needed = zero  # neighbours (not "no result" slots), for `all`
+        present = 0  # neighbours with a map row
+        for i in range(k):
+            needed += slots[q, i]
+            if row_ids[q, i] >= 0:
+                pair_start[present // 2, present % 2] = np.uint64(row_ids[q, i] * pixels)
+                pair_weight[present // 2, present % 2] = weights[q, i]
+                pair_count[present // 2, present % 2] = slots[q, i]
+                present += 1
+        pairs = (present + 1) // 2
+        if present % 2:
+            pair_start[pairs - 1, 1] = pair_start[pairs - 1, 0]
+            pair_weight[pairs - 1, 1] = zero
+            pair_count[pairs - 1, 1] = zero
+        out = np.uint64(q * pixels)
+        for block in range(0, pixels, BLOCK_PX):
+            start = np.uint64(block)
+            width = np.uint64(min(BLOCK_PX, pixels - block))
+            for p in range(width):
+                acc_share[p] = zero
+                acc_sum[p] = zero
+                acc_count[p] = zero
+                acc_var[p] = zero
+            # pass 1: weight share, weighted sum (NaN = no cartilage = no contribution), count
+            for t in range(pairs):
+                a = pair_start[t, 0] + start
+                b = pair_start[t, 1] + start
+                wa = pair_weight[t, 0]
+                wb = pair_weight[t, 1]
+                if every:
+                    ca = pair_count[t, 0]
+                    cb = pair_count[t, 1]
+                    for p in range(width):
+                        va = _as_float32(flat[a + p])
+                        vb = _as_float32(flat[b + p])
+                        ha = va == va
+                        hb = vb == vb
+                        acc_share[p] += (wa if ha else zero) + (wb if hb else zero)
+                        acc_sum[p] += (wa * va if ha else zero) + (wb * vb if hb else zero)
+                        acc_count[p] += (ca if ha else zero) + (cb if hb else zero)
+                else:
+                    for p in range(width):
+                        va = _as_float32(flat[a + p])
+                        vb = _as_float32(flat[b + p])
+                        ha = va == va
+                        hb = vb == vb
+                        acc_share[p] += (wa if ha else zero) + (wb if hb else zero)
+                        acc_sum[p] += (wa * va if ha else zero) + (wb * vb if hb else zero)
+            for p in range(width):
+                weight_share = acc_share[p]
+                mean[p] = acc_sum[p] / (weight_share if weight_share > zero else one)
+            # pass 2 (the block's rows are now cached): weighted squared deviations
+            for t in range(pairs):
+                a = pair_start[t, 0] + start
+                b = pair_start[t, 1] + start
+                wa = pair_weight[t, 0]
+                wb = pair_weight[t, 1]
+                for p in range(width):
+                    va = _as_float32(flat[a + p])
+                    vb = _as_float32(flat[b + p])
+                    da = va - mean[p] if va == va else zero
+                    db = vb - mean[p] if vb == vb else zero
+                    acc_var[p] += wa * (da * da) + wb * (db * db)
+            at = out + start
+            for p in range(width):
+                weight_share = acc_share[p]
+                if every:
+                    inside = acc_count[p] >= needed - half and needed > zero
+                else:
+                    inside = weight_share >= min_share
+                safe_share = weight_share if weight_share > zero else one
+                thickness_flat[at + p] = mean[p] if inside else nan
+                std_flat[at + p] = np.sqrt(acc_var[p] / safe_share) if inside else nan
+                share_flat[at + p] = weight_share
