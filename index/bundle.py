@@ -32,6 +32,7 @@ from mris.index.maps import MAPS_DTYPES, MapStore, MapsWriter
 from mris.index.rows import ROW_COLUMNS, ROWS_NAME, RowMeta, RowsTable, read_rows, write_rows
 from mris.model_bundle import ModelCard
 from mris.npyio import load_npy
+from mris.synthesis import DEFAULT_MIN_CARTILAGE_SHARE, DEFAULT_NAN_RULE, NanRule, Synthesis
 
 
 class IndexBundle:
@@ -42,9 +43,10 @@ class IndexBundle:
     - ``search(region, queries [N, 512] float32, k) -> (similarities [N, k] float32,
       row_ids [N, k] int64)``, best first; k is capped at the row count.
     - ``neighbour_maps(cartilage, row_ids [N, k]) -> float32 [N, k, H, W]``.
+    - ``synthesize_neighbours(cartilage, row_ids [N, k], similarities [N, k], nan_rule) ->
+      mris.synthesis.Synthesis``: eq. 4 over those rows, read in place from the maps
+      (``MapStore.synthesize``); ``mris.pipeline.synthesize_maps`` calls it.
     - ``rows[i]`` / ``row_metadata(ids)``: pair_id, subject_id, side, visit_month, klg.
-
-    Eq. 4 over the neighbours is ``mris.synthesis.synthesize``, called by ``mris.pipeline``.
     """
 
     def __init__(
@@ -101,6 +103,16 @@ class IndexBundle:
 
     def neighbour_maps(self, cartilage: str, row_ids: np.ndarray) -> np.ndarray:
         return self.maps[cartilage].rows(row_ids)
+
+    def synthesize_neighbours(
+        self,
+        cartilage: str,
+        row_ids: np.ndarray,
+        similarities: np.ndarray,
+        nan_rule: NanRule = DEFAULT_NAN_RULE,
+        min_cartilage_share: float = DEFAULT_MIN_CARTILAGE_SHARE,
+    ) -> Synthesis:
+        return self.maps[cartilage].synthesize(row_ids, similarities, min_cartilage_share, nan_rule)
 
     def row_metadata(self, row_ids) -> list[dict[str, Any] | None]:
         return self.rows.metadata(row_ids)

@@ -6,7 +6,8 @@ outside cartilage, in the bundle's row order. Plain ``.npy`` (memory-mappable wi
 ``np.load(mmap_mode="r")``). For search-time reads ``MapStore.rows`` reads each needed row with
 one ``os.preadv`` (a cold random read of a memory-mapped row costs ~8 ms here because of the
 8 MiB readahead; an explicit read ~0.3 ms, PERF_FACTS.md), or serves them from RAM with
-``resident=True``.
+``resident=True``. ``MapStore.synthesize`` is eq. 4 over the rows a search found
+(``mris.synthesis.synthesize_rows``): resident maps are read in place, without a gathered copy.
 
 Maps dtype: float32 by default. float16 halves the size; its step is 2**-8 mm (~0.004 mm) for
 thickness in [4, 8) mm, so a stored value may be off by up to ~0.002 mm and a synthesis whose
@@ -25,6 +26,14 @@ import numpy as np
 
 from mris.errors import BadParameter, BundleInvalid
 from mris.npyio import load_npy, read_npy_header
+from mris.synthesis import (
+    DEFAULT_MIN_CARTILAGE_SHARE,
+    DEFAULT_NAN_RULE,
+    NanRule,
+    Synthesis,
+    synthesize_rows,
+    warm_up,
+)
 
 MAPS_DTYPES = ("float32", "float16")
 COPY_ROWS = 1024  # rows per chunk when maps are compacted or concatenated
@@ -118,11 +127,14 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 class MapStore:
     """Read access to one ``maps-<cartilage>.npy``.
 
-    ``rows(ids)`` returns float32 ``[*ids.shape, H, W]`` (NaN maps for id -1). With
-    ``resident=True`` the whole array is loaded into RAM once; otherwise each needed row is read
-    with ``os.preadv`` (fast cold, no readahead waste). ``array`` is the memory-mapped view.
-    ``shape`` / ``dtype``, when given (the card's), are checked against the file's header
-    (``BundleInvalid``), as is a data section shorter than the header says.
+    ``rows(ids)`` returns float32 ``[*ids.shape, H, W]`` (NaN maps for id -1).
+    ``synthesize(ids [N, k], similarities [N, k], ...)`` returns eq. 4 over those rows, a
+    ``mris.synthesis.Synthesis``. With ``resident=True`` the whole array is loaded into RAM once
+    (and the synthesis kernel compiled, or loaded from numba's cache, for its dtype, so the first
+    query does not wait for it); otherwise each needed row is read with ``os.preadv`` (fast cold,
+    no readahead waste). ``array`` is the memory-mapped view. ``shape`` / ``dtype``, when given
+    (the card's), are checked against the file's header (``BundleInvalid``), as is a data
+    section shorter than the header says.
     """
 
     def __init__(
@@ -152,6 +164,8 @@ class MapStore:
         self.resident: np.ndarray | None = np.array(self.array) if resident else None
         self._fd = os.open(path, os.O_RDONLY)
         self._lock = threading.Lock()
+        if resident:
+            warm_up(self.dtype)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -166,28 +180,53 @@ class MapStore:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        flat = ids.reshape(-1)
         h, w = self.shape[1], self.shape[2]
-        out = np.empty((flat.size, h, w), dtype=self.dtype)
         if self.resident is not None:
+            flat = ids.reshape(-1)
+            out = np.empty((flat.size, h, w), dtype=self.dtype)
             valid = flat >= 0
             out[valid] = self.resident[flat[valid]]
             out[~valid] = np.nan
         else:
-            for slot, row in enumerate(flat):
-                if row < 0:
-                    out[slot] = np.nan
-                    continue
-                if row >= self.shape[0]:
-                    raise IndexError(f"row {row} out of range ({self.shape[0]} rows)")
-                got = os.preadv(
-                    self._fd,
-                    [memoryview(out[slot]).cast("B")],
-                    self.offset + int(row) * self.row_bytes,
-                )
-                if got != self.row_bytes:
-                    raise BundleInvalid(f"{self.path.name}: short read at row {row}")
+            out = self._read(ids.reshape(-1))
         return out.astype(np.float32, copy=False).reshape(*ids.shape, h, w)
+
+    def synthesize(
+        self,
+        ids: np.ndarray,
+        similarities: np.ndarray,
+        min_cartilage_share: float = DEFAULT_MIN_CARTILAGE_SHARE,
+        nan_rule: NanRule = DEFAULT_NAN_RULE,
+    ) -> Synthesis:
+        """Eq. 4 over rows ``ids`` int [N, k] (-1: no neighbour) with ``similarities`` [N, k]:
+        ``synthesize(self.rows(ids), similarities, ...)``, computed by
+        ``mris.synthesis.synthesize_rows`` on the resident array in place, or on the rows read
+        with ``os.preadv`` in the stored dtype (no float32 copy)."""
+        if self.resident is not None:
+            return synthesize_rows(self.resident, ids, similarities, min_cartilage_share, nan_rule)
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.reshape(-1)
+        local = np.where(flat >= 0, np.arange(flat.size), -1).reshape(ids.shape)
+        return synthesize_rows(self._read(flat), local, similarities, min_cartilage_share, nan_rule)
+
+    def _read(self, flat: np.ndarray) -> np.ndarray:
+        """Rows ``flat`` int64 [n] -> [n, H, W] in the stored dtype, one ``os.preadv`` each
+        (NaN maps for id -1)."""
+        out = np.empty((flat.size, self.shape[1], self.shape[2]), dtype=self.dtype)
+        for slot, row in enumerate(flat):
+            if row < 0:
+                out[slot] = np.nan
+                continue
+            if row >= self.shape[0]:
+                raise IndexError(f"row {row} out of range ({self.shape[0]} rows)")
+            got = os.preadv(
+                self._fd,
+                [memoryview(out[slot]).cast("B")],
+                self.offset + int(row) * self.row_bytes,
+            )
+            if got != self.row_bytes:
+                raise BundleInvalid(f"{self.path.name}: short read at row {row}")
+        return out
 
 
 __all__ = ["MAPS_DTYPES", "MapStore", "MapsWriter", "prepend_maps"]

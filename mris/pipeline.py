@@ -16,7 +16,9 @@ actor, a test) or need no request around the answer:
 - ``synthesize_maps(hits, maps, k, nan_rule)``: the synthesis step, one knee's ``Hits`` in,
   ``KneeMaps`` out (eq. 4 per cartilage of each region, no request decoration).
   ``Pipeline.assemble`` adds the request's ROI, spacing source, confidence and the neighbours'
-  ids; the evaluation and the benchmarks call it directly.
+  ids; the evaluation and the benchmarks call it directly. With an ``IndexBundle`` (a
+  ``SynthesizingMaps``) the maps are read in place from the bundle's rows; any other
+  ``NeighbourMaps`` hands over gathered maps.
 
 Which neighbours make which map: variant ``separate`` (MRIS-S) searches the fc index with the
 fc radiograph encoder and averages femoral maps of those neighbours, and likewise for tc;
@@ -43,7 +45,13 @@ from mris.errors import BadParameter, BundleMismatch
 from mris.model_bundle import VARIANT_REGIONS, ModelBundle, load_model_bundle
 from mris.options import KNEE_CHOICES, MAX_K, OPTION_MAX_CHARS, RequestOptions
 from mris.roi import KneeRoi, extract_roi, parse_keypoints, stack_rois
-from mris.synthesis import DEFAULT_NAN_RULE, NanRule, similarity_weights, synthesize
+from mris.synthesis import (
+    DEFAULT_NAN_RULE,
+    NanRule,
+    Synthesis,
+    similarity_weights,
+    synthesize,
+)
 
 
 @dataclass
@@ -123,6 +131,18 @@ class NeighbourMaps(Protocol):
         ...
 
 
+class SynthesizingMaps(NeighbourMaps, Protocol):
+    """``NeighbourMaps`` that also run eq. 4 over their own rows (``IndexBundle``: read in place
+    from its maps array, no gathered copy). ``synthesize_maps`` uses it where present."""
+
+    def synthesize_neighbours(
+        self, cartilage: str, row_ids: np.ndarray, similarities: np.ndarray, nan_rule: NanRule
+    ) -> Synthesis:
+        """int64 [N, k] rows, float32 [N, k] similarities -> ``mris.synthesis.synthesize`` of
+        ``neighbour_maps(cartilage, row_ids)`` (to float32 rounding)."""
+        ...
+
+
 def search_batch(
     rois: Sequence[KneeRoi | np.ndarray],
     k: int,
@@ -153,19 +173,27 @@ def synthesize_maps(
 ) -> KneeMaps:
     """The synthesis step for one knee: its ``Hits`` per region (from ``search_batch``) ->
     ``KneeMaps``. Per region the best ``k`` neighbours and their weights; ``with_maps``, also
-    eq. 4 with ``nan_rule`` (``mris.synthesis.synthesize``) for each of the region's cartilages."""
+    eq. 4 with ``nan_rule`` for each of the region's cartilages: ``maps.synthesize_neighbours``
+    where ``maps`` has it (``SynthesizingMaps``), else ``mris.synthesis.synthesize`` of
+    ``maps.neighbour_maps``."""
     neighbours: dict[str, Hits] = {}
     weights: dict[str, np.ndarray] = {}
     maps_mm: dict[str, np.ndarray] = {}
     std_mm: dict[str, np.ndarray] = {}
+    in_place = getattr(maps, "synthesize_neighbours", None)
     for region, region_hits in hits.items():
         best = region_hits.first(k)
         neighbours[region] = best
         weights[region] = similarity_weights(best.similarities[None])[0]
         if with_maps:
             for name in maps.cartilages(region):
-                neighbour_maps = maps.neighbour_maps(name, best.rows[None])
-                out = synthesize(neighbour_maps, best.similarities[None], nan_rule=nan_rule)
+                rows, similarities = best.rows[None], best.similarities[None]
+                if in_place is not None:
+                    out = in_place(name, rows, similarities, nan_rule)
+                else:
+                    out = synthesize(
+                        maps.neighbour_maps(name, rows), similarities, nan_rule=nan_rule
+                    )
                 maps_mm[name] = out.thickness_mm[0]
                 std_mm[name] = out.std_mm[0]
     return KneeMaps(neighbours, weights, maps_mm, std_mm, nan_rule if with_maps else None)
@@ -408,6 +436,7 @@ __all__ = [
     "Prepared",
     "RequestOptions",
     "RoiEncoder",
+    "SynthesizingMaps",
     "parse_keypoints",
     "search_batch",
     "synthesize_maps",
