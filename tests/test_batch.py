@@ -259,24 +259,47 @@ def require_binary_in_venv(name: str) -> str:
     return str(local) if local.exists() else require_binary(name, f"pip install {name}")
 
 
-def test_ray_engine_writes_the_same_rows(ray_cluster, localised_bundles, inputs_dir, local_run):
+def _actor_pids() -> list[int]:
+    """The Ray worker processes running a ``ShardActor`` (Ray names them after the actor)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ShardActor" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_ray_engine_writes_the_same_rows_despite_a_killed_worker(
+    ray_cluster, localised_bundles, inputs_dir, local_run
+):
+    """The Ray engine on a 2-CPU cluster: an actor SIGKILLed once some shards are complete is
+    restarted by Ray and its shard redone; the rows equal the local engine's, each knee once."""
     out = local_run.parent / "ray-out"
-    output = _finish(
-        _batch(
-            localised_bundles,
-            inputs_dir,
-            out,
-            "--shard-size",
-            "3",
-            "--engine",
-            "ray",
-            "--ray-address",
-            ray_cluster,
-            "--actors",
-            "2",
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-        )
+    process = _batch(
+        localised_bundles,
+        inputs_dir,
+        out,
+        "--shard-size",
+        "1",
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--actors",
+        "2",
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
+    deadline, killed = time.monotonic() + 240, None
+    while time.monotonic() < deadline and process.poll() is None and killed is None:
+        if len(list((out / "rows").glob("shard-*.parquet"))) >= 1 and _actor_pids():
+            killed = _actor_pids()[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    output = _finish(process)
+    assert killed is not None, "the job ended before a worker could be killed"
     rows, reference = _rows(out), _rows(local_run)
     assert rows["knee_id"].tolist() == reference["knee_id"].tolist(), output
     for region in ("fc", "tc"):
@@ -286,6 +309,7 @@ def test_ray_engine_writes_the_same_rows(ray_cluster, localised_bundles, inputs_
     for column in ("fc_mean_mm", "tc_mean_mm", "fc_sd_medial_mm", "centre_x", "confidence"):
         np.testing.assert_allclose(rows[column], reference[column], rtol=1e-5, atol=1e-6)
     assert _failures(out)["reason"].tolist() == _failures(local_run)["reason"].tolist()
+    assert not list(out.rglob(".tmp-*"))
 
 
 def test_index_build_on_ray_equals_the_local_build(ray_cluster, localised_bundles, tiny_cohort):

@@ -2,6 +2,8 @@
 ``ray`` (Ray Data: the pending shards as a dataset, ``map_batches`` over an actor pool, one
 ``Pipeline`` with its ONNX sessions per actor, CPU or GPU by the actor's resources). Both run
 ``mris.batch.shard.run_shard`` on each shard not yet complete, so both write the same rows.
+Each pipeline decodes and finds knees in ``sandbox_workers + 1`` threads: while one waits for
+a decode in the sandbox, another runs the localiser.
 
 With Ray every actor writes its shards' files itself: ``OUT``, the model and the index bundle
 must be at the same path on every node (one machine, or a shared file system).
@@ -136,7 +138,8 @@ def run_batch(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> BatchReport:
     """Run (or resume) a batch job into ``out``. ``on_start(inputs, done)`` once, then
-    ``on_progress(inputs, knees)`` as inputs finish. Returns the report; ``summary.json`` is
+    ``on_progress(inputs, knees)`` as inputs finish (the local engine: each input, then each
+    shard's knees; Ray: each shard). Returns the report; ``summary.json`` is
     written when every shard is complete."""
     from mris.index.publish import resolve
 
@@ -169,6 +172,7 @@ def run_batch(
     seconds = time.perf_counter() - started
     report = _report(out, engine, inputs, shards, outcomes, seconds)
     if report.complete:
+        remove_partial_files(out)  # what a killed Ray worker left beside a redone shard
         atomic_write_json(out / SUMMARY_FILE, asdict(report))
     return report
 
@@ -186,11 +190,17 @@ def _run_local(
     with decoder(spec, pipeline, settings) as decode:
         for shard in pending:
             outcome = run_shard(
-                pipeline, decode, shard, settings, out, decode_threads=spec.sandbox_workers
+                pipeline,
+                decode,
+                shard,
+                settings,
+                out,
+                decode_threads=spec.sandbox_workers + 1,
+                on_input=None if on_progress is None else lambda: on_progress(1, 0),
             )
             outcomes.append(outcome)
             if on_progress is not None:
-                on_progress(outcome.inputs, outcome.knees)
+                on_progress(0, outcome.knees)
     return outcomes
 
 
@@ -220,7 +230,7 @@ class ShardActor:
                     shard,
                     self.settings,
                     self.out,
-                    decode_threads=self.spec.sandbox_workers,
+                    decode_threads=self.spec.sandbox_workers + 1,
                 )
             )
         return {key: [getattr(o, key) for o in outcomes] for key in ShardOutcome.__annotations__}

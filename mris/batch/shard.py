@@ -108,9 +108,11 @@ def run_shard(
     settings: BatchSettings,
     out: Path,
     decode_threads: int = 1,
+    on_input: Callable[[], None] | None = None,
 ) -> ShardOutcome:
     """Synthesize every knee of ``shard``'s inputs and write its rows, failures and maps
-    (rows last: they mark the shard complete)."""
+    (rows last: they mark the shard complete). ``on_input()`` after each input is decoded and
+    its knees found (or it failed)."""
     from mris.options import RequestOptions
 
     started = time.perf_counter()
@@ -131,9 +133,13 @@ def run_shard(
                 }
             )
             return None
+        finally:
+            if on_input is not None:
+                on_input()
 
     with ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="mris-batch") as pool:
         prepared = list(pool.map(prepare, range(len(shard.files))))
+    failures.sort(key=lambda failure: failure["source"])  # threads finish in any order
     kept = [(i, p) for i, p in enumerate(prepared) if p is not None]
     rois = [roi for _, p in kept for roi in p.rois]
     hits = []
