@@ -47,21 +47,22 @@ Two entry points, one computation:
   row -1 is a neighbour without a map (NaN everywhere). ``MapStore.synthesize`` and
   ``IndexBundle.synthesize_neighbours`` serve the pipeline with it.
 
-Both run one compiled kernel (numba, ``nogil``, one thread). Per block of 512 pixels it reads
+Both run one compiled kernel (numba, ``nogil``, one thread). Per block of 128 pixels it reads
 each neighbour's row once from memory and accumulates the cartilage weight share, the weighted
 sum (and for ``all`` the count of neighbours with cartilage), then takes the deviations from
-the block's mean in a second pass over the same block, now in the L1/L2 cache: the two-pass
+the block's mean in a second pass over the same block, now in the L1 cache: the two-pass
 spread of the reference semantics, without float32 cancellation, at one read of the maps.
 float16 maps are read as such and widened to float32 in registers; sums are float32, so the
 results equal a float32 numpy formulation to float32 rounding (``tests/test_synthesis.py``
-keeps one as the oracle). At k = 20 and 310 x 310 this is about 0.8 ms per cartilage on one
-core here, bound by reading 7.7 MB of float32 rows (``benchmarks/bench_vs_reference.py``).
+keeps one as the oracle). At k = 20 and 310 x 310 this is about 0.6-0.8 ms per cartilage on
+one core of our shared 2-core machines, close to the time it takes to read the 7.7 MB of
+float32 rows at all (``benchmarks/bench_vs_reference.py``).
 
 Compilation: importing this module imports numba (about 0.2 s); the kernel is compiled on its
-first call for each maps dtype (about 1-2 s) and cached on disk (``cache=True``: numba's
+first call for each maps dtype (2-4 s here) and cached on disk (``cache=True``: numba's
 ``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this file, else ``~/.cache/numba``), so later
-processes load it in milliseconds. Where none of those is writable the kernel is compiled
-without a cache, once per process. ``warm_up(dtype)`` compiles or loads it ahead of use:
+processes load it instead (about 0.4 s for the first, milliseconds for the next). Where none of
+those is writable the kernel is compiled without a cache, once per process. ``warm_up(dtype)`` compiles or loads it ahead of use:
 ``MapStore`` calls it when it loads resident maps, so a service's first request does not pay it.
 """
 
@@ -81,9 +82,9 @@ NAN_RULES: tuple[str, ...] = get_args(NanRule)
 PAPER_NAN_RULE: NanRule = "all"
 DEFAULT_NAN_RULE: NanRule = "majority"
 DEFAULT_MIN_CARTILAGE_SHARE = 0.5
-# Pixels per block of the kernel: k = 20 rows of a block (40 KB float32) stay in L1/L2 for the
-# second pass. Measured at 310 x 310: 256-512 best, 4096 about 1.5x slower.
-BLOCK_PX = 512
+# Pixels per block of the kernel: k = 20 rows of a block (10 KB float32) stay in L1 for the
+# second pass. Measured at 310 x 310, k = 20: 128 best, 64 and 512 about 1.2x slower.
+BLOCK_PX = 128
 
 
 @dataclass
@@ -110,13 +111,18 @@ def similarity_weights(similarities: np.ndarray) -> np.ndarray:
     Non-finite similarities (FAISS pads missing results with -inf / -3.4e38) weigh 0 and do not
     count in the equal-weights fallback.
     """
+    return _weights_and_slots(similarities)[0]
+
+
+def _weights_and_slots(similarities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``similarity_weights`` and ``_neighbour_slots`` of [N, k] similarities, in one go."""
     similarities = np.atleast_2d(np.asarray(similarities, dtype=np.float64))
     finite = _neighbour_slots(similarities)
     clipped = np.where(finite, np.clip(similarities, 0.0, None), 0.0)
     total = clipped.sum(axis=1, keepdims=True)
     equal = finite / np.maximum(finite.sum(axis=1, keepdims=True), 1)
     weights = np.where(total > 0, clipped / np.where(total > 0, total, 1.0), equal)
-    return weights.astype(np.float32)
+    return weights.astype(np.float32), finite
 
 
 def _neighbour_slots(similarities: np.ndarray) -> np.ndarray:
@@ -173,7 +179,7 @@ def synthesize_rows(
         raise ValueError(f"maps must be [rows, H, W], got shape {maps.shape}")
     # A fresh writable C-ordered copy (tiny): one compiled variant serves every caller's ids.
     row_ids = np.array(row_ids, dtype=np.int64, ndmin=2)
-    weights = similarity_weights(similarities)
+    weights, slots = _weights_and_slots(similarities)
     if weights.shape != row_ids.shape:
         raise ValueError(f"similarities {weights.shape} do not match row ids {row_ids.shape}")
     if nan_rule not in NAN_RULES:
@@ -184,17 +190,16 @@ def synthesize_rows(
     if row_ids.size and row_ids.max() >= rows:
         raise IndexError(f"row {row_ids.max()} out of range ({rows} rows)")
     n = row_ids.shape[0]
-    thickness = np.empty((n, h * w), np.float32)
-    std = np.empty((n, h * w), np.float32)
-    share = np.empty((n, h * w), np.float32)
-    slots = _neighbour_slots(similarities).astype(np.float32)
+    # One allocation for the three outputs: glibc then keeps reusing the same heap memory across
+    # calls, where three fresh 384 KB arrays came back page-faulted (+0.3-0.5 ms at 310 x 310).
+    thickness, std, share = np.empty((3, n, h * w), np.float32)
     # The kernel's threshold, in float32 as the comparison is made.
     min_share = np.float32(min_cartilage_share) - np.float32(1e-6)
     _kernel(
         _kernel_rows(maps),
         row_ids,
         weights,
-        slots,
+        slots.astype(np.float32),
         nan_rule == "all",
         min_share,
         thickness,
@@ -265,9 +270,11 @@ def _kernel(maps, row_ids, weights, slots, every, min_share, thickness, std, sha
     for a "no result" slot); every: the ``all`` rule, else ``majority`` with float32 threshold
     min_share; thickness, std, share: float32 [N, P] outputs.
 
-    Rows are taken in pairs (an odd one is paired with itself at weight 0, which adds exact
-    zeros), so each accumulator is loaded and stored once per two rows. Indices are unsigned:
-    numba then emits no negative-index wrap-around and the pixel loops vectorize.
+    Rows are taken four at a time (the last group padded with the first row at weight 0, which
+    adds exact zeros), so each accumulator is loaded and stored once per four rows; written out
+    by hand, as numba's vectorizer does not unroll an inner loop over them (1.2x faster than
+    pairs, 8x than a loop). Indices are unsigned: numba then emits no negative-index
+    wrap-around and the pixel loops vectorize.
     """
     n, k = row_ids.shape
     pixels = maps.shape[1]
@@ -284,24 +291,25 @@ def _kernel(maps, row_ids, weights, slots, every, min_share, thickness, std, sha
     acc_count = np.empty(BLOCK_PX, np.float32)
     acc_var = np.empty(BLOCK_PX, np.float32)
     mean = np.empty(BLOCK_PX, np.float32)
-    pair_start = np.empty((k // 2 + 1, 2), np.uint64)
-    pair_weight = np.zeros((k // 2 + 1, 2), np.float32)
-    pair_count = np.zeros((k // 2 + 1, 2), np.float32)
+    # per group of four rows: where each row starts in `flat`, its weight, its neighbour count
+    group_start = np.empty((k // 4 + 1, 4), np.uint64)
+    group_weight = np.zeros((k // 4 + 1, 4), np.float32)
+    group_count = np.zeros((k // 4 + 1, 4), np.float32)
     for q in range(n):
         needed = zero  # neighbours (not "no result" slots), for `all`
         present = 0  # neighbours with a map row
         for i in range(k):
             needed += slots[q, i]
             if row_ids[q, i] >= 0:
-                pair_start[present // 2, present % 2] = np.uint64(row_ids[q, i] * pixels)
-                pair_weight[present // 2, present % 2] = weights[q, i]
-                pair_count[present // 2, present % 2] = slots[q, i]
+                group_start[present // 4, present % 4] = np.uint64(row_ids[q, i] * pixels)
+                group_weight[present // 4, present % 4] = weights[q, i]
+                group_count[present // 4, present % 4] = slots[q, i]
                 present += 1
-        pairs = (present + 1) // 2
-        if present % 2:
-            pair_start[pairs - 1, 1] = pair_start[pairs - 1, 0]
-            pair_weight[pairs - 1, 1] = zero
-            pair_count[pairs - 1, 1] = zero
+        groups = (present + 3) // 4
+        for j in range(present, 4 * groups):
+            group_start[j // 4, j % 4] = group_start[0, 0]
+            group_weight[j // 4, j % 4] = zero
+            group_count[j // 4, j % 4] = zero
         out = np.uint64(q * pixels)
         for block in range(0, pixels, BLOCK_PX):
             start = np.uint64(block)
@@ -312,45 +320,64 @@ def _kernel(maps, row_ids, weights, slots, every, min_share, thickness, std, sha
                 acc_count[p] = zero
                 acc_var[p] = zero
             # pass 1: weight share, weighted sum (NaN = no cartilage = no contribution), count
-            for t in range(pairs):
-                a = pair_start[t, 0] + start
-                b = pair_start[t, 1] + start
-                wa = pair_weight[t, 0]
-                wb = pair_weight[t, 1]
-                if every:
-                    ca = pair_count[t, 0]
-                    cb = pair_count[t, 1]
-                    for p in range(width):
-                        va = _as_float32(flat[a + p])
-                        vb = _as_float32(flat[b + p])
-                        ha = va == va
-                        hb = vb == vb
-                        acc_share[p] += (wa if ha else zero) + (wb if hb else zero)
-                        acc_sum[p] += (wa * va if ha else zero) + (wb * vb if hb else zero)
-                        acc_count[p] += (ca if ha else zero) + (cb if hb else zero)
-                else:
-                    for p in range(width):
-                        va = _as_float32(flat[a + p])
-                        vb = _as_float32(flat[b + p])
-                        ha = va == va
-                        hb = vb == vb
-                        acc_share[p] += (wa if ha else zero) + (wb if hb else zero)
-                        acc_sum[p] += (wa * va if ha else zero) + (wb * vb if hb else zero)
+            for t in range(groups):
+                a = group_start[t, 0] + start
+                b = group_start[t, 1] + start
+                c = group_start[t, 2] + start
+                d = group_start[t, 3] + start
+                wa = group_weight[t, 0]
+                wb = group_weight[t, 1]
+                wc = group_weight[t, 2]
+                wd = group_weight[t, 3]
+                ca = group_count[t, 0]
+                cb = group_count[t, 1]
+                cc = group_count[t, 2]
+                cd = group_count[t, 3]
+                for p in range(width):
+                    va = _as_float32(flat[a + p])
+                    vb = _as_float32(flat[b + p])
+                    vc = _as_float32(flat[c + p])
+                    vd = _as_float32(flat[d + p])
+                    ha = va == va
+                    hb = vb == vb
+                    hc = vc == vc
+                    hd = vd == vd
+                    acc_share[p] += ((wa if ha else zero) + (wb if hb else zero)) + (
+                        (wc if hc else zero) + (wd if hd else zero)
+                    )
+                    acc_sum[p] += ((wa * va if ha else zero) + (wb * vb if hb else zero)) + (
+                        (wc * vc if hc else zero) + (wd * vd if hd else zero)
+                    )
+                    if every:  # loop-invariant: hoisted out of the vector loop
+                        acc_count[p] += ((ca if ha else zero) + (cb if hb else zero)) + (
+                            (cc if hc else zero) + (cd if hd else zero)
+                        )
             for p in range(width):
                 weight_share = acc_share[p]
                 mean[p] = acc_sum[p] / (weight_share if weight_share > zero else one)
             # pass 2 (the block's rows are now cached): weighted squared deviations
-            for t in range(pairs):
-                a = pair_start[t, 0] + start
-                b = pair_start[t, 1] + start
-                wa = pair_weight[t, 0]
-                wb = pair_weight[t, 1]
+            for t in range(groups):
+                a = group_start[t, 0] + start
+                b = group_start[t, 1] + start
+                c = group_start[t, 2] + start
+                d = group_start[t, 3] + start
+                wa = group_weight[t, 0]
+                wb = group_weight[t, 1]
+                wc = group_weight[t, 2]
+                wd = group_weight[t, 3]
                 for p in range(width):
+                    m = mean[p]
                     va = _as_float32(flat[a + p])
                     vb = _as_float32(flat[b + p])
-                    da = va - mean[p] if va == va else zero
-                    db = vb - mean[p] if vb == vb else zero
-                    acc_var[p] += wa * (da * da) + wb * (db * db)
+                    vc = _as_float32(flat[c + p])
+                    vd = _as_float32(flat[d + p])
+                    da = va - m if va == va else zero
+                    db = vb - m if vb == vb else zero
+                    dc = vc - m if vc == vc else zero
+                    dd = vd - m if vd == vd else zero
+                    acc_var[p] += (wa * (da * da) + wb * (db * db)) + (
+                        wc * (dc * dc) + wd * (dd * dd)
+                    )
             at = out + start
             for p in range(width):
                 weight_share = acc_share[p]

@@ -204,9 +204,9 @@ def gathered(maps, ids):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("nan_rule", NAN_RULES)
-@pytest.mark.parametrize("shape", [(17, 23), (41, 37)])  # one block; several, the last partial
+@pytest.mark.parametrize("shape", [(9, 11), (41, 37)])  # one block; several, the last partial
 def test_kernel_equals_the_numpy_formulation(dtype, nan_rule, shape):
-    assert shape[0] * shape[1] < BLOCK_PX or shape[0] * shape[1] > 2 * BLOCK_PX
+    assert shape[0] * shape[1] < BLOCK_PX or shape[0] * shape[1] % BLOCK_PX
     maps, ids, sims = database_and_queries(dtype, shape=shape)
     thickness, std, share = numpy_synthesize(gathered(maps, ids), sims, nan_rule=nan_rule)
     assert np.isnan(thickness).any() and np.isfinite(thickness).any()
