@@ -62,8 +62,9 @@ Compilation: importing this module imports numba (about 0.2 s); the kernel is co
 first call for each maps dtype (2-4 s here) and cached on disk (``cache=True``: numba's
 ``NUMBA_CACHE_DIR``, else ``__pycache__`` beside this file, else ``~/.cache/numba``), so later
 processes load it instead (about 0.4 s for the first, milliseconds for the next). Where none of
-those is writable the kernel is compiled without a cache, once per process. ``warm_up(dtype)`` compiles or loads it ahead of use:
-``MapStore`` calls it when it loads resident maps, so a service's first request does not pay it.
+those is writable the kernel is compiled without a cache, once per process. ``warm_up(dtype)``
+compiles or loads it ahead of use: ``MapStore`` calls it when it loads resident maps, so a
+service's first request does not pay it.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def _kernel_rows(maps: np.ndarray) -> np.ndarray:
         maps = maps.view(np.uint16)
     elif maps.dtype != np.float32:
         maps = maps.astype(np.float32)
-    return maps.reshape(maps.shape[0], -1)
+    return maps.reshape(maps.shape[0], maps.shape[1] * maps.shape[2])
 
 
 @intrinsic

@@ -237,9 +237,13 @@ def test_kernel_majority_threshold_and_no_neighbours(nan_rule):
         want = numpy_synthesize(gathered(maps, ids), sims, share, nan_rule)[0]
         got = synthesize_rows(maps, ids, sims, share, nan_rule).thickness_mm
         np.testing.assert_allclose(got, want, atol=1e-5)
-    # only "no result" slots: nothing is cartilage
+    # only "no result" slots, or no neighbour at all: nothing is cartilage
     empty = synthesize_rows(maps, [[-1, -1]], [[-np.inf, -3.4e38]], nan_rule=nan_rule)
     assert np.isnan(empty.thickness_mm).all() and np.isnan(empty.std_mm).all()
+    none = synthesize(np.zeros((1, 0, 4, 5), np.float32), np.zeros((1, 0)), nan_rule=nan_rule)
+    assert none.thickness_mm.shape == (1, 4, 5) and np.isnan(none.thickness_mm).all()
+    want = numpy_synthesize(np.zeros((1, 0, 4, 5), np.float32), np.zeros((1, 0)), 0.5, nan_rule)
+    np.testing.assert_array_equal(none.cartilage_share, want[2])
 
 
 def test_rows_read_in_place_keep_a_near_zero_spread_at_zero():
