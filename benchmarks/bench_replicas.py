@@ -1,0 +1,319 @@
+"""Serving replicas: N ``mris serve`` replicas behind nginx, configured by the same
+docker/nginx.conf as the compose ``replicas`` profile, against plain ``mris serve``, for the
+same DICOM. Ratios are measured in one run, on one machine.
+
+    python benchmarks/bench_replicas.py --workdir mris-demo [--replicas 2] [--requests 40]
+
+Needs a finished ``mris demo --prepare-only`` in WORKDIR (it is only read) and an ``nginx``
+binary (Debian: ``apt-get install nginx``). Three paths to the same radiograph:
+
+- plain: one ``mris serve`` with its defaults (ONNX Runtime on every core);
+- proxy -> 1: nginx in front of that same server, so the difference is the proxy's hop alone;
+- proxy -> N: nginx in front of N more servers, each with ``MRIS_INTRA_OP_THREADS`` = cores / N
+  (so the replicas together use the cores once, not N times).
+
+Single-client latency is measured interleaved (one request to each path in turn, so a busy
+neighbour on a shared machine slows all three alike); throughput with ``--clients`` concurrent
+clients (one asyncio loop, bench_service.burst) in two rounds, in the order ABC then CBA. Every
+server and nginx listens on 127.0.0.1 and is stopped at the end.
+
+``local_nginx_conf`` and ``Nginx`` are also what tests/test_replicas.py runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_service import _free_port, _percentile, burst, tree_cpu_s  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NGINX_CONF = REPO / "docker" / "nginx.conf"
+REWRITTEN = "# rewritten"
+
+
+def local_nginx_conf(
+    upstreams: Sequence[str], listen: str, workdir: Path, template: str | None = None
+) -> str:
+    """docker/nginx.conf (or ``template``) for an nginx on this machine. Only the lines marked
+    ``# rewritten`` change: the upstream's server line becomes one line per ``host:port`` in
+    ``upstreams`` with the same parameters (less ``resolve``: these are addresses, not Docker DNS
+    names), ``listen`` takes ``listen``, and the pid file, logs and temporary files go to
+    ``workdir``. A marked line of any other directive, or a directive missing, raises."""
+    text = NGINX_CONF.read_text() if template is None else template
+    seen: set[str] = set()
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line.rstrip().endswith(REWRITTEN):
+            out.append(line)
+            continue
+        indent = line[: len(line) - len(line.lstrip())]
+        words = line.split("#", 1)[0].strip().rstrip(";").split()
+        directive, arguments = words[0], words[1:]
+        seen.add(directive)
+        if directive == "server":
+            parameters = [p for p in arguments[1:] if p != "resolve"]
+            out.extend(f"{indent}server {' '.join([u, *parameters])};" for u in upstreams)
+        elif directive == "listen":
+            out.append(f"{indent}listen {listen};")
+        elif directive == "pid":
+            out.append(f"{indent}pid {workdir / 'nginx.pid'};")
+        elif directive in ("error_log", "access_log"):
+            target = workdir / f"{directive.split('_')[0]}.log"
+            out.append(f"{indent}{directive} {' '.join([str(target), *arguments[1:]])};")
+        elif directive.endswith("_temp_path"):
+            out.append(f"{indent}{directive} {workdir / directive.removesuffix('_path')};")
+        else:
+            raise ValueError(f"nginx.conf: no rule to rewrite {directive!r}: {line.strip()}")
+    missing = {"server", "listen", "pid", "error_log", "access_log"} - seen
+    if missing:
+        raise ValueError(f"nginx.conf: no line marked {REWRITTEN!r} for {sorted(missing)}")
+    return "\n".join(out) + "\n"
+
+
+class Nginx:
+    """nginx in the foreground with ``local_nginx_conf(upstreams, 127.0.0.1:<free port>)``, its
+    files in a fresh temporary folder."""
+
+    def __init__(self, binary: str, upstreams: Sequence[str]) -> None:
+        self.binary = binary
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="mris-nginx-"))
+        # nginx's workers drop root (to nobody): they must reach their temporary folders
+        self.workdir.chmod(0o755)
+        self.conf = self.workdir / "nginx.conf"
+        self.conf.write_text(local_nginx_conf(upstreams, f"127.0.0.1:{self.port}", self.workdir))
+        self.process: subprocess.Popen | None = None
+
+    def command(self, *extra: str) -> list[str]:
+        return [
+            self.binary,
+            "-p",
+            f"{self.workdir}/",
+            "-e",
+            str(self.workdir / "error.log"),
+            "-c",
+            str(self.conf),
+            "-g",
+            "daemon off;",  # as the official image runs it
+            *extra,
+        ]
+
+    def test(self) -> subprocess.CompletedProcess:
+        """``nginx -t``: the configuration's syntax, and that its files can be opened."""
+        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30)
+
+    def start(self, timeout_s: float = 20.0) -> Nginx:
+        """Start and wait until nginx answers HTTP (``/healthz``, with whatever status: its
+        upstreams may be down on purpose)."""
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=2)
+                return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nginx did not answer within {timeout_s:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        path = self.workdir / "error.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: fast shutdown, workers included
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class Server:
+    """``mris serve`` on a free 127.0.0.1 port in its own process group (its decode workers
+    stop with it); ``env`` adds MRIS_* settings."""
+
+    def __init__(self, model: Path, index_root: Path, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.address}"
+        command = [sys.executable, "-m", "mris.cli", "serve", "--model", str(model)]
+        command += ["--index-root", str(index_root), "--host", "127.0.0.1"]
+        command += ["--port", str(self.port)]
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, "MRIS_LOG_LEVEL": "WARNING", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mris serve exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("mris serve was not ready in time")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def _default_file(workdir: Path) -> Path:
+    from mris.manifest import read_manifest
+
+    manifest = read_manifest(workdir / "cohort" / "manifest.csv")
+    paths = sorted({row.radiograph_path for row in manifest.select(["test"])})
+    return manifest.resolve_path(paths[0])
+
+
+def main() -> None:
+    import shutil
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("mris-demo"))
+    parser.add_argument("--file", type=Path, help="the DICOM (default: the first test one)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=40, help="requests per measurement")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--nginx", default=shutil.which("nginx"), help="the nginx binary")
+    args = parser.parse_args()
+    if not args.nginx:
+        parser.error("no nginx binary (apt-get install nginx, or --nginx PATH)")
+
+    path = args.file or _default_file(args.workdir)
+    body = path.read_bytes()
+    model, index_root = args.workdir / "model", args.workdir / "index"
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // args.replicas)
+    load_before = os.getloadavg()
+
+    servers: list[Server] = []
+    proxies: list[Nginx] = []
+    try:
+        plain = Server(model, index_root, {})
+        servers.append(plain)
+        replicas = [
+            Server(model, index_root, {"MRIS_INTRA_OP_THREADS": str(threads)})
+            for _ in range(args.replicas)
+        ]
+        servers.extend(replicas)
+        deadline = time.monotonic() + 180
+        for server in servers:
+            server.wait_ready(deadline)
+        proxy_one = Nginx(args.nginx, [plain.address]).start()
+        proxies.append(proxy_one)
+        proxy_n = Nginx(args.nginx, [r.address for r in replicas]).start()
+        proxies.append(proxy_n)
+        paths = {
+            "plain mris serve": plain.url,
+            "nginx -> the same server": proxy_one.url,
+            f"nginx -> {args.replicas} replicas": proxy_n.url,
+        }
+
+        for url in paths.values():  # warm-up: every replica's first requests, connections
+            burst(url, [body], 2 * args.replicas + 2, args.replicas)
+
+        # single client, interleaved
+        latencies: dict[str, list[float]] = {name: [] for name in paths}
+        failures = 0
+        clients = {name: httpx.Client(timeout=120) for name in paths}
+        try:
+            for _ in range(args.requests):
+                for name, url in paths.items():
+                    started = time.perf_counter()
+                    response = clients[name].post(
+                        f"{url}/synthesize",
+                        content=body,
+                        headers={"Content-Type": "application/dicom"},
+                    )
+                    latencies[name].append(time.perf_counter() - started)
+                    failures += response.status_code != 200
+        finally:
+            for client in clients.values():
+                client.close()
+
+        # concurrent clients: rounds ABC, CBA; the proxies' own CPU time beside
+        done = {name: [0, 0.0] for name in paths}
+        proxy_cpu = {name: 0.0 for name in paths}
+        proxy_of = {paths[name]: proxy for name, proxy in zip(list(paths)[1:], proxies)}
+        for order in (list(paths), list(reversed(paths))):
+            for name in order:
+                proxy = proxy_of.get(paths[name])
+                cpu_before = tree_cpu_s(proxy.process.pid) if proxy else 0.0
+                result = burst(paths[name], [body], args.requests, args.clients)
+                if proxy:
+                    proxy_cpu[name] += tree_cpu_s(proxy.process.pid) - cpu_before
+                done[name][0] += len(result.statuses)
+                done[name][1] += result.seconds
+                failures += result.failures
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        for server in servers:
+            server.stop()
+
+    load_after = os.getloadavg()
+    plain_name = next(iter(paths))
+    plain_p50 = statistics.median(latencies[plain_name])
+    plain_rps = done[plain_name][0] / done[plain_name][1]
+    print(
+        f"machine: {cores} cores; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after; file {path.name} ({len(body) / 1024:.0f} KiB); "
+        f"replicas with MRIS_INTRA_OP_THREADS={threads}; failures {failures}"
+    )
+    print(f"single client, {args.requests} requests per path, interleaved:")
+    for name, values in latencies.items():
+        p50 = statistics.median(values)
+        print(
+            f"  {name:28s} p50 {p50 * 1000:6.1f} ms  p95 {_percentile(values, 95) * 1000:6.1f}"
+            f" ms   p50 ratio {p50 / plain_p50:.2f}x"
+        )
+    print(f"{args.clients} concurrent clients, 2 x {args.requests} requests per path:")
+    for name, (count, seconds) in done.items():
+        rps = count / seconds
+        cpu = (
+            f"; nginx CPU {proxy_cpu[name] / count * 1000:.2f} ms per request"
+            if (proxy_cpu[name])
+            else ""
+        )
+        print(f"  {name:28s} {rps:6.1f} req/s   ratio {rps / plain_rps:.2f}x{cpu}")
+
+
+if __name__ == "__main__":
+    main()
