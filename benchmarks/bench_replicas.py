@@ -5,17 +5,19 @@ same DICOM. Ratios are measured in one run, on one machine.
     python benchmarks/bench_replicas.py --workdir mris-demo [--replicas 2] [--requests 40]
 
 Needs a finished ``mris demo --prepare-only`` in WORKDIR (it is only read) and an ``nginx``
-binary (Debian: ``apt-get install nginx``). Three paths to the same radiograph:
+binary (Debian: ``apt-get install nginx``). Five paths to the same radiograph:
 
 - plain: one ``mris serve`` with its defaults (ONNX Runtime on every core);
-- proxy -> 1: nginx in front of that same server, so the difference is the proxy's hop alone;
-- proxy -> N: nginx in front of N more servers, each with ``MRIS_INTRA_OP_THREADS`` = cores / N
-  (so the replicas together use the cores once, not N times).
+- nginx -> plain: the same server behind the proxy, so the difference is the proxy's hop;
+- one server with ``MRIS_INTRA_OP_THREADS`` = cores / N, the replicas' setting (so N replicas
+  together use the cores once, not N times), alone and behind nginx;
+- nginx -> N such servers: the replica path; against the one above, N processes instead of
+  one behind the same proxy.
 
 Single-client latency is measured interleaved (one request to each path in turn, so a busy
-neighbour on a shared machine slows all three alike); throughput with ``--clients`` concurrent
-clients (one asyncio loop, bench_service.burst) in two rounds, in the order ABC then CBA. Every
-server and nginx listens on 127.0.0.1 and is stopped at the end.
+neighbour on a shared machine slows all paths alike); throughput with ``--clients`` concurrent
+clients (one asyncio loop, bench_service.burst) in two rounds, the second in reverse order.
+Every server and nginx listens on 127.0.0.1 and is stopped at the end.
 
 ``local_nginx_conf`` and ``Nginx`` are also what tests/test_replicas.py runs.
 """
@@ -226,25 +228,27 @@ def main() -> None:
     servers: list[Server] = []
     proxies: list[Nginx] = []
     try:
+        tuned_env = {"MRIS_INTRA_OP_THREADS": str(threads)}
         plain = Server(model, index_root, {})
-        servers.append(plain)
-        replicas = [
-            Server(model, index_root, {"MRIS_INTRA_OP_THREADS": str(threads)})
-            for _ in range(args.replicas)
-        ]
-        servers.extend(replicas)
+        tuned = Server(model, index_root, tuned_env)
+        replicas = [Server(model, index_root, tuned_env) for _ in range(args.replicas)]
+        servers.extend([plain, tuned, *replicas])
         deadline = time.monotonic() + 180
         for server in servers:
             server.wait_ready(deadline)
-        proxy_one = Nginx(args.nginx, [plain.address]).start()
-        proxies.append(proxy_one)
-        proxy_n = Nginx(args.nginx, [r.address for r in replicas]).start()
-        proxies.append(proxy_n)
-        paths = {
-            "plain mris serve": plain.url,
-            "nginx -> the same server": proxy_one.url,
-            f"nginx -> {args.replicas} replicas": proxy_n.url,
+        for upstreams in ([plain], [tuned], replicas):
+            proxies.append(Nginx(args.nginx, [server.address for server in upstreams]).start())
+        # name -> (url, the path it is compared with beside plain)
+        plain_name = "plain mris serve"
+        tuned_name = f"1 server, {threads} ORT thread(s)"
+        compared = {
+            plain_name: (plain.url, plain_name),
+            "nginx -> plain": (proxies[0].url, plain_name),
+            tuned_name: (tuned.url, plain_name),
+            f"nginx -> {tuned_name}": (proxies[1].url, tuned_name),
+            f"nginx -> {args.replicas} such servers": (proxies[2].url, f"nginx -> {tuned_name}"),
         }
+        paths = {name: url for name, (url, _) in compared.items()}
 
         for url in paths.values():  # warm-up: every replica's first requests, connections
             burst(url, [body], 2 * args.replicas + 2, args.replicas)
@@ -268,10 +272,10 @@ def main() -> None:
             for client in clients.values():
                 client.close()
 
-        # concurrent clients: rounds ABC, CBA; the proxies' own CPU time beside
+        # concurrent clients: two rounds, the second in reverse order; nginx's own CPU time
         done = {name: [0, 0.0] for name in paths}
         proxy_cpu = {name: 0.0 for name in paths}
-        proxy_of = {paths[name]: proxy for name, proxy in zip(list(paths)[1:], proxies)}
+        proxy_of = {proxy.url: proxy for proxy in proxies}
         for order in (list(paths), list(reversed(paths))):
             for name in order:
                 proxy = proxy_of.get(paths[name])
@@ -289,30 +293,32 @@ def main() -> None:
             server.stop()
 
     load_after = os.getloadavg()
-    plain_name = next(iter(paths))
-    plain_p50 = statistics.median(latencies[plain_name])
-    plain_rps = done[plain_name][0] / done[plain_name][1]
+    p50 = {name: statistics.median(values) for name, values in latencies.items()}
+    rps = {name: count / seconds for name, (count, seconds) in done.items()}
+
+    def ratios(values: dict[str, float], name: str) -> str:
+        other = compared[name][1]
+        text = f"{values[name] / values[plain_name]:.2f}x plain"
+        return text + (
+            f", {values[name] / values[other]:.2f}x {other}" if other != plain_name else ""
+        )
+
     print(
         f"machine: {cores} cores; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after; file {path.name} ({len(body) / 1024:.0f} KiB); "
-        f"replicas with MRIS_INTRA_OP_THREADS={threads}; failures {failures}"
+        f"failures {failures}"
     )
     print(f"single client, {args.requests} requests per path, interleaved:")
     for name, values in latencies.items():
-        p50 = statistics.median(values)
         print(
-            f"  {name:28s} p50 {p50 * 1000:6.1f} ms  p95 {_percentile(values, 95) * 1000:6.1f}"
-            f" ms   p50 ratio {p50 / plain_p50:.2f}x"
+            f"  {name:32s} p50 {p50[name] * 1000:6.1f} ms  p95 "
+            f"{_percentile(values, 95) * 1000:6.1f} ms   p50 {ratios(p50, name)}"
         )
     print(f"{args.clients} concurrent clients, 2 x {args.requests} requests per path:")
-    for name, (count, seconds) in done.items():
-        rps = count / seconds
-        cpu = (
-            f"; nginx CPU {proxy_cpu[name] / count * 1000:.2f} ms per request"
-            if (proxy_cpu[name])
-            else ""
-        )
-        print(f"  {name:28s} {rps:6.1f} req/s   ratio {rps / plain_rps:.2f}x{cpu}")
+    for name in paths:
+        cpu = proxy_cpu[name] / done[name][0] * 1000
+        nginx_cpu = f"; nginx CPU {cpu:.2f} ms per request" if cpu else ""
+        print(f"  {name:32s} {rps[name]:6.1f} req/s   {ratios(rps, name)}{nginx_cpu}")
 
 
 if __name__ == "__main__":
