@@ -16,7 +16,7 @@ binary (Debian: ``apt-get install nginx``). Five paths to the same radiograph:
 
 Single-client latency is measured interleaved (one request to each path in turn, so a busy
 neighbour on a shared machine slows all paths alike); throughput with ``--clients`` concurrent
-clients (one asyncio loop, bench_service.burst) in two rounds, the second in reverse order.
+clients (one asyncio loop, bench_service.burst) in rounds, every other one in reverse order.
 Every server and nginx listens on 127.0.0.1 and is stopped at the end.
 
 ``local_nginx_conf`` and ``Nginx`` are also what tests/test_replicas.py runs.
@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import _free_port, _percentile, burst, tree_cpu_s  # noqa: E402
+from bench_service import Neighbours, _free_port, _percentile, burst, tree_cpu_s  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO / "docker" / "nginx.conf"
@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--requests", type=int, default=40, help="requests per measurement")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="throughput rounds (every path once, in turn)"
+    )
     parser.add_argument("--nginx", default=shutil.which("nginx"), help="the nginx binary")
     args = parser.parse_args()
     if not args.nginx:
@@ -223,7 +226,6 @@ def main() -> None:
     model, index_root = args.workdir / "model", args.workdir / "index"
     cores = os.cpu_count() or 1
     threads = max(1, cores // args.replicas)
-    load_before = os.getloadavg()
 
     servers: list[Server] = []
     proxies: list[Nginx] = []
@@ -240,18 +242,22 @@ def main() -> None:
             proxies.append(Nginx(args.nginx, [server.address for server in upstreams]).start())
         # name -> (url, the path it is compared with beside plain)
         plain_name = "plain mris serve"
-        tuned_name = f"1 server, {threads} ORT thread(s)"
+        tuned_name = f"1 server, {threads} thread(s)"
         compared = {
             plain_name: (plain.url, plain_name),
             "nginx -> plain": (proxies[0].url, plain_name),
             tuned_name: (tuned.url, plain_name),
             f"nginx -> {tuned_name}": (proxies[1].url, tuned_name),
-            f"nginx -> {args.replicas} such servers": (proxies[2].url, f"nginx -> {tuned_name}"),
+            f"nginx -> {args.replicas} servers, {threads} thread(s)": (
+                proxies[2].url,
+                f"nginx -> {tuned_name}",
+            ),
         }
         paths = {name: url for name, (url, _) in compared.items()}
 
         for url in paths.values():  # warm-up: every replica's first requests, connections
             burst(url, [body], 2 * args.replicas + 2, args.replicas)
+        neighbours = Neighbours()
 
         # single client, interleaved
         latencies: dict[str, list[float]] = {name: [] for name in paths}
@@ -272,12 +278,13 @@ def main() -> None:
             for client in clients.values():
                 client.close()
 
-        # concurrent clients: two rounds, the second in reverse order; nginx's own CPU time
+        # concurrent clients: rounds of every path in turn, every other one in reverse order;
+        # nginx's own CPU time beside
         done = {name: [0, 0.0] for name in paths}
         proxy_cpu = {name: 0.0 for name in paths}
         proxy_of = {proxy.url: proxy for proxy in proxies}
-        for order in (list(paths), list(reversed(paths))):
-            for name in order:
+        for round_number in range(args.rounds):
+            for name in list(paths)[:: -1 if round_number % 2 else 1]:
                 proxy = proxy_of.get(paths[name])
                 cpu_before = tree_cpu_s(proxy.process.pid) if proxy else 0.0
                 result = burst(paths[name], [body], args.requests, args.clients)
@@ -286,13 +293,13 @@ def main() -> None:
                 done[name][0] += len(result.statuses)
                 done[name][1] += result.seconds
                 failures += result.failures
+        others_cores = neighbours.cores()
     finally:
         for proxy in proxies:
             proxy.stop()
         for server in servers:
             server.stop()
 
-    load_after = os.getloadavg()
     p50 = {name: statistics.median(values) for name, values in latencies.items()}
     rps = {name: count / seconds for name, (count, seconds) in done.items()}
 
@@ -304,21 +311,20 @@ def main() -> None:
         )
 
     print(
-        f"machine: {cores} cores; load average {load_before[0]:.2f} before, "
-        f"{load_after[0]:.2f} after; file {path.name} ({len(body) / 1024:.0f} KiB); "
-        f"failures {failures}"
+        f"machine: {cores} cores; other processes kept {others_cores:.2f} cores busy meanwhile;"
+        f" file {path.name} ({len(body) / 1024:.0f} KiB); failures {failures}"
     )
     print(f"single client, {args.requests} requests per path, interleaved:")
     for name, values in latencies.items():
         print(
-            f"  {name:32s} p50 {p50[name] * 1000:6.1f} ms  p95 "
+            f"  {name:34s} p50 {p50[name] * 1000:6.1f} ms  p95 "
             f"{_percentile(values, 95) * 1000:6.1f} ms   p50 {ratios(p50, name)}"
         )
-    print(f"{args.clients} concurrent clients, 2 x {args.requests} requests per path:")
+    print(f"{args.clients} concurrent clients, {args.rounds} x {args.requests} requests per path:")
     for name in paths:
         cpu = proxy_cpu[name] / done[name][0] * 1000
         nginx_cpu = f"; nginx CPU {cpu:.2f} ms per request" if cpu else ""
-        print(f"  {name:32s} {rps[name]:6.1f} req/s   {ratios(rps, name)}{nginx_cpu}")
+        print(f"  {name:34s} {rps[name]:6.1f} req/s   {ratios(rps, name)}{nginx_cpu}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,28 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+class Neighbours:
+    """How much CPU other processes on the machine used while a benchmark ran: all busy time
+    (/proc/stat) less this process's and its descendants' (servers, nginx, decode workers).
+    On a shared machine this says whether a figure was measured on an idle machine."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.busy, self.mine = self._busy_s(), tree_cpu_s(os.getpid())
+
+    @staticmethod
+    def _busy_s() -> float:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal: all but idle and iowait
+        return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+    def cores(self) -> float:
+        """Cores the other processes kept busy on average since this object was made."""
+        busy, mine = self._busy_s() - self.busy, tree_cpu_s(os.getpid()) - self.mine
+        return max(0.0, busy - mine) / (time.perf_counter() - self.started)
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process and its live descendants (a server and its
     decode workers), from /proc; 0 where /proc is missing."""
@@ -179,7 +201,15 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
 
     # ---------------------------------------------------------------- the in-process pipeline
-    pipeline = Pipeline.load(model, index_root, variant="separate")
+    # with the server's ONNX Runtime threads, so that the two sides differ by the HTTP path only
+    from mris.service.config import Settings
+
+    intra_op_threads = int(
+        env.get("MRIS_INTRA_OP_THREADS", Settings.model_fields["intra_op_threads"].default)
+    )
+    pipeline = Pipeline.load(
+        model, index_root, variant="separate", intra_op_threads=intra_op_threads
+    )
     options = RequestOptions(k=20)
     for data in files[:2]:
         pipeline.run(data, options)
@@ -213,6 +243,7 @@ def main() -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
     burst(url, files, 4, 1)  # warm-up: connections, first requests
+    neighbours = Neighbours()
 
     # One request in process, one over HTTP, in turn: on a shared machine a busy neighbour
     # slows both alike, so the ratio holds where the absolute figures move.
@@ -270,13 +301,15 @@ def main() -> None:
         side.start()
         load = burst(url, files, max(args.requests * 2, 100), 8)
         side.join(timeout=300)
+    others_cores = neighbours.cores()
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
 
     cpu = os.cpu_count()
     print(
         f"machine: {cpu} cores; requests per measurement: {args.requests}; radiographs: "
-        f"{len(files)} test DICOMs"
+        f"{len(files)} test DICOMs; ONNX Runtime intra-op threads {intra_op_threads} (0: all "
+        "cores) on both sides"
     )
     print(
         f"in-process floor  p50 {statistics.median(floor) * 1000:7.1f} ms  p95 "
@@ -300,7 +333,7 @@ def main() -> None:
         f"({inproc_cpu / inproc_seconds:.2f} cores busy); server with {args.clients} clients "
         f"{server_cpu / served * 1000:.1f} ms ({server_cpu / http_seconds:.2f} cores busy; its "
         f"decode workers included); clients {client_cpu_ms:.1f} ms (this process: asyncio + "
-        f"httpx); load average {os.getloadavg()[0]:.2f}"
+        f"httpx); other processes on the machine kept {others_cores:.2f} cores busy meanwhile"
     )
     if load is not None:
         print(
