@@ -16,8 +16,8 @@ binary (Debian: ``apt-get install nginx``). Five paths to the same radiograph:
 
 Single-client latency is measured interleaved (one request to each path in turn, so a busy
 neighbour on a shared machine slows all paths alike); throughput with ``--clients`` concurrent
-clients (one asyncio loop, bench_service.burst) in rounds, every other one in reverse order.
-Every server and nginx listens on 127.0.0.1 and is stopped at the end.
+clients (one asyncio loop of bench_service's bare HTTP/1.1 client) in rounds, every other one
+in reverse order. Every server and nginx listens on 127.0.0.1 and is stopped at the end.
 
 ``local_nginx_conf`` and ``Nginx`` are also what tests/test_replicas.py runs.
 """
@@ -38,7 +38,14 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import Neighbours, _free_port, _percentile, burst, tree_cpu_s  # noqa: E402
+from bench_service import (  # noqa: E402
+    Connection,
+    Neighbours,
+    _free_port,
+    _percentile,
+    burst,
+    tree_cpu_s,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO / "docker" / "nginx.conf"
@@ -262,21 +269,17 @@ def main() -> None:
         # single client, interleaved
         latencies: dict[str, list[float]] = {name: [] for name in paths}
         failures = 0
-        clients = {name: httpx.Client(timeout=120) for name in paths}
+        connections = {name: Connection(url) for name, url in paths.items()}
         try:
             for _ in range(args.requests):
-                for name, url in paths.items():
+                for name, connection in connections.items():
                     started = time.perf_counter()
-                    response = clients[name].post(
-                        f"{url}/synthesize",
-                        content=body,
-                        headers={"Content-Type": "application/dicom"},
-                    )
+                    status, _ = connection.post("/synthesize", body)
                     latencies[name].append(time.perf_counter() - started)
-                    failures += response.status_code != 200
+                    failures += status != 200
         finally:
-            for client in clients.values():
-                client.close()
+            for connection in connections.values():
+                connection.close()
 
         # concurrent clients: rounds of every path in turn, every other one in reverse order;
         # nginx's own CPU time beside
