@@ -4,6 +4,7 @@ after a kill, failures as rows, and ``mris index build --engine ray`` equal to t
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -224,15 +225,24 @@ def test_failure_reasons():
 # ------------------------------------------------------------------ Ray: a local 2-CPU cluster
 
 
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Token authentication, as Ray sets up a cluster by default, with this session's own token
+    # (not one a previous local cluster left in ~/.ray/auth_token).
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(32),
+}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """A Ray head on 127.0.0.1 with 2 CPUs, started as a user starts one (``ray start``); its
-    address. Stopped at the end."""
+    """A Ray head on 127.0.0.1 with 2 CPUs, started as a user starts one (``ray start``), with
+    token authentication; its address (jobs need ``RAY_ENV``). Stopped at the end."""
     require("ray")
     ray_bin = require_binary_in_venv("ray")
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **RAY_ENV}
     start = [
         ray_bin,
         "start",
@@ -290,7 +300,7 @@ def test_ray_engine_writes_the_same_rows_despite_a_killed_worker(
         ray_cluster,
         "--actors",
         "2",
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**os.environ, **RAY_ENV},
     )
     deadline, killed = time.monotonic() + 240, None
     while time.monotonic() < deadline and process.poll() is None and killed is None:
@@ -313,26 +323,47 @@ def test_ray_engine_writes_the_same_rows_despite_a_killed_worker(
 
 
 def test_index_build_on_ray_equals_the_local_build(ray_cluster, localised_bundles, tiny_cohort):
-    from mris.index.build import EngineOptions, build_index_bundle
+    """``mris index build --engine ray`` on the cluster: the bundle equals the local build's (the
+    same rows and maps, embeddings within 1e-6)."""
     from mris.index.bundle import load_index_bundle
 
     root = localised_bundles["index"].parent / "ray-index"
-    engine = EngineOptions(kind="ray", ray_address=ray_cluster, actors=2)
-    built = build_index_bundle(
-        localised_bundles["model"], tiny_cohort, root, variant="separate", threads=1, engine=engine
+    command = [
+        *MRIS,
+        "index",
+        "build",
+        "--model",
+        str(localised_bundles["model"]),
+        "--manifest",
+        str(tiny_cohort),
+        "--root",
+        str(root),
+        "--threads",
+        "1",
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--actors",
+        "2",
+        "--quiet",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, **RAY_ENV}
     )
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = done.stdout.strip().splitlines()[-1]
     local = load_index_bundle(localised_bundles["index"])
-    remote = load_index_bundle(built.path)
+    remote = load_index_bundle(root / version)
     assert [r.pair_id for r in remote.rows] == [r.pair_id for r in local.rows]
     for region in ("fc", "tc"):
         np.testing.assert_allclose(
-            np.load(built.path / f"embeddings-{region}.npy"),
+            np.load(remote.root / f"embeddings-{region}.npy"),
             np.load(local.root / f"embeddings-{region}.npy"),
             atol=1e-6,
         )
+    rows = np.arange(len(local.rows))[None]
     for cartilage in ("fc", "tc"):
-        rows = np.arange(len(local.rows))
         np.testing.assert_array_equal(
-            remote.neighbour_maps(cartilage, rows[None]),
-            local.neighbour_maps(cartilage, rows[None]),
+            remote.neighbour_maps(cartilage, rows), local.neighbour_maps(cartilage, rows)
         )

@@ -15,6 +15,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,14 @@ from mris.batch.plan import (
     is_complete,
     remove_partial_files,
 )
-from mris.batch.shard import BatchSettings, Decode, ShardOutcome, run_shard
+from mris.batch.shard import (
+    BatchSettings,
+    Decode,
+    ShardOutcome,
+    finish_shard,
+    prepare_shard,
+    run_shard,
+)
 from mris.errors import BadParameter
 from mris.fsutil import atomic_write_json
 
@@ -185,22 +193,39 @@ def _run_local(
     *,
     on_progress: Callable[[int, int], None] | None,
 ) -> list[ShardOutcome]:
+    """The shards in order, two at a time: while this thread searches, synthesizes and writes
+    one shard, a second thread decodes the next one and finds its knees (the decode waits on
+    the sandbox, the search on ONNX: overlapped they keep both cores busy)."""
     pipeline = spec.load()
     outcomes = []
+    on_input = None if on_progress is None else lambda: on_progress(1, 0)
     with decoder(spec, pipeline, settings) as decode:
-        for shard in pending:
-            outcome = run_shard(
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="mris-batch-ahead")
+
+        def prepare(shard: Shard):
+            return ahead.submit(
+                prepare_shard,
                 pipeline,
                 decode,
                 shard,
                 settings,
-                out,
-                decode_threads=spec.sandbox_workers + 1,
-                on_input=None if on_progress is None else lambda: on_progress(1, 0),
+                spec.sandbox_workers + 1,
+                on_input,
             )
-            outcomes.append(outcome)
-            if on_progress is not None:
-                on_progress(0, outcome.knees)
+
+        try:
+            next_ready = prepare(pending[0])
+            for position in range(len(pending)):
+                ready = next_ready.result()
+                if position + 1 < len(pending):
+                    next_ready = prepare(pending[position + 1])
+                outcome = finish_shard(pipeline, ready, settings, out)
+                outcomes.append(outcome)
+                if on_progress is not None:
+                    on_progress(0, outcome.knees)
+        finally:
+            # Interrupted: do not wait for the shard being decoded (closing the sandbox ends it).
+            ahead.shutdown(wait=False, cancel_futures=True)
     return outcomes
 
 

@@ -101,18 +101,27 @@ def _detail(exc: BaseException) -> str:
     return text[:500]
 
 
-def run_shard(
+@dataclass
+class PreparedShard:
+    """A shard's inputs decoded and their knees found (``prepare_shard``): each input's
+    ``Prepared`` (None where it failed) and the failures' rows."""
+
+    shard: Shard
+    prepared: list
+    failures: list[dict]
+    started: float
+
+
+def prepare_shard(
     pipeline,
     decode: Decode,
     shard: Shard,
     settings: BatchSettings,
-    out: Path,
     decode_threads: int = 1,
     on_input: Callable[[], None] | None = None,
-) -> ShardOutcome:
-    """Synthesize every knee of ``shard``'s inputs and write its rows, failures and maps
-    (rows last: they mark the shard complete). ``on_input()`` after each input is decoded and
-    its knees found (or it failed)."""
+) -> PreparedShard:
+    """Stage 1 of a shard: decode each input and find its knees (``Pipeline.prepare``) in
+    ``decode_threads`` threads; ``on_input()`` after each input (done or failed)."""
     from mris.options import RequestOptions
 
     started = time.perf_counter()
@@ -140,7 +149,17 @@ def run_shard(
     with ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="mris-batch") as pool:
         prepared = list(pool.map(prepare, range(len(shard.files))))
     failures.sort(key=lambda failure: failure["source"])  # threads finish in any order
-    kept = [(i, p) for i, p in enumerate(prepared) if p is not None]
+    return PreparedShard(shard, prepared, failures, started)
+
+
+def finish_shard(
+    pipeline, ready: PreparedShard, settings: BatchSettings, out: Path
+) -> ShardOutcome:
+    """Stage 2 of a shard: one ``Pipeline.search`` over all its ROIs (batches of
+    ``SEARCH_BATCH``), ``Pipeline.assemble`` per input, then its maps, failures and rows written
+    (rows last: they mark the shard complete)."""
+    shard = ready.shard
+    kept = [(i, p) for i, p in enumerate(ready.prepared) if p is not None]
     rois = [roi for _, p in kept for roi in p.rois]
     hits = []
     for start in range(0, len(rois), SEARCH_BATCH):
@@ -162,15 +181,29 @@ def run_shard(
         shape = maps[0].shape if maps else (len(MAP_LAYERS), 0, 0)
         stacked = np.stack(maps) if maps else np.zeros((0, *shape), settings.maps_dtype)
         atomic_save_npy(paths["maps"], stacked.astype(settings.maps_dtype, copy=False))
-    write_table(paths["failures"], failures, failure_schema())
+    write_table(paths["failures"], ready.failures, failure_schema())
     write_table(paths["rows"], rows, row_schema(pipeline.regions))  # last: the shard is done
     return ShardOutcome(
         shard=shard.number,
         knees=len(rows),
-        failures=len(failures),
+        failures=len(ready.failures),
         inputs=len(shard.files),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - ready.started,
     )
+
+
+def run_shard(
+    pipeline,
+    decode: Decode,
+    shard: Shard,
+    settings: BatchSettings,
+    out: Path,
+    decode_threads: int = 1,
+    on_input: Callable[[], None] | None = None,
+) -> ShardOutcome:
+    """Both stages of one shard (``prepare_shard``, then ``finish_shard``)."""
+    ready = prepare_shard(pipeline, decode, shard, settings, decode_threads, on_input)
+    return finish_shard(pipeline, ready, settings, out)
 
 
 def _layer(result, name: str) -> np.ndarray:
@@ -255,10 +288,13 @@ def write_table(path: Path, records: list[dict], schema) -> None:
 __all__ = [
     "BatchSettings",
     "FAILURE_REASONS",
+    "PreparedShard",
     "ShardOutcome",
     "failure_reason",
     "failure_schema",
+    "finish_shard",
     "knee_row",
+    "prepare_shard",
     "row_schema",
     "run_shard",
     "write_table",
