@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mris.calibration import Calibration
 from mris.errors import BadParameter
 from mris.index.card import (
     CARD_NAME,
@@ -47,6 +48,8 @@ class IndexBundle:
       mris.synthesis.Synthesis``: eq. 4 over those rows, read in place from the maps
       (``MapStore.synthesize``); ``mris.pipeline.synthesize_maps`` calls it.
     - ``rows[i]`` / ``row_metadata(ids)``: pair_id, subject_id, side, visit_month, klg.
+    - ``calibration``: the bundle's ``mris.calibration.Calibration`` (``mris index
+      calibrate``), or None: its intervals are then not served.
     """
 
     def __init__(
@@ -77,6 +80,10 @@ class IndexBundle:
             c: MapStore(root / m.file, resident=resident_maps, shape=m.shape, dtype=m.dtype)
             for c, m in card.maps.items()
         }
+        # The interval calibration (mris.calibration) when the card names one, else None.
+        self.calibration: Calibration | None = None
+        if card.calibration is not None:
+            self.calibration = Calibration.read(root / card.calibration["file"])
 
     @property
     def regions(self) -> list[str]:

@@ -89,6 +89,8 @@ class IndexCard(BaseModel):
     # manifest, splits, appended_from, skipped...
     source: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)  # faiss, onnxruntime, numpy, mris
+    # mris.calibration.Calibration.summary() when the bundle holds calibration.json
+    calibration: dict[str, Any] | None = None
     files: dict[str, str] = Field(default_factory=dict)  # name -> sha256
     sizes: dict[str, int] = Field(default_factory=dict)  # name -> bytes
 

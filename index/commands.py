@@ -128,6 +128,68 @@ def register(app: typer.Typer) -> None:
         )
         typer.echo(result.version)
 
+    @index_app.command("calibrate")
+    def calibrate(
+        model: Path = typer.Option(..., "--model", help="Model bundle directory."),
+        manifest: Path = typer.Option(..., "--manifest", help="Manifest with held-out knees."),
+        root: Path = typer.Option(
+            ..., "--root", help="Index root (its current is calibrated) or a bundle version."
+        ),
+        split: str = typer.Option(
+            "downstream", "--split", help="Held-out split the encoders never trained on."
+        ),
+        coverage: float = typer.Option(
+            0.9, "--coverage", min=0.5, max=0.99, help="Stated coverage of the intervals."
+        ),
+        k: int = typer.Option(20, "--k", min=1, help="Neighbours (as the service serves)."),
+        variant: str = typer.Option("separate", "--variant", help="separate | combined"),
+        publish: bool = typer.Option(
+            False, "--publish", help="Point ROOT/current at the calibrated version."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    ) -> None:
+        """Fit per-pixel interval calibration (split conformal, docs/UNCERTAINTY.md) on a
+        held-out split and write it as a new bundle version (with --publish: served next)."""
+        from mris.calibration import POOLED
+        from mris.index.calibrate import calibrate_bundle
+        from mris.progress import console, progress_bar
+
+        with progress_bar(enabled=not quiet) as bar:
+            task = {}
+
+            def tick(done: int, total: int) -> None:
+                if "id" not in task:
+                    task["id"] = bar.add_task(f"knees of the {split} split", total=total)
+                bar.update(task["id"], completed=done)
+
+            path, calibration = calibrate_bundle(
+                model,
+                manifest,
+                root,
+                split=split,
+                coverage=coverage,
+                k=k,
+                variant=variant,
+                publish=publish,
+                tick=tick,
+            )
+        lines = [
+            f"[bold green]calibrated[/] {path} (coverage {coverage:g}, {split} split, "
+            f"{calibration.data['knees']} knees)"
+        ]
+        checked = calibration.achieved.get("by_cartilage", {})
+        for cartilage, groups in checked.items():
+            pooled = groups.get(POOLED, {})
+            lines.append(
+                f"  {cartilage}: achieved {pooled.get('coverage', float('nan')):.3f} on "
+                f"{calibration.achieved['held_out_knees']} held-out knees; quantile "
+                f"{calibration.quantiles[cartilage][POOLED]:.2f}"
+            )
+        if publish:
+            lines.append(f"  published: {root}/current -> {path.name}")
+        console.print("\n".join(lines))
+        typer.echo(path.name)
+
     @index_app.command("verify")
     def verify(
         path: Path = typer.Argument(

@@ -63,7 +63,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{result.side} knee: {means}")
         if json_out:
             payload = synthesis_payload(
-                results, pipeline.index_version, pipeline.variant, options.k, options.nan_rule
+                results,
+                pipeline.index_version,
+                pipeline.variant,
+                options.k,
+                options.nan_rule,
+                pipeline.coverage,
             )
             json_out.write_text(json.dumps(payload), encoding="utf-8")
             typer.echo(f"JSON answer: {json_out}")

@@ -39,7 +39,7 @@ def roi_info(result: KneeResult) -> dict:
     }
 
 
-def _knee(result: KneeResult, with_maps: bool) -> dict:
+def _knee(result: KneeResult, with_maps: bool, coverage: float | None = None) -> dict:
     """One knee's answer: /synthesize gives weights and maps, /retrieve the row metadata."""
 
     def neighbour(n) -> dict:
@@ -65,16 +65,51 @@ def _knee(result: KneeResult, with_maps: bool) -> dict:
                 "dtype": "float32-le",
                 "data": b64_float32(thickness),
                 "std": b64_float32(result.std_mm[name]),
+                **(
+                    {
+                        "lower": b64_float32(result.lower_mm[name]),
+                        "upper": b64_float32(result.upper_mm[name]),
+                    }
+                    if name in result.lower_mm
+                    else {}
+                ),
             }
             for name, thickness in result.maps_mm.items()
         }
+        knee["uncertainty"] = uncertainty_info(result, coverage)
     return knee
 
 
+RAW_SD_NOTE = (
+    "this index bundle has no calibration: std is the neighbours' weighted standard deviation, "
+    "with no stated coverage (mris index calibrate adds one)"
+)
+
+
+def uncertainty_info(result: KneeResult, coverage: float | None) -> dict:
+    """What the knee's uncertainty maps mean (``schemas.Uncertainty``)."""
+    if not result.lower_mm:
+        return {"kind": "raw-sd", "note": RAW_SD_NOTE}
+    return {
+        "kind": "calibrated-interval",
+        "coverage": coverage,
+        "group": result.calibration_group,
+        "reliability_mm": result.reliability_mm,
+        "note": f"each cartilage pixel's true thickness lies in [lower, upper] with probability "
+        f"{coverage:g} for knees of the population the index's calibration knees came from",
+    }
+
+
 def synthesis_payload(
-    results: list[KneeResult], index_version: str, variant: str, k: int, nan_rule: str
+    results: list[KneeResult],
+    index_version: str,
+    variant: str,
+    k: int,
+    nan_rule: str,
+    coverage: float | None = None,
 ) -> dict:
-    knees = [_knee(result, with_maps=True) for result in results]
+    """The /synthesize answer; ``coverage``: the served calibration's (None without one)."""
+    knees = [_knee(result, with_maps=True, coverage=coverage) for result in results]
     return {
         "index_version": index_version,
         "variant": variant,
@@ -90,13 +125,17 @@ def retrieval_payload(results: list[KneeResult], index_version: str, variant: st
 
 
 def npz_response(results: list[KneeResult], payload: dict) -> Response:
-    """Arrays ``<side>_<fc|tc>`` and ``<side>_<fc|tc>_std`` (float32, mm) plus ``meta`` (the
-    JSON answer without the base64 maps, as a UTF-8 string)."""
+    """Arrays ``<side>_<fc|tc>``, ``<side>_<fc|tc>_std`` and, when calibrated,
+    ``<side>_<fc|tc>_lower`` / ``_upper`` (float32, mm) plus ``meta`` (the JSON answer without
+    the base64 maps, as a UTF-8 string)."""
     arrays: dict[str, np.ndarray] = {}
     for result in results:
         for name, thickness in result.maps_mm.items():
             arrays[f"{result.side.lower()}_{name}"] = thickness.astype(np.float32)
             arrays[f"{result.side.lower()}_{name}_std"] = result.std_mm[name].astype(np.float32)
+            if name in result.lower_mm:
+                for bound, maps in (("lower", result.lower_mm), ("upper", result.upper_mm)):
+                    arrays[f"{result.side.lower()}_{name}_{bound}"] = maps[name].astype(np.float32)
     meta = json.loads(json.dumps(payload))
     for knee in meta["knees"]:
         knee.pop("maps", None)

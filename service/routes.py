@@ -195,7 +195,12 @@ async def synthesize(
     def render() -> Response:
         # base64, JSON and PNG encoding are CPU work: off the event loop, like the rest.
         payload = synthesis_payload(
-            results, state.index_version, state.pipeline.variant, params.k, params.nan_rule
+            results,
+            state.index_version,
+            state.pipeline.variant,
+            params.k,
+            params.nan_rule,
+            state.pipeline.coverage,
         )
         if params.format == "npz":
             return npz_response(results, payload)

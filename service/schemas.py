@@ -114,6 +114,33 @@ class MapOut(BaseModel):
     dtype: Literal["float32-le"] = "float32-le"
     data: str = Field(description="base64 of the float32 little-endian map, NaN outside cartilage.")
     std: str = Field(description="base64 of the per-pixel weighted standard deviation (mm).")
+    lower: str | None = Field(
+        None,
+        description="base64 of the calibrated interval's lower bound (mm), when the index "
+        "bundle is calibrated (see the knee's uncertainty).",
+    )
+    upper: str | None = Field(
+        None, description="base64 of the calibrated interval's upper bound (mm), likewise."
+    )
+
+
+class Uncertainty(BaseModel):
+    kind: Literal["calibrated-interval", "raw-sd"] = Field(
+        description="calibrated-interval: lower/upper hold the true thickness with probability "
+        "`coverage` per cartilage pixel (split conformal, on knees of the population the "
+        "database came from); raw-sd: the index bundle has no calibration, only the neighbours' "
+        "weighted SD (no stated coverage)."
+    )
+    coverage: float | None = Field(None, description="The intervals' stated coverage.")
+    group: str | None = Field(
+        None, description="The knee's calibration group (neighbours' weighted KL grade)."
+    )
+    reliability_mm: float | None = Field(
+        None,
+        description="Mean interval width (upper - lower, mm) over the knee's cartilage pixels: "
+        "smaller is more certain.",
+    )
+    note: str
 
 
 class KneeSynthesis(BaseModel):
@@ -123,6 +150,7 @@ class KneeSynthesis(BaseModel):
         description="Per region (fc, tc or combined)."
     )
     maps: dict[str, MapOut] = Field(description="fc and tc maps in atlas space.")
+    uncertainty: Uncertainty
 
 
 class SynthesisResponse(BaseModel):
