@@ -15,9 +15,10 @@ binary (Debian: ``apt-get install nginx``). Five paths to the same radiograph:
   one behind the same proxy.
 
 Single-client latency is measured interleaved (one request to each path in turn, so a busy
-neighbour on a shared machine slows all paths alike); throughput with ``--clients`` concurrent
-clients (one asyncio loop of bench_service's bare HTTP/1.1 client) in rounds, every other one
-in reverse order. Every server and nginx listens on 127.0.0.1 and is stopped at the end.
+neighbour on a shared machine slows all paths alike; 0.1 s apart, ``bench_service.SETTLE_S``);
+throughput with ``--clients`` concurrent clients (one asyncio loop of bench_service's bare
+HTTP/1.1 client) in rounds, every other one in reverse order. Every server and nginx listens
+on 127.0.0.1 and is stopped at the end.
 
 ``local_nginx_conf`` and ``Nginx`` are also what tests/test_replicas.py runs.
 """
@@ -39,6 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import (  # noqa: E402
+    SETTLE_S,
     Connection,
     Neighbours,
     _free_port,
@@ -273,6 +275,7 @@ def main() -> None:
         try:
             for _ in range(args.requests):
                 for name, connection in connections.items():
+                    time.sleep(SETTLE_S)  # the previous request's spinning threads are done
                     started = time.perf_counter()
                     status, _ = connection.post("/synthesize", body)
                     latencies[name].append(time.perf_counter() - started)
@@ -289,6 +292,7 @@ def main() -> None:
         for round_number in range(args.rounds):
             for name in list(paths)[:: -1 if round_number % 2 else 1]:
                 proxy = proxy_of.get(paths[name])
+                time.sleep(SETTLE_S)
                 cpu_before = tree_cpu_s(proxy.process.pid) if proxy else 0.0
                 result = burst(paths[name], [body], args.requests, args.clients)
                 if proxy:

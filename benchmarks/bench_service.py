@@ -51,6 +51,13 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+SETTLE_S = 0.1
+"""Pause before each timed single request and each throughput phase: after a run, an ONNX
+Runtime session with more than one intra-op thread keeps a thread spin-waiting for about
+60 ms (measured: 60 ms of CPU burnt during a 100 ms sleep after one encoder run), which would
+otherwise slow the next request, in this process or another."""
+
+
 class Neighbours:
     """How much CPU other processes on the machine used while a benchmark ran: all busy time
     (/proc/stat) less this process's and its descendants' (servers, nginx, decode workers).
@@ -315,9 +322,11 @@ def main() -> None:
     connection = Connection(url)
     for i in range(args.requests):
         data = files[i % len(files)]
+        time.sleep(SETTLE_S)
         started = time.perf_counter()
         pipeline.run(data, options)
         floor.append(time.perf_counter() - started)
+        time.sleep(SETTLE_S)
         started = time.perf_counter()
         status, answer = connection.post("/synthesize", data)
         http.append(time.perf_counter() - started)
@@ -329,9 +338,11 @@ def main() -> None:
     bursts: list[Burst] = []
     server_cpu = 0.0
     for _ in range(args.rounds):
+        time.sleep(SETTLE_S)
         seconds, cpu = inprocess_best(args.requests)
         inproc_seconds += seconds
         inproc_cpu += cpu
+        time.sleep(SETTLE_S)
         server_cpu_started = tree_cpu_s(server.pid)
         bursts.append(burst(url, files, args.requests, args.clients))
         server_cpu += tree_cpu_s(server.pid) - server_cpu_started
