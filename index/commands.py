@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
 
             def tick(done: int, total: int) -> None:
                 if "id" not in task:
-                    task["id"] = bar.add_task(f"knees of the {split} split", total=total)
+                    task["id"] = bar.add_task(f"radiographs of the {split} split", total=total)
                 bar.update(task["id"], completed=done)
 
             path, calibration = calibrate_bundle(

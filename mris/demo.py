@@ -2,7 +2,8 @@
 
 1. cohort  (``mris cohort``)        -> WORKDIR/cohort/manifest.csv
 2. train   (``mris train``, quick)  -> WORKDIR/model/card.json (separate variant + localiser)
-3. index   (``mris index build``)   -> WORKDIR/index/current (published)
+3. index   (``mris index build``, ``mris index calibrate`` on the downstream split)
+                                    -> WORKDIR/index/current (published, calibrated intervals)
 4. synthesis of held-out test radiographs through ``mris.pipeline.Pipeline`` (the service's
    code path, knees found by the localiser): neighbours, error against the true maps, a PNG.
 5. with ``--evaluate``: ``mris evaluate`` (the paper's three tables) -> WORKDIR/evaluation/report.md
@@ -71,7 +72,7 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
             *resume,
         )
 
-    console.rule("[bold]3/4 index build and publish")
+    console.rule("[bold]3/4 index build, calibration and publish")
     if (index / "current").exists():
         console.print(f"reusing {index / 'current'} -> {(index / 'current').resolve().name}")
     else:
@@ -88,7 +89,29 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
             "separate",
             "--publish",
         )
+    if _calibrated(index):
+        console.print("its intervals are calibrated (docs/UNCERTAINTY.md)")
+    else:
+        run_mris(
+            "index",
+            "calibrate",
+            "--model",
+            str(model),
+            "--manifest",
+            str(manifest),
+            "--root",
+            str(index),
+            "--split",
+            "downstream",
+            "--publish",
+        )
     return {"manifest": manifest, "model": model, "index": index}
+
+
+def _calibrated(index: Path) -> bool:
+    from mris.index.card import read_card
+
+    return read_card((index / "current").resolve()).calibration is not None
 
 
 def _mae(pred: np.ndarray, truth: np.ndarray) -> float:
