@@ -209,7 +209,8 @@ async def synthesize(
                 f"Synthesized from the radiograph (research use): k = {params.k}, "
                 f"{state.pipeline.variant}, index {state.index_version}"
             )
-            return Response(render_results_png(results, title=title), media_type="image/png")
+            png = render_results_png(results, title=title, coverage=state.pipeline.coverage)
+            return Response(png, media_type="image/png")
         if params.format == "dicom":
             return dicom_zip_response(results, source, state.pipeline.versions, params.k)
         return json_response(payload)
