@@ -5,8 +5,10 @@ One request (one radiograph, one or two knees) gives one of each:
 
 - Secondary Capture (``SCImage``, RGB, 8 bit): the figure of ``mris.render.results_figure``,
   one row per knee (ROI as the encoder saw it, FC and TC synthesized thickness with a colour bar
-  in mm, their uncertainty), with the burned-in lines ``BURNED_IN_TEXT`` and the k, model and
-  index versions (``BurnedInAnnotation`` YES). No patient identifier is drawn. Body Part
+  in mm, their uncertainty and, when the index bundle is calibrated, the calibrated interval's
+  lower and upper bound maps with its coverage and the knee's mean interval width), with the
+  burned-in lines ``BURNED_IN_TEXT`` and the k, model and index versions (``BurnedInAnnotation``
+  YES). No patient identifier is drawn. Body Part
   Examined KNEE; Laterality R or L when it shows one knee, empty for both (Type 2C, its values
   are R and L only).
 - Comprehensive SR (TID 1500 measurement report): per knee and cartilage one measurement group
@@ -14,6 +16,10 @@ One request (one radiograph, one or two knees) gives one of each:
   thickness overall and per medial / lateral compartment, the mean uncertainty (eq. 4's
   weighted standard deviation) and the neighbours' count, with the algorithm's identification
   (name ``MRIS``, version: the model and index versions) and the source radiograph referenced.
+  When the index bundle is calibrated (``mris.calibration``), each group also holds the mean
+  lower and mean upper bound of the calibrated interval (``knee_interval_numbers``), their
+  concept names stating the coverage ("... of calibrated 90 % thickness interval"); without a
+  calibration nothing more.
 
 Medial / lateral: the maps are in atlas space, both sides alike (``mris.cohort.maps``,
 docs/PREPROCESSING.md "Flip": RIGHT knees are flipped so medial lies where it lies in a LEFT
@@ -71,6 +77,10 @@ _THICKNESS = ("MRIS001", "Synthesized cartilage thickness")
 _UNCERTAINTY = ("MRIS002", "Synthesized cartilage thickness uncertainty (weighted SD)")
 _NEIGHBOURS = ("MRIS003", "Retrieved neighbours")
 _METHOD = ("MRIS004", "Retrieval-based synthesis from radiograph (eq. 4)")
+# The calibrated interval's bounds: one code each, the meaning names the served coverage (a
+# reader keyed on the code value gets "lower / upper bound", the meaning says of what interval).
+_INTERVAL_LOWER = ("MRIS005", "Lower bound of calibrated {interval}")
+_INTERVAL_UPPER = ("MRIS006", "Upper bound of calibrated {interval}")
 
 # Source identity -> the highdicom argument that copies it (both constructors).
 _PATIENT_STUDY_ARGUMENTS = {
@@ -127,6 +137,30 @@ def knee_numbers(result: KneeResult) -> dict[str, dict[str, float | int]]:
     return numbers
 
 
+def knee_interval_numbers(result: KneeResult) -> dict[str, dict[str, float]]:
+    """The calibrated interval numbers the SR reports for one knee: cartilage ->
+    ``lower_mean_mm``, ``upper_mean_mm`` (the means of the bound maps over the cartilage cells,
+    float mm, NaN where none); empty when the result has no intervals (no calibration)."""
+    return {
+        name: {
+            "lower_mean_mm": _nanmean(np.asarray(result.lower_mm[name], dtype=np.float64)),
+            "upper_mean_mm": _nanmean(np.asarray(result.upper_mm[name], dtype=np.float64)),
+        }
+        for name in CARTILAGES
+        if name in result.lower_mm and name in result.upper_mm and name in result.maps_mm
+    }
+
+
+def interval_concept_meaning(bound: str, coverage: float | None) -> str:
+    """The SR concept name of an interval bound (``lower`` / ``upper``) at ``coverage``:
+    "Lower bound of calibrated 90 % thickness interval" (coverage 0.9)."""
+    interval = "thickness interval"
+    if coverage is not None:
+        interval = f"{coverage * 100:g} % {interval}"
+    pattern = _INTERVAL_LOWER if bound == "lower" else _INTERVAL_UPPER
+    return pattern[1].format(interval=interval)
+
+
 @dataclass(frozen=True, repr=False)
 class ResultUids:
     """The series and SOP instance UIDs of one request's SC and SR.
@@ -178,6 +212,7 @@ def results_to_dicom(
     versions: Mapping[str, str],
     k: int,
     uids: ResultUids | None = None,
+    coverage: float | None = None,
 ) -> tuple[Dataset, Dataset]:
     """One request's results as (Secondary Capture, Comprehensive SR), both highdicom datasets
     ready for ``save_as`` / ``dcmwrite``.
@@ -187,10 +222,13 @@ def results_to_dicom(
     (None: a new study, see the module docstring). ``versions``: what made the maps, e.g.
     ``{"model": ..., "index": ...}``, burned into the SC and the SR's algorithm version. ``k``:
     the neighbours asked. ``uids``: the objects' series and instance UIDs (default
-    ``ResultUids.new()``). Raises ``BadParameter`` for no results or results without maps."""
+    ``ResultUids.new()``). ``coverage``: the stated coverage of the results' calibrated intervals
+    (``Pipeline.coverage``; None without a calibration), drawn in the SC and named in the SR's
+    interval concepts. Raises ``BadParameter`` for no results or results without maps."""
     if not results:
         raise BadParameter("a DICOM result needs at least one knee")
     numbers = [knee_numbers(result) for result in results]
+    intervals = [knee_interval_numbers(result) for result in results]
     version_text = "; ".join(f"{key} {value}" for key, value in versions.items()) or "unknown"
     identity = _identity_arguments(source)
     referenced = _referenced_source(source, identity["study_instance_uid"])
@@ -199,8 +237,19 @@ def results_to_dicom(
         # highdicom's and pydicom's warnings quote the value they warn about (a patient's
         # name that is not in DICOM's form, a text too long for its VR): never shown.
         warnings.simplefilter("ignore")
-        sc = _secondary_capture(results, identity, referenced, version_text, k, uids)
-        sr = _structured_report(results, numbers, identity, referenced, sc, version_text, k, uids)
+        sc = _secondary_capture(results, identity, referenced, version_text, k, uids, coverage)
+        sr = _structured_report(
+            results,
+            numbers,
+            intervals,
+            coverage,
+            identity,
+            referenced,
+            sc,
+            version_text,
+            k,
+            uids,
+        )
     log.info(
         "results as DICOM: %d knee(s), k=%d, source %s",
         len(results),
@@ -285,11 +334,12 @@ def _secondary_capture(
     version_text: str,
     k: int,
     uids: ResultUids,
+    coverage: float | None,
 ) -> Dataset:
     import highdicom as hd
     from pydicom.dataset import Dataset
 
-    pixels = _figure_pixels(results, version_text, k)
+    pixels = _figure_pixels(results, version_text, k, coverage)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
         photometric_interpretation="RGB",
@@ -324,11 +374,13 @@ def _secondary_capture(
     return sc
 
 
-def _figure_pixels(results: Sequence[KneeResult], version_text: str, k: int) -> np.ndarray:
+def _figure_pixels(
+    results: Sequence[KneeResult], version_text: str, k: int, coverage: float | None
+) -> np.ndarray:
     """uint8 (rows, cols, 3): ``mris.render``'s figure with the burned-in lines on top."""
     from mris.render import results_figure
 
-    figure = results_figure(results, dpi=SC_DPI)
+    figure = results_figure(results, dpi=SC_DPI, coverage=coverage)
     figure.suptitle(f"{BURNED_IN_TEXT}\nk {k}; {version_text}", fontsize=9)
     canvas = figure.canvas
     canvas.draw()
@@ -342,6 +394,8 @@ def _figure_pixels(results: Sequence[KneeResult], version_text: str, k: int) -> 
 def _structured_report(
     results: Sequence[KneeResult],
     numbers: Sequence[Mapping[str, Mapping[str, float | int]]],
+    intervals: Sequence[Mapping[str, Mapping[str, float]]],
+    coverage: float | None,
     identity: Mapping[str, object],
     referenced: Dataset | None,
     sc: Dataset,
@@ -364,11 +418,20 @@ def _structured_report(
             )
         ]
     groups = []
-    for result, knee in zip(results, numbers):
+    for result, knee, knee_intervals in zip(results, numbers, intervals):
         laterality = codes.SCT.Right if result.side == "RIGHT" else codes.SCT.Left
         for name, values in knee.items():
             groups.append(
-                _measurement_group(result.side, name, values, laterality, algorithm, source_images)
+                _measurement_group(
+                    result.side,
+                    name,
+                    values,
+                    knee_intervals.get(name),
+                    coverage,
+                    laterality,
+                    algorithm,
+                    source_images,
+                )
             )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -405,6 +468,8 @@ def _measurement_group(
     side: str,
     cartilage: str,
     values: Mapping[str, float | int],
+    interval: Mapping[str, float] | None,
+    coverage: float | None,
     laterality,
     algorithm,
     source_images: list,
@@ -446,6 +511,10 @@ def _measurement_group(
     add(_THICKNESS, values["lateral_mm"], mm, codes.SCT.Lateral, codes.SCT.Mean)
     add(_UNCERTAINTY, values["std_mean_mm"], mm, derivation=codes.SCT.Mean)
     add(_NEIGHBOURS, values["neighbours"], codes.UCUM.NoUnits)
+    if interval is not None:
+        for bound, pair in (("lower", _INTERVAL_LOWER), ("upper", _INTERVAL_UPPER)):
+            concept = (pair[0], interval_concept_meaning(bound, coverage))
+            add(concept, interval[f"{bound}_mean_mm"], mm, derivation=codes.SCT.Mean)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"{side} knee {cartilage.upper()}"
@@ -481,6 +550,8 @@ __all__ = [
     "BURNED_IN_TEXT",
     "compartment_columns",
     "compartment_means",
+    "interval_concept_meaning",
+    "knee_interval_numbers",
     "knee_numbers",
     "results_to_dicom",
 ]

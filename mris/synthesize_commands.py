@@ -73,12 +73,16 @@ def register(app: typer.Typer) -> None:
             json_out.write_text(json.dumps(payload), encoding="utf-8")
             typer.echo(f"JSON answer: {json_out}")
         if png_out:
-            png_out.write_bytes(render_results_png(results))
+            png_out.write_bytes(render_results_png(results, coverage=pipeline.coverage))
             typer.echo(f"picture: {png_out}")
         if dicom_out:
             dicom_out.mkdir(parents=True, exist_ok=True)
             objects = results_to_dicom(
-                results, prepared.source, versions=pipeline.versions, k=options.k
+                results,
+                prepared.source,
+                versions=pipeline.versions,
+                k=options.k,
+                coverage=pipeline.coverage,
             )
             for name, dataset in zip(DICOM_ZIP_NAMES, objects):
                 dcmwrite(dicom_out / name, dataset, enforce_file_format=True)

@@ -15,11 +15,13 @@ import pytest
 from conftest import PLANTED_IDENTITY, PLANTED_SECRETS, identity_dicom_bytes, require_binary
 from pydicom import uid
 
+from mris.calibration import Calibration
 from mris.dicom import read_radiograph
 from mris.dicom_out import (
     BURNED_IN_TEXT,
     ResultUids,
     compartment_columns,
+    knee_interval_numbers,
     knee_numbers,
     results_to_dicom,
 )
@@ -56,6 +58,28 @@ def request_results(tmp_path_factory):
     dicom = identity_dicom_bytes()
     results = pipeline.run(dicom, options)
     return results, read_radiograph(dicom).source
+
+
+COVERAGE = 0.9
+GROUP = "klg2"
+
+
+def calibrated(results):
+    """The results as a calibrated index bundle serves them: a real ``Calibration`` (the
+    quantiles a fit could give) applied as ``Pipeline.assemble`` applies it."""
+    calibration = Calibration(
+        coverage=COVERAGE,
+        sd_floor_mm=0.05,
+        quantiles={"fc": {"all": 1.6, GROUP: 1.4}, "tc": {"all": 1.8}},
+        method="test",
+    )
+    made = []
+    for result in results:
+        lower, upper = calibration.intervals(result.maps_mm, result.std_mm, GROUP)
+        made.append(
+            dataclasses.replace(result, lower_mm=lower, upper_mm=upper, calibration_group=GROUP)
+        )
+    return made
 
 
 def _round_trip(ds) -> pydicom.Dataset:
@@ -116,9 +140,32 @@ def sr_numbers(sr) -> dict[tuple[str, str], dict[str, float]]:
         side, _, cartilage = tracking.split(" ")
         values = {}
         for item in _num_items(group.ContentSequence):
+            if item.ConceptNameCodeSequence[0].CodeValue in _INTERVAL_CODES:
+                continue  # sr_interval_numbers
             key = keys[(item.ConceptNameCodeSequence[0].CodeMeaning, _site_modifier(item))]
             values[key] = float(item.MeasuredValueSequence[0].NumericValue)
         numbers[(side, cartilage.lower())] = values
+    return numbers
+
+
+def sr_interval_numbers(sr) -> dict[tuple[str, str], dict[str, tuple[float, str]]]:
+    """The SR's interval numbers: (side, cartilage) -> {"lower_mean_mm" / "upper_mean_mm":
+    (value, concept meaning)}; a group without them is left out."""
+    numbers = {}
+    for tracking, group in _groups(sr):
+        side, _, cartilage = tracking.split(" ")
+        values = {}
+        for item in _num_items(group.ContentSequence):
+            concept = item.ConceptNameCodeSequence[0]
+            if concept.CodeValue in _INTERVAL_CODES:
+                value = item.MeasuredValueSequence[0]
+                unit = value.MeasurementUnitsCodeSequence[0]
+                assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mm", "UCUM")
+                assert concept.CodingSchemeDesignator == "99MRIS"
+                key = _INTERVAL_CODES[concept.CodeValue]
+                values[key] = (float(value.NumericValue), concept.CodeMeaning)
+        if values:
+            numbers[(side, cartilage.lower())] = values
     return numbers
 
 
@@ -171,17 +218,23 @@ def test_derived_uids_are_the_same_for_the_same_source_and_versions(request_resu
 DCIODVFY_ALLOWED_WARNINGS = ("Unrecognized defined term <99MRIS>", "attribute <Laterality>")
 
 
-@pytest.mark.parametrize("knees", [2, 1])
-def test_dciodvfy_finds_no_error_in_either_object(request_results, tmp_path, knees):
+@pytest.mark.parametrize(("knees", "with_intervals"), [(2, False), (1, False), (2, True)])
+def test_dciodvfy_finds_no_error_in_either_object(request_results, tmp_path, knees, with_intervals):
     """David Clunie's DICOM validator (Debian's dicom3tools) checks both objects against the
-    standard's IODs and modules."""
+    standard's IODs and modules (with a calibration's interval numbers too)."""
     import subprocess
 
     dciodvfy = require_binary("dciodvfy", "dicom3tools")
     results, source = request_results
-    for name, ds in zip(
-        ("sc", "sr"), results_to_dicom(results[:knees], source, versions=VERSIONS, k=K)
-    ):
+    results = calibrated(results) if with_intervals else results
+    objects = results_to_dicom(
+        results[:knees],
+        source,
+        versions=VERSIONS,
+        k=K,
+        coverage=COVERAGE if with_intervals else None,
+    )
+    for name, ds in zip(("sc", "sr"), objects):
         path = tmp_path / f"{name}.dcm"
         ds.save_as(path, enforce_file_format=True)
         report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
@@ -263,9 +316,47 @@ def _texts(sequence, found=None) -> dict[str, set[str]]:
     return found
 
 
+def test_report_gives_the_interval_bounds_means_when_calibrated(request_results):
+    results, source = request_results
+    _, plain = results_to_dicom(results, source, versions=VERSIONS, k=K)
+    assert sr_interval_numbers(_round_trip(plain)) == {}  # no calibration: nothing new
+    assert all(knee_interval_numbers(result) == {} for result in results)
+
+    bounded = calibrated(results)
+    _, sr = results_to_dicom(bounded, source, versions=VERSIONS, k=K, coverage=COVERAGE)
+    sr = _round_trip(sr)
+    found = sr_interval_numbers(sr)
+    assert set(found) == {(r.side, name) for r in bounded for name in r.maps_mm}
+    for result in bounded:
+        numbers = knee_interval_numbers(result)
+        for name in result.maps_mm:
+            values = found[(result.side, name)]
+            for bound, maps in (("lower", result.lower_mm), ("upper", result.upper_mm)):
+                value, meaning = values[f"{bound}_mean_mm"]
+                assert value == pytest.approx(float(np.nanmean(maps[name])), abs=1e-3)
+                assert numbers[name][f"{bound}_mean_mm"] == pytest.approx(value, abs=1e-3)
+                assert (
+                    meaning == f"{bound.capitalize()} bound of calibrated 90 % thickness interval"
+                )
+            assert values["lower_mean_mm"][0] < values["upper_mean_mm"][0]
+    # The other numbers are the same as without a calibration.
+    assert sr_numbers(sr) == sr_numbers(_round_trip(plain))
+
+
+def test_secondary_capture_shows_the_bound_maps_when_calibrated(request_results):
+    results, source = request_results
+    plain, _ = results_to_dicom(results, source, versions=VERSIONS, k=K)
+    bounded, _ = results_to_dicom(
+        calibrated(results), source, versions=VERSIONS, k=K, coverage=COVERAGE
+    )
+    # Per knee a row per cartilage (map, SD, lower, upper) instead of one row.
+    assert bounded.Rows > plain.Rows
+
+
 _THICK = "Synthesized cartilage thickness"
 _SD = "Synthesized cartilage thickness uncertainty (weighted SD)"
 _COUNT = "Retrieved neighbours"
+_INTERVAL_CODES = {"MRIS005": "lower_mean_mm", "MRIS006": "upper_mean_mm"}
 
 
 def test_medial_is_the_left_half_of_the_atlas_grid_for_both_knees(request_results):

@@ -188,7 +188,12 @@ class StudyRouter:
             prepared, hits, self.options.k, True, self.options.nan_rule
         )
         sc, sr = results_to_dicom(
-            results, prepared.source, versions=self.pipeline.versions, k=self.options.k, uids=uids
+            results,
+            prepared.source,
+            versions=self.pipeline.versions,
+            k=self.options.k,
+            uids=uids,
+            coverage=self.pipeline.coverage,
         )
         self.client.store(ref.study_uid, [sc, sr])
         return None
