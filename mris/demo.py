@@ -91,6 +91,8 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
         )
     if _calibrated(index):
         console.print("its intervals are calibrated (docs/UNCERTAINTY.md)")
+    elif not _has_split(manifest, "downstream"):
+        console.print("no downstream split to calibrate on: the SD is served uncalibrated")
     else:
         run_mris(
             "index",
@@ -106,6 +108,12 @@ def prepare(workdir: Path, subjects: int, seed: int, epochs: int | None = None) 
             "--publish",
         )
     return {"manifest": manifest, "model": model, "index": index}
+
+
+def _has_split(manifest: Path, split: str) -> bool:
+    from mris.manifest import read_manifest
+
+    return bool(read_manifest(manifest).select([split]))
 
 
 def _calibrated(index: Path) -> bool:
