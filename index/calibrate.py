@@ -90,6 +90,50 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def write_calibrated_version(
+    source: str | Path,
+    calibration: Calibration,
+    *,
+    model_card=None,
+    publish: bool = False,
+) -> Path:
+    """Write ``calibration`` into a new version of the index bundle ``source`` (a version
+    folder, a ``current`` link or an index root), beside it: the same files (hard links where
+    the file system allows), ``calibration.json`` and a card naming it; verified (against
+    ``model_card`` when given) and, with ``publish``, made current. Returns its folder."""
+    from mris.index import publish as publishing
+    from mris.index.card import CARD_NAME, read_card
+    from mris.index.verify import verify_bundle
+
+    source = publishing.resolve(source)
+    index_root = source.parent
+    card = read_card(source)
+    version = publishing.new_version_name()
+    building = publishing.building_dir(index_root, version)
+    building.mkdir()
+    try:
+        for path in source.iterdir():
+            if path.is_file() and path.name not in (CARD_NAME, CALIBRATION_FILE):
+                _link_or_copy(path, building / path.name)
+        atomic_write_text(building / CALIBRATION_FILE, calibration.to_json())
+        card.version = version
+        card.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        card.source = {**card.source, "calibrated_from": source.name}
+        card.calibration = calibration.summary()
+        card.files[CALIBRATION_FILE] = sha256_file(building / CALIBRATION_FILE)
+        card.sizes[CALIBRATION_FILE] = (building / CALIBRATION_FILE).stat().st_size
+        atomic_write_json(building / CARD_NAME, card.model_dump(mode="json"))
+        fsync_dir(building)
+        verify_bundle(building, model_card=model_card)
+        final = publishing.finalize(building, index_root, version)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    if publish:
+        publishing.publish(index_root, version)
+    return final
+
+
 def calibrate_bundle(
     model_dir: str | Path,
     manifest_path: str | Path,
@@ -107,13 +151,10 @@ def calibrate_bundle(
     manifest's ``split`` and write it as a new version beside it; returns (its folder, the
     calibration)."""
     from mris.index import publish as publishing
-    from mris.index.card import CARD_NAME, read_card
-    from mris.index.verify import verify_bundle
     from mris.manifest import read_manifest
     from mris.pipeline import Pipeline
 
     source = publishing.resolve(root)
-    index_root = source.parent
     manifest = read_manifest(manifest_path)
     rows = [row for row in manifest.rows if row.split == split]
     if not rows:
@@ -133,31 +174,16 @@ def calibrate_bundle(
             "calibrated_index_version": pipeline.index_version,
         },
     )
-    card = read_card(source)
-    version = publishing.new_version_name()
-    building = publishing.building_dir(index_root, version)
-    building.mkdir()
-    try:
-        for path in source.iterdir():
-            if path.is_file() and path.name not in (CARD_NAME, CALIBRATION_FILE):
-                _link_or_copy(path, building / path.name)
-        atomic_write_text(building / CALIBRATION_FILE, calibration.to_json())
-        card.version = version
-        card.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        card.source = {**card.source, "calibrated_from": source.name}
-        card.calibration = calibration.summary()
-        card.files[CALIBRATION_FILE] = sha256_file(building / CALIBRATION_FILE)
-        card.sizes[CALIBRATION_FILE] = (building / CALIBRATION_FILE).stat().st_size
-        atomic_write_json(building / CARD_NAME, card.model_dump(mode="json"))
-        fsync_dir(building)
-        verify_bundle(building, model_card=pipeline.model.card)
-        final = publishing.finalize(building, index_root, version)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    if publish:
-        publishing.publish(index_root, version)
+    final = write_calibrated_version(
+        source, calibration, model_card=pipeline.model.card, publish=publish
+    )
     return final, calibration
 
 
-__all__ = ["DEFAULT_SPLIT", "calibrate_bundle", "collect_samples", "knee_group_of"]
+__all__ = [
+    "DEFAULT_SPLIT",
+    "calibrate_bundle",
+    "collect_samples",
+    "knee_group_of",
+    "write_calibrated_version",
+]
