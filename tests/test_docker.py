@@ -98,6 +98,8 @@ def test_init_entrypoint_prepares_the_demo_then_does_nothing(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert (tmp_path / "model" / "card.json").is_file()
     assert (tmp_path / "index" / "current" / "card.json").is_file()
+    # the served bundle is calibrated on the downstream split (docs/UNCERTAINTY.md)
+    assert (tmp_path / "index" / "current" / "calibration.json").is_file()
     again = subprocess.run(
         ["sh", "docker/init.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )
