@@ -189,6 +189,9 @@ def register(app: typer.Typer) -> None:
                 ),
             )
         console.print(t2)
+        uncertainty = report.get("uncertainty") or {}
+        if uncertainty.get("methods"):
+            console.print(_uncertainty_table(uncertainty))
         t3 = report.get("table3_downstream")
         if t3 and t3["methods"]:
             table = Table(title="Table 3: downstream (train downstream, test test)")
@@ -212,3 +215,38 @@ def register(app: typer.Typer) -> None:
         for line in findings(report):
             console.print(f"- {line}")
         console.print(f"report: {out / 'report.md'}")
+
+
+def _uncertainty_table(section: dict):
+    """The console's summary of the report's uncertainty section (all grades)."""
+    from rich.table import Table
+
+    from mris.evaluation.report import METHOD_LABELS
+
+    intervals = section.get("intervals") or {}
+    table = Table(
+        title=f"Uncertainty (test split, NaN rule {section['nan_rule']}): % of pixels within "
+        "±1 / ±2 SD, Spearman of a knee's mean SD with its MAE, calibrated intervals"
+    )
+    for column in ("method", "map", "±1 SD", "±2 SD", "Spearman", "interval coverage"):
+        table.add_column(column)
+    for method, by_cartilage in section["methods"].items():
+        for name in CARTILAGES:
+            entry = by_cartilage[name]
+            within = entry["sd_coverage"]["all"]
+            rho = entry["spearman_sd_mae"]["all"]["rho"]
+            cell = intervals.get(name, {}).get("all") if method == intervals.get("method") else None
+            table.add_row(
+                METHOD_LABELS.get(method, method),
+                name,
+                *(
+                    "-" if within[key] is None else f"{100 * within[key]:.1f}"
+                    for key in ("within_1sd", "within_2sd")
+                ),
+                "-" if rho is None else f"{rho:.2f}",
+                "-"
+                if not cell or cell["coverage"] is None
+                else f"{100 * cell['coverage']:.1f} (stated {100 * intervals['coverage']:.0f}) "
+                f"{cell['verdict']}",
+            )
+    return table

@@ -5,7 +5,8 @@ the cartilage the method claims, from the same radiograph ROI.
   ``mris.pipeline.synthesize_maps`` — the very code the service runs — on the ROIs (k
   neighbours, eq. 4 with the NaN rule asked, ``mris.synthesis.PAPER_NAN_RULE`` (``all``)
   unless told otherwise, as every comparison with the paper must; plus the per-pixel weighted
-  standard deviation).
+  standard deviation, each knee's calibration group and, when that rule is not the service's,
+  the same neighbours synthesized with the service's rule for the uncertainty section).
 - ``unet``: ``UnetMethod`` runs ``unet.onnx`` (onnxruntime, no torch) on the same ROI and
   resizes its [2, S, S] output back to the map grid with the shared resize. The network predicts
   a value everywhere; a user has no true mask, so its maps carry the ATLAS mask: the cartilage of
@@ -43,7 +44,7 @@ from mris.fsutil import sha256_file
 from mris.imageops import resize
 from mris.manifest import Manifest, ManifestRow
 from mris.roi import KneeRoi
-from mris.synthesis import PAPER_NAN_RULE, NanRule
+from mris.synthesis import DEFAULT_NAN_RULE, PAPER_NAN_RULE, NanRule
 
 ORACLE_SHORTLIST = 16
 MEAN_CHUNK_ROWS = 256
@@ -51,15 +52,25 @@ MEAN_CHUNK_ROWS = 256
 
 @dataclass
 class MethodMaps:
-    """One batch of answers: ``fc`` / ``tc`` float32 [B, H, W] mm (NaN outside), and the
-    neighbours' weighted standard deviation where the method has one."""
+    """One batch of answers: ``fc`` / ``tc`` float32 [B, H, W] mm (NaN outside), and, where the
+    method has them (MRIS), the neighbours' weighted standard deviation, each knee's calibration
+    group (``mris.index.calibrate.knee_group_of``) and ``served_maps``: the same knees with the
+    service's NaN rule when the method's own rule differs (the uncertainty section measures what
+    the service returns)."""
 
     fc: np.ndarray
     tc: np.ndarray
     std: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    served_maps: MethodMaps | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.fc if name == "fc" else self.tc
+
+    @property
+    def served(self) -> MethodMaps:
+        """The answer as the service would give it (itself when made with the service's rule)."""
+        return self if self.served_maps is None else self.served_maps
 
 
 # --------------------------------------------------------------------------------------- ROIs
@@ -149,7 +160,9 @@ def collect_rois(
 
 # ------------------------------------------------------------------------------------ methods
 class MrisMethod:
-    """MRIS-S or MRIS-C through the serving pipeline."""
+    """MRIS-S or MRIS-C through the serving pipeline: maps with ``nan_rule`` and, when it is
+    not the service's (``DEFAULT_NAN_RULE``), the same neighbours synthesized with the
+    service's rule as ``served_maps`` (one search, two cheap syntheses)."""
 
     def __init__(self, pipeline, k: int, nan_rule: NanRule = PAPER_NAN_RULE):
         self.pipeline = pipeline
@@ -157,15 +170,28 @@ class MrisMethod:
         self.nan_rule = nan_rule
 
     def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
+        from mris.index.calibrate import knee_group_of
         from mris.pipeline import synthesize_maps
 
+        index = self.pipeline.index
         hits = self.pipeline.search(rois, self.k)
-        knees = [synthesize_maps(h, self.pipeline.index, self.k, self.nan_rule) for h in hits]
-        return MethodMaps(
-            fc=np.stack([knee.maps_mm["fc"] for knee in knees]),
-            tc=np.stack([knee.maps_mm["tc"] for knee in knees]),
-            std={name: np.stack([knee.std_mm[name] for knee in knees]) for name in CARTILAGES},
-        )
+        knees = [synthesize_maps(h, index, self.k, self.nan_rule) for h in hits]
+        groups = [knee_group_of(knee, index) for knee in knees]
+        answer = _stacked(knees, groups)
+        if self.nan_rule != DEFAULT_NAN_RULE:
+            served = [synthesize_maps(h, index, self.k, DEFAULT_NAN_RULE) for h in hits]
+            answer.served_maps = _stacked(served, groups)
+        return answer
+
+
+def _stacked(knees, groups: list[str]) -> MethodMaps:
+    """``KneeMaps`` of a batch -> one ``MethodMaps``."""
+    return MethodMaps(
+        fc=np.stack([knee.maps_mm["fc"] for knee in knees]),
+        tc=np.stack([knee.maps_mm["tc"] for knee in knees]),
+        std={name: np.stack([knee.std_mm[name] for knee in knees]) for name in CARTILAGES},
+        groups=groups,
+    )
 
 
 def database_mean_maps(

@@ -1,13 +1,15 @@
 """The evaluation report: ``report.json`` (every number), ``report.md`` (the three tables, the
-paper's figures beside ours, what agrees and what does not, the cohort, the model card, the exact
-command), ``knees.csv`` (per test knee-visit: the MAE, the coverage, the reference's median and
-MAD) and the figures:
+paper's figures beside ours, what agrees and what does not, the uncertainty section, the cohort,
+the model card, the exact command), ``knees.csv`` (per test knee-visit: the MAE, the coverage,
+the reference's median and MAD) and the figures:
 
 - ``recall_at_k.png``: recall@k curves of Table 1 with the chance line;
 - ``error_by_klg.png``: box plots of Table 2's per-pair median absolute error by KL stratum, per
   method, fc and tc;
 - ``examples.png``: test knees (spread over KL grades): ROI, true map, MRIS-S map, U-Net map,
-  their error maps and the MRIS-S uncertainty, fc and tc.
+  their error maps and the MRIS-S uncertainty, fc and tc;
+- ``reliability.png``: the reliability diagram of the neighbours' SD (observed against predicted
+  error per SD bin, per method with a spread), ``report_uncertainty``.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot state).
 """
@@ -231,6 +233,9 @@ def markdown(report: dict[str, Any]) -> str:
     out += table1_markdown(report) + table2_markdown(report)
 
     from mris.evaluation.report_downstream import table3_markdown
+    from mris.evaluation.report_uncertainty import uncertainty_markdown
+
+    out += uncertainty_markdown(report.get("uncertainty"))
 
     out += table3_markdown(report.get("table3_downstream"))
 
@@ -680,6 +685,10 @@ def write_report(out: Path, report: dict[str, Any], examples) -> None:
     atomic_write_bytes(out / "recall_at_k.png", recall_figure(report))
     atomic_write_bytes(out / "error_by_klg.png", error_figure(report))
     atomic_write_bytes(out / "examples.png", examples_figure(examples))
+    if (report.get("uncertainty") or {}).get("methods"):
+        from mris.evaluation.report_uncertainty import reliability_figure
+
+        atomic_write_bytes(out / "reliability.png", reliability_figure(report["uncertainty"]))
     atomic_write_text(out / "knees.csv", knees_csv(report))
     atomic_write_text(out / "report.md", markdown(report))
     atomic_write_json(out / "report.json", json_safe(report))

@@ -21,8 +21,10 @@ tables are comparisons with the paper; the report records the rule.
 
 ``evaluate`` is a sequence of named stages: ``load_inputs`` (-> ``EvaluationInputs``),
 ``train_missing`` (-> ``Artefacts``), ``load_pipelines``, ``collect_roi_sets`` (-> ``RoiSet`` per
-split), ``retrieval_table`` (Table 1), ``run_methods`` (-> ``MethodResults``), Tables 2 and 3
-(``reference_table``, ``error_table``, ``downstream_stage``), ``build_report`` and
+split), ``retrieval_table`` (Table 1), ``run_methods`` (-> ``MethodResults``; the downstream
+split first, so that an interval calibration can be fitted on it before the test split is
+measured), Tables 2 and 3 (``reference_table``, ``error_table``, ``downstream_stage``), the
+uncertainty section (``uncertainty.uncertainty_table``), ``build_report`` and
 ``write_report``; each stage's seconds go to the report.
 """
 
@@ -58,11 +60,12 @@ from mris.evaluation.tables import (
     first_visit_positions,
     retrieval_row,
 )
+from mris.evaluation.uncertainty import UncertaintyTally, uncertainty_table
 from mris.fsutil import sha256_file
 from mris.manifest import Manifest, ManifestRow, read_manifest
 from mris.model_bundle import ModelBundle, load_model_bundle
 from mris.options import SynthesisOptions
-from mris.synthesis import PAPER_NAN_RULE, NanRule
+from mris.synthesis import DEFAULT_NAN_RULE, PAPER_NAN_RULE, NanRule
 from mris.thickness import load_thickness_map
 
 METHODS = ("mris-c", "mris-s", "unet", "pix2pix", "mean", "oracle")
@@ -408,6 +411,7 @@ class MethodResults:
     features: dict[str, SplitMaps]
     examples: Examples
     oracle: OracleMethod | None
+    uncertainty: UncertaintyTally  # the uncertainty section's counts (and its calibration)
 
 
 def load_inputs(request: EvaluateRequest) -> EvaluationInputs:
@@ -565,8 +569,11 @@ def run_methods(
     progress: Progress,
 ) -> MethodResults:
     """Stage 6: every method on both splits, batch by batch: the classifiers' maps, the test
-    split's errors (ours and the reference's) and the example figure's maps."""
+    split's errors (ours and the reference's), the uncertainty section's counts and the example
+    figure's maps. The downstream split runs first: when the served MRIS-S bundle has no
+    calibration, one is fitted on it before the test split is measured."""
     predictors, oracle = make_predictors(request, inputs.methods, artefacts)
+    separate = artefacts.pipelines["separate"]
     map_px = classifier_map_px(request.profile) if "resnet18" in inputs.classifiers else None
     results = MethodResults(
         errors=KneeErrors(),
@@ -576,8 +583,27 @@ def run_methods(
             pair_ids=choose_examples(roi_sets["test"].rows, request.examples, request.seed)
         ),
         oracle=oracle,
+        uncertainty=UncertaintyTally.start(
+            inputs.methods, getattr(separate.index, "calibration", None)
+        ),
     )
-    for split, roi_set in roi_sets.items():
+    tally = results.uncertainty
+    if tally.calibration is not None:
+        tally.notes += _served_calibration_notes(tally.calibration, request.k)
+    for split in sorted(roi_sets, key=lambda name: name != "downstream"):
+        roi_set = roi_sets[split]
+        if split == "test" and tally.wants_calibration_knees:
+            progress.log("fitting the interval calibration on the downstream split")
+            tally.fit_calibration(
+                seed=request.seed,
+                data={
+                    "manifest": str(Path(request.manifest).resolve()),
+                    "split": "downstream",
+                    "k": request.k,
+                    "nan_rule": DEFAULT_NAN_RULE,
+                    "calibrated_index_version": separate.index_version,
+                },
+            )
         task = progress.stage(f"methods on {split}", len(roi_set.rows))
         for start in range(0, len(roi_set.rows), BATCH):
             rows = roi_set.rows[start : start + BATCH]
@@ -593,8 +619,20 @@ def run_methods(
                 results.features[split].add(name, answer.fc, answer.tc)
             if split == "test":
                 _add_test_batch(results, rows, rois, truth, answers)
+                tally.add_test(rows, truth, answers)
+            elif split == "downstream" and tally.wants_calibration_knees:
+                tally.add_calibration_knees(rows, truth, answers["mris-s"])
             progress.advance(task, min(len(roi_set.rows), start + BATCH))
     return results
+
+
+def _served_calibration_notes(calibration, k: int) -> list[str]:
+    """What the report says when the served calibration was fitted otherwise than measured."""
+    data = calibration.data or {}
+    notes = []
+    if data.get("k") not in (None, k):
+        notes.append(f"the served calibration was fitted with k = {data['k']}; measured at k = {k}")
+    return notes
 
 
 def _add_test_batch(
@@ -703,6 +741,7 @@ def build_report(
         "table1_retrieval": tables["table1"],
         "table2_reference": tables["table2"],
         "table2_error": tables["table2_mae"],
+        "uncertainty": tables.get("uncertainty"),
         "table3_downstream": tables["table3"],
         "oracle_rows": {c: len(set(v)) for c, v in (oracle.chosen.items() if oracle else [])},
         "per_knee": {
@@ -754,6 +793,9 @@ def evaluate(request: EvaluateRequest, progress: Progress | None = None) -> dict
     tables["table2"] = reference_table(results.reference, request.resamples, request.seed)
     tables["table2_mae"] = error_table(results.errors, request.resamples, request.seed)
     seconds["tables"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    tables["uncertainty"] = uncertainty_table(results.uncertainty, request.resamples, request.seed)
+    seconds["uncertainty"] = time.perf_counter() - mark
     mark = time.perf_counter()
     tables["table3"] = downstream_stage(request, inputs, results, progress)
     seconds["table3"] = time.perf_counter() - mark
