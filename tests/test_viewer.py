@@ -6,6 +6,8 @@ the API docs must work offline. In CI (``CI=true``) a missing Playwright or chro
 from __future__ import annotations
 
 import io
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,31 @@ def served(localised_bundles, tmp_path_factory):
     env = {"MRIS_API_TOKEN": TOKEN, "MRIS_INTRA_OP_THREADS": "1"}
     with ServeProcess(
         localised_bundles["model"], localised_bundles["index"], env=env, log_path=log
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def calibrated_served(localised_bundles, tmp_path_factory):
+    """``mris serve`` on a copy of the session's index root with a calibration written into a
+    new, published version (the quantiles a fit could give; ``mris index calibrate`` fits
+    them)."""
+    from mris.calibration import Calibration
+    from mris.index.calibrate import write_calibrated_version
+
+    root = tmp_path_factory.mktemp("viewer-calibrated")
+    index = root / "index"
+    shutil.copytree(localised_bundles["index"], index, symlinks=True)
+    calibration = Calibration(
+        coverage=0.9,
+        sd_floor_mm=0.05,
+        quantiles={"fc": {"all": 1.6}, "tc": {"all": 1.8}},
+        method="test",
+    )
+    write_calibrated_version(index, calibration, publish=True)
+    env = {"MRIS_API_TOKEN": TOKEN, "MRIS_INTRA_OP_THREADS": "1"}
+    with ServeProcess(
+        localised_bundles["model"], index, env=env, log_path=root / "serve.log"
     ) as server:
         yield server
 
@@ -134,6 +161,13 @@ def test_viewer_shows_the_knees_maps_and_neighbours_of_a_radiograph(
             assert knee.locator("canvas.map-canvas[data-kind=thickness]").count() == 2
             assert knee.locator("canvas.map-canvas[data-kind=uncertainty]").count() == 2
             assert "medial" in knee.locator(".compartments").first.inner_text()
+            # This index has no calibration: no bounds, and a notice saying what the SD is.
+            assert knee.locator("canvas.map-canvas[data-kind=lower]").count() == 0
+            notice = knee.locator(".uncertainty.notice")
+            assert notice.is_visible() and notice.get_attribute("data-kind") == "raw-sd"
+            assert "raw neighbours' weighted SD" in notice.inner_text()
+            assert "no stated coverage" in notice.inner_text()
+            assert "mris index calibrate" in notice.inner_text()  # the answer's note
         ticks = page.locator("section.knee .tick").all_inner_texts()
         assert "0" in ticks and any(text.endswith("+ mm") for text in ticks)
         assert page.locator("#centres button").count() == 2
@@ -186,6 +220,95 @@ def test_viewer_shows_the_knees_maps_and_neighbours_of_a_radiograph(
 
         assert view.page_errors == []
         assert view.unexpected_console_errors(401) == []
+        assert view.foreign_requests == []
+    finally:
+        view.close()
+
+
+@pytest.mark.parametrize("viewport", [(1280, 800), (480, 800)])
+def test_viewer_shows_the_calibrated_intervals(
+    browser, calibrated_served, tiny_cohort, tmp_path, viewport
+):
+    served = calibrated_served
+    view = Page(browser, served.url, viewport=viewport)
+    page = view.page
+    try:
+        page.goto(f"{served.url}/viewer/")
+        page.evaluate(f"sessionStorage.setItem('mris-token', '{TOKEN}')")
+        page.reload()
+        page.wait_for_selector("body[data-ready=idle]")
+        page.fill("#k", str(K))
+        page.set_input_files("#file", str(_cohort_dicom(tiny_cohort)))
+        page.wait_for_selector("body[data-ready=true]", timeout=90_000)
+
+        knees = page.locator("section.knee")
+        assert knees.count() == 2
+        for i in range(2):
+            knee = knees.nth(i)
+            for kind in ("thickness", "uncertainty", "lower", "upper"):
+                assert knee.locator(f"canvas.map-canvas[data-kind={kind}]").count() == 2, kind
+            # A row per cartilage: its map, SD, lower and upper bound together.
+            assert knee.locator(".maps[data-cartilage=fc] canvas.map-canvas").count() == 4
+            line = knee.locator(".uncertainty.calibrated")
+            assert line.is_visible() and line.get_attribute("data-kind") == "calibrated-interval"
+            assert re.search(
+                r"^90 % interval \(calibrated on held-out knees, group klg\d\): "
+                r"mean width \d+\.\d\d mm",
+                line.inner_text(),
+            ), line.inner_text()
+            assert knee.locator(".uncertainty.notice").count() == 0
+            # The bounds' colour bars are the thickness maps' (0 to 6+ mm).
+            lower = knee.locator("figure.map", has=page.locator("canvas[data-kind=lower]")).first
+            assert "90 % interval, lower" in lower.locator("figcaption").inner_text()
+            assert lower.locator(".tick").last.inner_text().endswith("+ mm")
+
+        # Hovering a bound map gives the thickness, the SD and the interval at that point.
+        lower_map = knees.nth(0).locator("canvas.map-canvas[data-kind=lower]").first
+        lower_map.scroll_into_view_if_needed()
+        box = lower_map.bounding_box()
+        texts = []
+        for fx in (0.2, 0.35, 0.5, 0.65, 0.8):
+            for fy in (0.2, 0.35, 0.5, 0.65, 0.8):
+                lower_map.hover(position={"x": fx * box["width"], "y": fy * box["height"]})
+                texts.append(page.locator("#tooltip").inner_text())
+        found = [re.search(r"90 % interval \[(\d+\.\d+), (\d+\.\d+)\] mm", t) for t in texts]
+        found = [(text, match) for text, match in zip(texts, found) if match]
+        assert found, texts
+        for text, match in found:
+            assert "thickness" in text and "SD" in text
+            assert float(match.group(1)) <= float(match.group(2))
+
+        # The keyboard reaches the same values: focus a map, move the probe with the arrows.
+        page.mouse.move(0, 0)
+        upper_map = knees.nth(1).locator("canvas.map-canvas[data-kind=upper]").first
+        upper_map.focus()  # the probe starts on the cartilage cell nearest the centre
+        tooltip = page.locator("#tooltip")
+        assert tooltip.is_visible() and "interval [" in tooltip.inner_text()
+        start = re.search(r"row (\d+), column (\d+)", tooltip.inner_text())
+        page.keyboard.press("ArrowRight")
+        moved = re.search(r"row (\d+), column (\d+)", tooltip.inner_text())
+        assert moved.group(1) == start.group(1) and int(moved.group(2)) == int(start.group(2)) + 1
+        page.keyboard.press("Tab")  # the next map: the TC row's synthesized thickness
+        assert re.search(r"^(LEFT|RIGHT) TC row \d+, column \d+: thickness", tooltip.inner_text())
+        page.locator("#k").focus()  # leaving the maps hides it
+        assert tooltip.is_hidden()
+
+        if viewport[0] < 700:  # a narrow window: the maps wrap, nothing runs off to the side
+            overflow = page.evaluate(
+                "[...document.querySelectorAll('section.knee .maps')]"
+                ".some((row) => row.getBoundingClientRect().right > window.innerWidth)"
+            )
+            assert not overflow
+            # ...two to a row: a cartilage's lower and upper bound side by side.
+            fc_row = knees.nth(0).locator(".maps[data-cartilage=fc]")
+            tops = [
+                fc_row.locator(f"canvas[data-kind={kind}]").bounding_box()["y"]
+                for kind in ("lower", "upper")
+            ]
+            assert tops[0] == pytest.approx(tops[1], abs=1)
+        page.screenshot(path=str(tmp_path / "viewer-calibrated.png"), full_page=True)
+        assert view.page_errors == []
+        assert view.unexpected_console_errors() == []
         assert view.foreign_requests == []
     finally:
         view.close()

@@ -228,23 +228,111 @@ function wireRadiograph() {
 }
 
 // ---------------------------------------------------------------- maps and neighbours
-function hoverMap(canvas, shape, thickness, std, label) {
+// One cartilage's values at a map point: thickness, SD and, when calibrated, the interval.
+function pointText(values, shape, row, col) {
+  const i = row * shape[1] + col;
+  const where = `${values.label} row ${row}, column ${col}`;
+  const value = values.thickness[i];
+  if (!Number.isFinite(value)) return `${where}: no cartilage`;
+  let text = `${where}: thickness ${value.toFixed(2)} mm, SD ${values.std[i].toFixed(2)} mm`;
+  if (values.lower && values.upper) {
+    text += `, ${values.interval} [${values.lower[i].toFixed(2)}, ${values.upper[i].toFixed(2)}] mm`;
+  }
+  return text;
+}
+
+// Where the keyboard probe starts: the cartilage cell nearest the map's centre (the centre of
+// a map is often outside cartilage), the centre itself when the map has none.
+function nearestCartilage(thickness, shape) {
+  const [rows, cols] = shape;
+  const centre = { row: Math.floor(rows / 2), col: Math.floor(cols / 2) };
+  let best = centre;
+  let bestDistance = Infinity;
+  for (let i = 0; i < rows * cols; i += 1) {
+    if (!Number.isFinite(thickness[i])) continue;
+    const row = Math.floor(i / cols);
+    const col = i % cols;
+    const distance = (row - centre.row) ** 2 + (col - centre.col) ** 2;
+    if (distance < bestDistance) {
+      best = { row, col };
+      bestDistance = distance;
+    }
+  }
+  return { ...best };
+}
+
+// The value under the pointer, or (keyboard) under a probe moved with the arrow keys.
+function hoverMap(canvas, shape, values) {
   const tooltip = $("tooltip");
+  const probe = nearestCartilage(values.thickness, shape);
+  const showAt = (row, col, x, y) => {
+    tooltip.textContent = pointText(values, shape, row, col);
+    tooltip.style.left = `${x + 12}px`;
+    tooltip.style.top = `${y + 12}px`;
+    tooltip.hidden = false;
+  };
+  const showProbe = () => {
+    const box = canvas.getBoundingClientRect();
+    const x = box.left + ((probe.col + 0.5) / shape[1]) * box.width;
+    const y = box.top + ((probe.row + 0.5) / shape[0]) * box.height;
+    showAt(probe.row, probe.col, x, y);
+  };
   canvas.addEventListener("mousemove", (event) => {
     const box = canvas.getBoundingClientRect();
     const col = Math.floor(((event.clientX - box.left) / box.width) * shape[1]);
     const row = Math.floor(((event.clientY - box.top) / box.height) * shape[0]);
     if (col < 0 || row < 0 || col >= shape[1] || row >= shape[0]) return;
-    const i = row * shape[1] + col;
-    const value = thickness[i];
-    tooltip.textContent = Number.isFinite(value)
-      ? `${label} row ${row}, column ${col}: thickness ${value.toFixed(2)} mm, SD ${std[i].toFixed(2)} mm`
-      : `${label} row ${row}, column ${col}: no cartilage`;
-    tooltip.style.left = `${event.clientX + 12}px`;
-    tooltip.style.top = `${event.clientY + 12}px`;
-    tooltip.hidden = false;
+    showAt(row, col, event.clientX, event.clientY);
   });
   canvas.addEventListener("mouseleave", () => { tooltip.hidden = true; });
+  canvas.tabIndex = 0;
+  canvas.setAttribute("aria-describedby", "tooltip");
+  canvas.addEventListener("focus", showProbe);
+  canvas.addEventListener("blur", () => { tooltip.hidden = true; });
+  canvas.addEventListener("keydown", (event) => {
+    const step = event.shiftKey ? 5 : 1;
+    const moves = { ArrowLeft: [0, -step], ArrowRight: [0, step], ArrowUp: [-step, 0], ArrowDown: [step, 0] };
+    if (!(event.key in moves)) return;
+    event.preventDefault();
+    probe.row = Math.max(0, Math.min(shape[0] - 1, probe.row + moves[event.key][0]));
+    probe.col = Math.max(0, Math.min(shape[1] - 1, probe.col + moves[event.key][1]));
+    showProbe();
+  });
+}
+
+// "90 % interval" for coverage 0.9 (mris.render.interval_label).
+function intervalLabel(coverage) {
+  return coverage === null || coverage === undefined
+    ? "calibrated interval"
+    : `${Number((coverage * 100).toFixed(2))} % interval`;
+}
+
+// The knee's uncertainty in words: the calibrated interval's coverage, group and mean width,
+// or a notice that the SD is the raw neighbours' spread with no stated coverage.
+function uncertaintyLine(uncertainty) {
+  if (!uncertainty) return null;
+  const line = document.createElement("p");
+  line.dataset.kind = uncertainty.kind;
+  if (uncertainty.kind === "calibrated-interval") {
+    line.className = "uncertainty calibrated";
+    const group = uncertainty.group ? `, group ${uncertainty.group}` : "";
+    const width = Number.isFinite(uncertainty.reliability_mm)
+      ? `mean width ${uncertainty.reliability_mm.toFixed(2)} mm`
+      : "no cartilage cell";
+    const summary = document.createElement("strong");
+    summary.textContent = `${intervalLabel(uncertainty.coverage)} (calibrated on held-out knees${group}): ${width}`;
+    const note = document.createElement("span");
+    note.className = "note";
+    note.textContent = ` \u2014 ${uncertainty.note}.`;
+    line.append(summary, note);
+  } else {
+    line.className = "uncertainty notice";
+    line.setAttribute("role", "note");
+    const summary = document.createElement("strong");
+    summary.textContent = "Uncertainty: the raw neighbours' weighted SD, with no stated coverage.";
+    line.append(summary, ` ${uncertainty.note}.`);
+  }
+  return line;
 }
 
 function mapFigure(title, values, shape, scale, kind) {
@@ -374,21 +462,45 @@ function renderResults(answer, thumbs) {
     const title = document.createElement("h3");
     const mirrored = knee.side === "RIGHT" ? " (shown mirrored, as in atlas space)" : "";
     title.textContent = `${knee.side} knee${mirrored}: k = ${answer.k}, ${answer.variant}, index ${answer.index_version}`;
-    const maps = document.createElement("div");
-    maps.className = "maps";
+    section.append(title);
+    const line = uncertaintyLine(knee.uncertainty);
+    if (line) section.append(line);
+    const interval = intervalLabel(knee.uncertainty ? knee.uncertainty.coverage : null);
+    let maps = null;
     for (const name of state.config.cartilages) {
       const map = knee.maps[name];
       if (!map) continue;
-      const thickness = decodeFloat32(map.data);
-      const std = decodeFloat32(map.std);
-      const label = `${knee.side} ${name.toUpperCase()}`;
-      const synthesized = mapFigure(`${name.toUpperCase()} synthesized thickness (mm)`, thickness, map.shape, state.config.thickness, "thickness");
-      const uncertainty = mapFigure(`${name.toUpperCase()} uncertainty, weighted SD (mm)`, std, map.shape, state.config.uncertainty, "uncertainty");
-      hoverMap(synthesized.canvas, map.shape, thickness, std, label);
-      hoverMap(uncertainty.canvas, map.shape, thickness, std, label);
-      maps.append(synthesized.figure, uncertainty.figure);
+      const upper = name.toUpperCase();
+      const values = {
+        label: `${knee.side} ${upper}`,
+        thickness: decodeFloat32(map.data),
+        std: decodeFloat32(map.std),
+        lower: map.lower ? decodeFloat32(map.lower) : null,
+        upper: map.upper ? decodeFloat32(map.upper) : null,
+        interval,
+      };
+      const figures = [
+        mapFigure(`${upper} synthesized thickness (mm)`, values.thickness, map.shape, state.config.thickness, "thickness"),
+        mapFigure(`${upper} uncertainty, weighted SD (mm)`, values.std, map.shape, state.config.uncertainty, "uncertainty"),
+      ];
+      if (values.lower && values.upper) {  // the interval's bounds: thicknesses, same scale
+        figures.push(
+          mapFigure(`${upper} ${interval}, lower (mm)`, values.lower, map.shape, state.config.thickness, "lower"),
+          mapFigure(`${upper} ${interval}, upper (mm)`, values.upper, map.shape, state.config.thickness, "upper"),
+        );
+      }
+      // With intervals a row per cartilage (its four maps together); else one row for both.
+      if (!maps || values.lower) {
+        maps = document.createElement("div");
+        maps.className = "maps";
+        maps.dataset.cartilage = values.lower ? name : "all";
+        section.append(maps);
+      }
+      for (const { figure, canvas } of figures) {
+        hoverMap(canvas, map.shape, values);
+        maps.append(figure);
+      }
     }
-    section.append(title, maps);
     for (const [region, neighbours] of Object.entries(knee.neighbours)) {
       const caption = document.createElement("h3");
       caption.textContent = `${knee.side} ${region.toUpperCase()}: the ${neighbours.length} neighbours the map is made of`;
