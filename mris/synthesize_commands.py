@@ -73,7 +73,13 @@ def register(app: typer.Typer) -> None:
             json_out.write_text(json.dumps(payload), encoding="utf-8")
             typer.echo(f"JSON answer: {json_out}")
         if png_out:
-            png_out.write_bytes(render_results_png(results, coverage=pipeline.coverage))
+            title = (
+                f"{dicom.name}: synthesized from the radiograph (research use): k = {options.k}, "
+                f"{pipeline.variant}, index {pipeline.index_version}"
+            )
+            png_out.write_bytes(
+                render_results_png(results, title=title, coverage=pipeline.coverage)
+            )
             typer.echo(f"picture: {png_out}")
         if dicom_out:
             dicom_out.mkdir(parents=True, exist_ok=True)
