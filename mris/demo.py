@@ -222,7 +222,9 @@ def synthesize_examples(paths: dict[str, Path], workdir: Path, examples: int = 2
             )
             + "; k = 20"
         )
-        png.write_bytes(render_results_png(results, truth_mm=truths, title=title))
+        png.write_bytes(
+            render_results_png(results, truth_mm=truths, title=title, coverage=pipeline.coverage)
+        )
         console.print(f"wrote {png}")
     if maes["fc"]:
         console.print(

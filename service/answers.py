@@ -156,6 +156,7 @@ def dicom_zip_response(
     source: SourceIdentity | None,
     versions: Mapping[str, str],
     k: int,
+    coverage: float | None = None,
 ) -> Response:
     """``format=dicom``: a zip (``DICOM_ZIP_NAMES``) of the Secondary Capture and the TID 1500
     SR of ``mris.dicom_out.results_to_dicom``, in the source's study. A zip rather than
@@ -165,7 +166,7 @@ def dicom_zip_response(
 
     from mris.dicom_out import results_to_dicom
 
-    objects = results_to_dicom(results, source, versions=versions, k=k)
+    objects = results_to_dicom(results, source, versions=versions, k=k, coverage=coverage)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, dataset in zip(DICOM_ZIP_NAMES, objects):

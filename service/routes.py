@@ -212,7 +212,9 @@ async def synthesize(
             png = render_results_png(results, title=title, coverage=state.pipeline.coverage)
             return Response(png, media_type="image/png")
         if params.format == "dicom":
-            return dicom_zip_response(results, source, state.pipeline.versions, params.k)
+            return dicom_zip_response(
+                results, source, state.pipeline.versions, params.k, state.pipeline.coverage
+            )
         return json_response(payload)
 
     return await asyncio.get_running_loop().run_in_executor(workers.executor, render)
