@@ -77,8 +77,8 @@ _THICKNESS = ("MRIS001", "Synthesized cartilage thickness")
 _UNCERTAINTY = ("MRIS002", "Synthesized cartilage thickness uncertainty (weighted SD)")
 _NEIGHBOURS = ("MRIS003", "Retrieved neighbours")
 _METHOD = ("MRIS004", "Retrieval-based synthesis from radiograph (eq. 4)")
-# The calibrated interval's bounds: one code each, the meaning names the served coverage (a
-# reader keyed on the code value gets "lower / upper bound", the meaning says of what interval).
+# The calibrated interval's bounds: a code per bound and coverage (MRIS005C90 = the lower bound
+# of the 90 % interval): one code value, one meaning, as DICOM codes must have.
 _INTERVAL_LOWER = ("MRIS005", "Lower bound of calibrated {interval}")
 _INTERVAL_UPPER = ("MRIS006", "Upper bound of calibrated {interval}")
 
@@ -151,14 +151,21 @@ def knee_interval_numbers(result: KneeResult) -> dict[str, dict[str, float]]:
     }
 
 
-def interval_concept_meaning(bound: str, coverage: float | None) -> str:
-    """The SR concept name of an interval bound (``lower`` / ``upper``) at ``coverage``:
-    "Lower bound of calibrated 90 % thickness interval" (coverage 0.9)."""
+def interval_concept(bound: str, coverage: float | None) -> tuple[str, str]:
+    """The SR concept (code value, meaning) of an interval bound (``lower`` / ``upper``) at
+    ``coverage``: ("MRIS005C90", "Lower bound of calibrated 90 % thickness interval")."""
     interval = "thickness interval"
+    pattern = _INTERVAL_LOWER if bound == "lower" else _INTERVAL_UPPER
+    value = pattern[0]
     if coverage is not None:
         interval = f"{coverage * 100:g} % {interval}"
-    pattern = _INTERVAL_LOWER if bound == "lower" else _INTERVAL_UPPER
-    return pattern[1].format(interval=interval)
+        value = f"{value}C{coverage * 100:g}".replace(".", "P")
+    return value, pattern[1].format(interval=interval)
+
+
+def interval_concept_meaning(bound: str, coverage: float | None) -> str:
+    """The meaning of ``interval_concept``."""
+    return interval_concept(bound, coverage)[1]
 
 
 @dataclass(frozen=True, repr=False)
@@ -512,8 +519,8 @@ def _measurement_group(
     add(_UNCERTAINTY, values["std_mean_mm"], mm, derivation=codes.SCT.Mean)
     add(_NEIGHBOURS, values["neighbours"], codes.UCUM.NoUnits)
     if interval is not None:
-        for bound, pair in (("lower", _INTERVAL_LOWER), ("upper", _INTERVAL_UPPER)):
-            concept = (pair[0], interval_concept_meaning(bound, coverage))
+        for bound in ("lower", "upper"):
+            concept = interval_concept(bound, coverage)
             add(concept, interval[f"{bound}_mean_mm"], mm, derivation=codes.SCT.Mean)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(

@@ -140,7 +140,7 @@ def sr_numbers(sr) -> dict[tuple[str, str], dict[str, float]]:
         side, _, cartilage = tracking.split(" ")
         values = {}
         for item in _num_items(group.ContentSequence):
-            if item.ConceptNameCodeSequence[0].CodeValue in _INTERVAL_CODES:
+            if item.ConceptNameCodeSequence[0].CodeValue[:7] in _INTERVAL_CODES:
                 continue  # sr_interval_numbers
             key = keys[(item.ConceptNameCodeSequence[0].CodeMeaning, _site_modifier(item))]
             values[key] = float(item.MeasuredValueSequence[0].NumericValue)
@@ -157,12 +157,13 @@ def sr_interval_numbers(sr) -> dict[tuple[str, str], dict[str, tuple[float, str]
         values = {}
         for item in _num_items(group.ContentSequence):
             concept = item.ConceptNameCodeSequence[0]
-            if concept.CodeValue in _INTERVAL_CODES:
+            if concept.CodeValue[:7] in _INTERVAL_CODES:
                 value = item.MeasuredValueSequence[0]
                 unit = value.MeasurementUnitsCodeSequence[0]
                 assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("mm", "UCUM")
                 assert concept.CodingSchemeDesignator == "99MRIS"
-                key = _INTERVAL_CODES[concept.CodeValue]
+                key = _INTERVAL_CODES[concept.CodeValue[:7]]
+                assert concept.CodeValue in ("MRIS005", "MRIS006", "MRIS005C90", "MRIS006C90")
                 values[key] = (float(value.NumericValue), concept.CodeMeaning)
         if values:
             numbers[(side, cartilage.lower())] = values
