@@ -163,10 +163,6 @@ def interval_concept(bound: str, coverage: float | None) -> tuple[str, str]:
     return value, pattern[1].format(interval=interval)
 
 
-def interval_concept_meaning(bound: str, coverage: float | None) -> str:
-    """The meaning of ``interval_concept``."""
-    return interval_concept(bound, coverage)[1]
-
 
 @dataclass(frozen=True, repr=False)
 class ResultUids:
@@ -557,7 +553,7 @@ __all__ = [
     "BURNED_IN_TEXT",
     "compartment_columns",
     "compartment_means",
-    "interval_concept_meaning",
+    "interval_concept",
     "knee_interval_numbers",
     "knee_numbers",
     "results_to_dicom",
