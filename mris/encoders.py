@@ -52,6 +52,23 @@ def select_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def session_options(threads: int | None = None, inter_op_threads: int = 1):
+    """ONNX Runtime session options of every serving session (encoders, localiser): ``threads``
+    intra-op threads (default: all usable cores), and no spin-waiting: an idle intra-op pool
+    otherwise spins about 60 ms after each run, and with four sessions per request that burnt
+    half the service's CPU and slowed the next request (measured: server CPU per request
+    104-119 ms -> 50-62 ms on the demo bundle, benchmarks/bench_service.py)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
 class OnnxEncoder:
     """One ONNX encoder (radiograph or thickness) in an onnxruntime session.
 
@@ -84,12 +101,9 @@ class OnnxEncoder:
         self.sha256 = sha256
         self.batch_size = batch_size
         self.providers = select_providers(device)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or default_threads()
-        options.inter_op_num_threads = inter_op_threads
+        options = session_options(intra_op_threads, inter_op_threads)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=self.providers

@@ -135,14 +135,11 @@ def refine_patch(radiograph, side: str, centre_xy, config: LocaliserConfig) -> n
 def _session(path: Path, threads: int | None):
     import onnxruntime as ort
 
-    from mris.encoders import default_threads
+    from mris.encoders import session_options
 
     if not Path(path).is_file():
         raise BundleInvalid(f"knee localiser {path} does not exist")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options = session_options(threads)
     try:
         return ort.InferenceSession(
             str(path), sess_options=options, providers=["CPUExecutionProvider"]
