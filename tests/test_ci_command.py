@@ -21,10 +21,14 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "mris demo" in install
 
 
-def test_the_test_command_installs_the_pacs_validator_and_browser_the_tests_need() -> None:
+def test_the_test_command_installs_the_system_packages_and_extras_the_tests_need() -> None:
+    """The PACS, the DICOM validator, the browser and the proxy (Debian), and the Python extras
+    (``scale``: Ray, for the batch and index-build tests on a local Ray cluster)."""
     test = _readme_commands()[1]
-    assert test.startswith("dpkg -s orthanc orthanc-dicomweb dicom3tools chromium")
-    assert "apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools chromium" in test
+    packages = "orthanc orthanc-dicomweb dicom3tools chromium nginx"
+    assert test.startswith(f"dpkg -s {packages} ")
+    assert f"apt-get install -y -qq {packages})" in test
+    assert "pip install -q -e '.[train,dev,scale]'" in test
 
 
 def test_the_test_command_lints_and_checks_formatting_before_the_tests() -> None:
