@@ -163,7 +163,6 @@ def interval_concept(bound: str, coverage: float | None) -> tuple[str, str]:
     return value, pattern[1].format(interval=interval)
 
 
-
 @dataclass(frozen=True, repr=False)
 class ResultUids:
     """The series and SOP instance UIDs of one request's SC and SR.
