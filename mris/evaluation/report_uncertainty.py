@@ -133,10 +133,10 @@ def interval_markdown(intervals: dict[str, Any]) -> list[str]:
     data = calibration.get("data") or {}
     source = intervals["source_text"]
     fitted_on = (
-        f"{data.get('knees')} knees of {data.get('subjects')} subjects of the "
-        f"`{data.get('split')}` split"
+        f"{data.get('knees')} knees of {data.get('subjects')} subjects"
+        + ("" if intervals["source"] == "fitted" else f" of the `{data.get('split')}` split")
         if data.get("knees")
-        else "unknown knees"
+        else "knees not stated"
     )
     out = [
         f"**Calibrated intervals (MRIS-S, stated coverage {_pct(coverage)} %)**, "

@@ -189,16 +189,13 @@ def scoring_sample(
     """A ``KneeSample`` holding only the pixels ``mris.calibration`` scores (truth, mean and SD
     all finite) as float32 vectors: its scores, quantiles and coverage counts equal those of the
     whole maps, in a fraction of the memory."""
-    kept: dict[str, dict[str, np.ndarray]] = {"truth": {}, "mean": {}, "sd": {}}
+    kept: tuple[dict[str, np.ndarray], ...] = ({}, {}, {})  # truth, mean, sd
     for cartilage in CARTILAGES:
-        t, m, s = (np.asarray(a[cartilage], np.float32) for a in (truth, mean, sd))
-        both = np.isfinite(t) & np.isfinite(m) & np.isfinite(s)
-        kept["truth"][cartilage], kept["mean"][cartilage], kept["sd"][cartilage] = (
-            t[both],
-            m[both],
-            s[both],
-        )
-    return KneeSample(subject, group, kept["truth"], kept["mean"], kept["sd"])
+        maps = [np.asarray(a[cartilage], np.float32) for a in (truth, mean, sd)]
+        scored = np.isfinite(maps[0]) & np.isfinite(maps[1]) & np.isfinite(maps[2])
+        for into, values in zip(kept, maps):
+            into[cartilage] = values[scored]
+    return KneeSample(subject, group, *kept)
 
 
 # ------------------------------------------------------------------------------------ the tally
