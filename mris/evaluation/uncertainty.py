@@ -62,7 +62,8 @@ from mris.manifest import ManifestRow
 SD_BIN_EDGES_MM = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 SPREAD_METHODS = ("mris-c", "mris-s")
 INTERVAL_METHOD = "mris-s"
-GAUSSIAN_WITHIN = {"within_1sd": 0.6827, "within_2sd": 0.9545}  # P(|z| <= 1), P(|z| <= 2)
+# P(|z| <= 1) and P(|z| <= 2) for a standard normal z: 68.3 % and 95.4 %
+GAUSSIAN_WITHIN = {"within_1sd": math.erf(1 / math.sqrt(2)), "within_2sd": math.erf(math.sqrt(2))}
 GOAL_OVERALL = 0.02  # the issue: within 2 points of the stated coverage overall
 GOAL_PER_GRADE = 0.05  # ... and within 5 points in every KL grade
 MIN_GRADE_KNEES = 10  # fewer test knee-visits in a grade: reported, too few to judge
