@@ -108,6 +108,7 @@ def test_every_knee_is_a_row_and_bad_files_are_failures(local_run, localised_bun
     for name in ("fc", "tc"):
         assert (rows[f"{name}_mean_mm"] > 0).all()
         assert rows[f"{name}_sd_mean_mm"].notna().all()
+    assert rows["reliability_mm"].isna().all()  # the session's index is not calibrated
     failures = _failures(local_run)
     assert failures["source"].tolist() == ["notes.txt", "truncated.dcm"]
     assert set(failures["reason"]) <= set(FAILURE_REASONS)

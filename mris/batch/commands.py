@@ -150,9 +150,8 @@ def register(app: typer.Typer) -> None:
         )
         table.add_row("this run", f"{report.seconds:.1f} s, {report.knees_per_second:.2f} knees/s")
         console.print(table)
-        console.print(
-            f"rows: {out / 'rows'} (Parquet), failures: {out / 'failures'}, maps: {out / 'maps'}"
-        )
+        maps_note = f", maps: {out / 'maps'}" if settings.maps_dtype else ""
+        console.print(f"rows: {out / 'rows'} (Parquet), failures: {out / 'failures'}{maps_note}")
         if not report.complete:  # pragma: no cover - every shard runs or raises
             console.print(json.dumps(report.__dict__))
             raise typer.Exit(1)

@@ -13,7 +13,9 @@ Row columns (``ROW_COLUMNS``): ``knee_id`` (``source#SIDE``), ``source``, ``side
 ``<region>_similarities`` and ``<region>_weights`` (best first); per cartilage
 ``<c>_mean_mm``, ``<c>_medial_mm``, ``<c>_lateral_mm`` (synthesized thickness) and
 ``<c>_sd_mean_mm``, ``<c>_sd_medial_mm``, ``<c>_sd_lateral_mm`` (the neighbours' weighted SD,
-the uncertainty); ``maps_shard`` and ``maps_index`` (where the knee's maps are, or null).
+the uncertainty); ``reliability_mm`` and ``calibration_group`` (the calibrated intervals' mean
+width and the knee's calibration group, null when the index bundle is not calibrated:
+``mris.calibration``); ``maps_shard`` and ``maps_index`` (where the knee's maps are, or null).
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ def knee_row(shard: Shard, source: str, result, maps_index: int | None) -> dict:
         for part in _PARTS:
             row[f"{name}_{part}_mm"] = thickness[part]
             row[f"{name}_sd_{part}_mm"] = spread[part]
+    row["reliability_mm"] = result.reliability_mm  # None: the index is not calibrated
+    row["calibration_group"] = result.calibration_group
     row["maps_shard"] = shard.name if maps_index is not None else None
     row["maps_index"] = maps_index
     return row
@@ -266,7 +270,12 @@ def row_schema(regions):
     for name in CARTILAGES:
         for kind in ("", "sd_"):
             fields += [(f"{name}_{kind}{part}_mm", pa.float64()) for part in _PARTS]
-    fields += [("maps_shard", pa.string()), ("maps_index", pa.int64())]
+    fields += [
+        ("reliability_mm", pa.float64()),
+        ("calibration_group", pa.string()),
+        ("maps_shard", pa.string()),
+        ("maps_index", pa.int64()),
+    ]
     return pa.schema(fields)
 
 
