@@ -38,12 +38,6 @@ from mris.synthesis import DEFAULT_NAN_RULE
 DEFAULT_SPLIT = "downstream"
 
 
-def knee_group_of(knee, index) -> str:
-    """A ``KneeMaps``'s calibration group (``mris.calibration.neighbours_group``) with the
-    neighbours' KL grades from the index rows."""
-    return neighbours_group(knee, lambda row: index.rows[row].klg)
-
-
 def collect_samples(
     pipeline,
     manifest,
@@ -74,7 +68,7 @@ def collect_samples(
             samples.append(
                 KneeSample(
                     subject=row.subject_id,
-                    group=knee_group_of(knee, pipeline.index),
+                    group=neighbours_group(knee, pipeline.index.rows),
                     truth=truth,
                     mean={c: knee.maps_mm[c] for c in CARTILAGES},
                     sd={c: knee.std_mm[c] for c in CARTILAGES},
@@ -184,6 +178,5 @@ __all__ = [
     "DEFAULT_SPLIT",
     "calibrate_bundle",
     "collect_samples",
-    "knee_group_of",
     "write_calibrated_version",
 ]

@@ -105,7 +105,7 @@ def embed_rows_ray(
     gpus_per_actor: float = 0.0,
 ) -> EmbeddedRows:
     """``embed.embed_rows`` on Ray: the same ``EmbeddedRows`` for the same rows."""
-    from mris.ray_engine import connected
+    from mris.ray_engine import connected, map_with_actors
 
     if not rows:
         raise ManifestError("no rows to embed")
@@ -122,19 +122,20 @@ def embed_rows_ray(
     map_shape: tuple[int, int] | None = None
     with connected(ray_address) as ray:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        dataset = map_with_actors(
+            ray,
+            items,
             EmbedActor,
-            fn_constructor_kwargs={
+            {
                 "manifest_path": str(manifest_path),
                 "model_dir": str(model_dir),
                 "variant": variant,
                 "batch_size": batch_size,
                 "threads": max(1, int(cpus_per_actor)),
             },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items)))),
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor or None,
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
         )
         for result in dataset.iter_rows():
             records = pickle.loads(result["payload"])

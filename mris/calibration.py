@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +69,15 @@ def knee_group(neighbour_klg: Sequence[float | None], weights: Sequence[float]) 
     return f"klg{int(round(sum(k * w for k, w in pairs) / total))}"
 
 
-def neighbours_group(knee, klg_of: Callable[[int], int | None]) -> str:
-    """The group of a ``mris.pipeline.KneeMaps``: its neighbours' KL grades (``klg_of(row)``)
-    weighted by eq. 4's weights, over every region (each region's weights count equally)."""
+def neighbours_group(knee, rows: Sequence) -> str:
+    """The group of a ``mris.pipeline.KneeMaps``: its neighbours' KL grades (``rows[row].klg``,
+    e.g. an index bundle's ``RowsTable``) weighted by eq. 4's weights, over every region (each
+    region's weights count equally)."""
     grades: list[float | None] = []
     weights: list[float] = []
     for region, hits in knee.neighbours.items():
         for row, weight in zip(hits.rows, knee.weights[region]):
-            grades.append(klg_of(int(row)))
+            grades.append(rows[int(row)].klg)
             weights.append(float(weight))
     return knee_group(grades, weights)
 

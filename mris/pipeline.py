@@ -410,7 +410,7 @@ class Pipeline:
             upper: dict[str, np.ndarray] = {}
             group = None
             if calibration is not None and with_maps:
-                group = neighbours_group(knee, lambda row: self.index.rows[row].klg)
+                group = neighbours_group(knee, self.index.rows)
                 lower, upper = calibration.intervals(knee.maps_mm, knee.std_mm, group)
             results.append(
                 KneeResult(

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
+from typing import Any
 
 from mris.errors import BadParameter
 
@@ -52,4 +53,28 @@ def connected(address: str | None = None, num_cpus: int | None = None) -> Iterat
             ray.shutdown()
 
 
-__all__ = ["connected", "require_ray"]
+def map_with_actors(
+    ray: ModuleType,
+    items: list[dict[str, Any]],
+    actor: type,
+    constructor_kwargs: dict[str, Any],
+    *,
+    actors: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+):
+    """``items`` as a Ray dataset of one block each, mapped one item per call by a pool of
+    ``actor`` (constructed once per actor with ``constructor_kwargs``): at most ``actors`` of
+    them (never more than there are items), each holding ``cpus_per_actor`` CPUs and
+    ``gpus_per_actor`` GPUs (0: a CPU actor). Ray restarts a lost actor and retries its item."""
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items)))),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+    )
+
+
+__all__ = ["connected", "map_with_actors", "require_ray"]

@@ -273,7 +273,7 @@ def _run_ray(
     cpus_per_actor: float,
     gpus_per_actor: float,
 ) -> list[ShardOutcome]:
-    from mris.ray_engine import connected
+    from mris.ray_engine import connected, map_with_actors
 
     threads = max(1, int(cpus_per_actor))
     actor_spec = {**asdict(spec), "threads": spec.threads or threads}
@@ -287,17 +287,14 @@ def _run_ray(
     ]
     outcomes = []
     with connected(ray_address) as ray:
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        dataset = map_with_actors(
+            ray,
+            items,
             ShardActor,
-            fn_constructor_kwargs={
-                "spec": actor_spec,
-                "settings": asdict(settings),
-                "out": str(out.resolve()),
-            },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items)))),
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor or None,
+            {"spec": actor_spec, "settings": asdict(settings), "out": str(out.resolve())},
+            actors=actors,
+            cpus_per_actor=cpus_per_actor,
+            gpus_per_actor=gpus_per_actor,
         )
         for row in dataset.iter_rows():
             outcome = ShardOutcome(**{key: row[key] for key in ShardOutcome.__annotations__})

@@ -54,7 +54,7 @@ MEAN_CHUNK_ROWS = 256
 class MethodMaps:
     """One batch of answers: ``fc`` / ``tc`` float32 [B, H, W] mm (NaN outside), and, where the
     method has them (MRIS), the neighbours' weighted standard deviation, each knee's calibration
-    group (``mris.index.calibrate.knee_group_of``) and ``served_maps``: the same knees with the
+    group (``mris.calibration.neighbours_group``) and ``served_maps``: the same knees with the
     service's NaN rule when the method's own rule differs (the uncertainty section measures what
     the service returns)."""
 
@@ -170,13 +170,13 @@ class MrisMethod:
         self.nan_rule = nan_rule
 
     def predict(self, rois: Sequence[KneeRoi]) -> MethodMaps:
-        from mris.index.calibrate import knee_group_of
+        from mris.calibration import neighbours_group
         from mris.pipeline import synthesize_maps
 
         index = self.pipeline.index
         hits = self.pipeline.search(rois, self.k)
         knees = [synthesize_maps(h, index, self.k, self.nan_rule) for h in hits]
-        groups = [knee_group_of(knee, index) for knee in knees]
+        groups = [neighbours_group(knee, index.rows) for knee in knees]
         answer = _stacked(knees, groups)
         if self.nan_rule != DEFAULT_NAN_RULE:
             served = [synthesize_maps(h, index, self.k, DEFAULT_NAN_RULE) for h in hits]
