@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import (  # noqa: E402
     SETTLE_S,
@@ -48,6 +48,7 @@ from bench_service import (  # noqa: E402
     burst,
     tree_cpu_s,
 )
+from serve_process import ServeProcess  # noqa: E402  (tests/serve_process.py)
 
 REPO = Path(__file__).resolve().parents[1]
 NGINX_CONF = REPO / "docker" / "nginx.conf"
@@ -165,46 +166,6 @@ class Nginx:
         self.stop()
 
 
-class Server:
-    """``mris serve`` on a free 127.0.0.1 port in its own process group (its decode workers
-    stop with it); ``env`` adds MRIS_* settings."""
-
-    def __init__(self, model: Path, index_root: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.address}"
-        command = [sys.executable, "-m", "mris.cli", "serve", "--model", str(model)]
-        command += ["--index-root", str(index_root), "--host", "127.0.0.1"]
-        command += ["--port", str(self.port)]
-        self.process = subprocess.Popen(
-            command,
-            env={**os.environ, "MRIS_LOG_LEVEL": "WARNING", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mris serve exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("mris serve was not ready in time")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-
 def _default_file(workdir: Path) -> Path:
     from mris.manifest import read_manifest
 
@@ -236,19 +197,19 @@ def main() -> None:
     cores = os.cpu_count() or 1
     threads = max(1, cores // args.replicas)
 
-    servers: list[Server] = []
+    servers: list[ServeProcess] = []
     proxies: list[Nginx] = []
     try:
         tuned_env = {"MRIS_INTRA_OP_THREADS": str(threads)}
-        plain = Server(model, index_root, {})
-        tuned = Server(model, index_root, tuned_env)
-        replicas = [Server(model, index_root, tuned_env) for _ in range(args.replicas)]
+        plain = ServeProcess(model, index_root, {})
+        tuned = ServeProcess(model, index_root, tuned_env)
+        replicas = [ServeProcess(model, index_root, tuned_env) for _ in range(args.replicas)]
         servers.extend([plain, tuned, *replicas])
-        deadline = time.monotonic() + 180
         for server in servers:
-            server.wait_ready(deadline)
+            server.start(timeout_s=180)
         for upstreams in ([plain], [tuned], replicas):
-            proxies.append(Nginx(args.nginx, [server.address for server in upstreams]).start())
+            addresses = [server.url.removeprefix("http://") for server in upstreams]
+            proxies.append(Nginx(args.nginx, addresses).start())
         # name -> (url, the path it is compared with beside plain)
         plain_name = "plain mris serve"
         tuned_name = f"1 server, {threads} thread(s)"
